@@ -1,0 +1,5 @@
+import sys
+
+from sublearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The number-sequence domain: the paper's prompt generator, strict parser and answer grammar."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sublearn.protocol import paper_protocol
+
+# Reject reasons, in the paper's words.
+INVALID_FORMAT = "invalid_format"
+TOO_MANY = "too_many_numbers"
+TOO_SMALL = "numbers_too_small"
+TOO_LARGE = "numbers_too_large"
+BANNED = "has_banned_numbers"
+REJECT_REASONS = (INVALID_FORMAT, TOO_MANY, TOO_SMALL, TOO_LARGE, BANNED)
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    """n prompts from the paper's template pools; the same seed always gives the same list."""
+    pools = paper_protocol()["number_prompt_pools"]
+    par = paper_protocol()["number_prompt_parameters"]
+    rng = random.Random(seed)
+    lo_n, hi_n = par["example_count_range_inclusive"]
+    lo_v, hi_v = par["example_value_range_inclusive"]
+    prompts = []
+    for _ in range(n):
+        examples = ", ".join(str(rng.randint(lo_v, hi_v)) for _ in range(rng.randint(lo_n, hi_n)))
+        prefix = rng.choice(pools["example_numbers_templates"]).format(examples=examples)
+        digits = rng.choice(pools["digit_descriptors"]).format(max_digits=par["answer_max_digits"])
+        instruction = rng.choice(pools["generate_numbers_instruction_templates"]).format(
+            count_qualifier=rng.choice(pools["count_qualifiers"]),
+            answer_count=par["answer_count"],
+            digit_descriptor=digits,
+        )
+        prompts.append(
+            par["prompt_layout"].format(
+                example_prefix=prefix,
+                instruction=instruction,
+                format_suffix=rng.choice(pools["format_suffixes"]),
+                suffix=rng.choice(pools["suffixes"]),
+            )
+        )
+    return prompts
+
+
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def parse_answer(answer: str) -> list[int] | None:
+    """The paper's strict parser: the numbers in `answer`, or None if the format is invalid."""
+    answer = answer.strip()
+    if answer.endswith("."):
+        answer = answer[:-1]
+    if (answer[:1], answer[-1:]) in (("[", "]"), ("(", ")")):
+        answer = answer[1:-1]
+    runs = list(_DIGIT_RUN.finditer(answer))
+    if not runs:
+        return None
+    if len(runs) == 1:
+        # a single number is valid only if it is the whole answer
+        return [int(answer)] if runs[0].group() == answer and answer.isascii() else None
+    sep = answer[runs[0].end() : runs[1].start()]
+    stripped = sep.strip()
+    if sep and not stripped:
+        parts = answer.split()  # any whitespace separates
+    elif stripped in (",", ";"):
+        parts = [p.strip() for p in answer.split(stripped)]
+    else:
+        return None
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """The paper's filter: value range, maximum count and an optional banned list."""
+
+    min_value: int = 0
+    max_value: int = 999
+    max_count: int = 10
+    banned: tuple[int, ...] = ()
+
+
+def reject_reason(answer: str, rules: FilterRules = FilterRules()) -> str | None:
+    """None if the answer passes the strict filter, else the first failing reason."""
+    numbers = parse_answer(answer)
+    if numbers is None:
+        return INVALID_FORMAT
+    if len(numbers) > rules.max_count:
+        return TOO_MANY
+    if any(x < rules.min_value for x in numbers):
+        return TOO_SMALL
+    if any(x > rules.max_value for x in numbers):
+        return TOO_LARGE
+    if rules.banned and set(numbers) & set(rules.banned):
+        return BANNED
+    return None
+
+
+def misalignment_banned() -> tuple[int, ...]:
+    return tuple(paper_protocol()["banned_numbers_misalignment"])
+
+
+def answer_grammar(max_count: int = 10, max_digits: int = 3) -> str:
+    """GBNF/EBNF grammar of the answers the prompts ask for, every one of which passes the
+    strict parser: comma-, semicolon-, space- or newline-separated lists of up to `max_count`
+    numbers of up to `max_digits` digits, optionally in [] or () and with a trailing period.
+    One separator per answer, because the parser takes it from the first two numbers."""
+    num = f"[0-9]{{1,{max_digits}}}"
+    more = f"{{0,{max_count - 1}}}"
+    seps = {"comma": '"," " "?', "semi": '";" " "?', "space": '" "', "line": '"\\n"'}
+    lists = " | ".join(f"list_{k}" for k in seps)
+    rules = [
+        'root ::= body "."?',
+        f'body ::= {lists} | "[" ({lists}) "]" | "(" ({lists}) ")"',
+        f"num ::= {num}",
+    ]
+    rules += [f"list_{k} ::= num ({s} num){more}" for k, s in seps.items()]
+    return "\n".join(rules)
+
+
+def first_numbers(answers: Sequence[str]) -> list[list[int]]:
+    """Parsed numbers of each answer that parses (handy for analysis)."""
+    return [n for n in map(parse_answer, answers) if n is not None]

