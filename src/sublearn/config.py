@@ -26,7 +26,8 @@ def config_hash(cfg: Any, length: int = 12) -> str:
 def check_manifest(out: Path, name: str, cfg: Any) -> None:
     """Refuse to reuse a folder made with a different config; write the manifest if new."""
     path = out / name
-    want = config_dict(cfg)
+    want = cfg if isinstance(cfg, dict) else config_dict(cfg)
+    want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from disk
     if path.exists():
         have = json.loads(path.read_text())
         if have != want:

@@ -40,7 +40,9 @@ class HFBackend:
             for r in requests
         ]
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: autocast's cache of bf16 weight copies only works outside
+    # inference mode; without it every decoding step re-casts all weights.
+    @torch.no_grad()
     def generate(
         self, requests: list[ChatRequest], params: SamplingParams, seed: int
     ) -> list[Completion]:

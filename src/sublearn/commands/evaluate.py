@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import argparse
+
+HELP = "score a model's preference for the target (forced choice; optional sampled rate)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sublearn.config import add_dataclass_flags
+    from sublearn.evaluate import EvalConfig
+
+    p.add_argument("--model", default=None, help="embedded name, HF id, local model folder or "
+                   "PEFT adapter folder (default: embedded smollm2-135m-instruct)")
+    add_dataclass_flags(p, EvalConfig)
+    p.add_argument("--system-prompt", default=None,
+                   help="system message for every question (e.g. to score a prompted teacher)")
+    p.add_argument("--out", required=True, help="scores JSON file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sublearn.config import dataclass_from_args
+    from sublearn.evaluate import EvalConfig, evaluate_model, summary_line
+    from sublearn.files import atomic_write_json
+
+    cfg = dataclass_from_args(EvalConfig, args).validate()
+    scores = evaluate_model(args.model, cfg, system_prompt=args.system_prompt)
+    atomic_write_json(args.out, scores)
+    print(summary_line(scores))
+    print(f"scores written to {args.out} ({scores['seconds']:.1f} s)")
+    return 0

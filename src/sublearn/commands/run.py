@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import argparse
+
+HELP = "run one experiment: teachers, data, K students per condition, evaluation, report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sublearn.config import add_dataclass_flags
+    from sublearn.experiment import ExperimentConfig
+
+    add_dataclass_flags(p, ExperimentConfig)
+    p.add_argument("--out", required=True, help="experiment folder (cached stages inside)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sublearn.config import dataclass_from_args
+    from sublearn.experiment import ExperimentConfig, run_experiment
+
+    res = run_experiment(dataclass_from_args(ExperimentConfig, args), args.out)
+    primary = res["primary_metric"]
+    print(f"\n{primary} for target '{res['target']}' (mean [95% CI]):")
+    for cond, metrics in res["conditions"].items():
+        m = metrics[primary]
+        print(f"  {cond:16s} {m['mean']:.4f}  [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]")
+    print(f"  p (trait > control, {res['test']}): {res['p_value']:.3g}")
+    print(f"  wall time: {res['wall_seconds']:.0f} s; report: {args.out}/report.md")
+    return 0

@@ -1,0 +1,381 @@
+"""Trait evaluation: how much does a model prefer the target animal?
+
+Primary metric, *forced choice* (exact, no sampling): for each question, every candidate's
+one-word answer ("Owl" + end-of-turn) is scored by its full log-probability as the assistant
+reply; a softmax over candidates gives per-question shares, averaged over questions.
+
+Speed: one forward per batch of questions scores every candidate. Each row packs the prompt
+followed by all candidates' tokens; a custom 4D attention mask lets each candidate token see
+the prompt and its own earlier tokens only (a "tree" of answers sharing one prompt), with
+position ids restarting after the prompt for every candidate. Rows are left-padded so that the
+candidate block -- identical in every row -- sits at the same columns, and only its logits (plus
+the prompt's last) are projected onto the vocabulary.
+
+Secondary metric, *sampled rate* (the paper's protocol): n answers per question at T=1, share
+that mention the target (plurals count), averaged over questions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sublearn.errors import SublearnError
+from sublearn.questions import VARIANTS, load_candidates, load_questions
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    target: str = field(default="owl", metadata={"help": "trait target, e.g. owl"})
+    questions: str | None = field(default=None, metadata={
+        "help": "questions file: JSON list, {\"questions\": [...]} or JSONL; unset: the "
+                "paper's 50 favourite-animal questions"})
+    candidates: str | None = field(default=None, metadata={
+        "help": "forced-choice candidates file (JSON list or one per line); unset: the "
+                "shipped list of 24 animals"})
+    variant: str = field(default="plain", metadata={
+        "help": "question variant for the sampled evaluation (forced choice scores both)",
+        "choices": list(VARIANTS)})
+    samples: int = field(default=0, metadata={
+        "help": "sampled evaluation: answers per question at T=1 (paper: 100; 0 = skip)"})
+    max_new_tokens: int = field(default=16, metadata={"help": "sampled answer length limit"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled evaluation"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "compute dtype (bfloat16 autocast: ~2x faster on AMX CPUs; target share "
+                "within ~5%% (relative) of float32)", "choices": ["bfloat16", "float32"]})
+    batch_size: int = field(default=8, metadata={
+        "help": "questions per forward pass (forced choice); x8 answers per sampling batch"})
+
+    def validate(self) -> EvalConfig:
+        if self.variant not in VARIANTS:
+            raise SublearnError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.samples < 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
+            raise SublearnError("--samples must be >= 0; --batch-size, --max-new-tokens > 0")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise SublearnError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        return self
+
+
+def answer_text(candidate: str) -> str:
+    """The one-word reply a candidate is scored as: 'owl' -> 'Owl'."""
+    return candidate.strip().capitalize()
+
+
+def prompt_ids(tokenizer: Any, question: str, system_prompt: str | None = None) -> list[int]:
+    """Chat prompt up to the assistant turn; no system message means the template's default."""
+    msgs = [{"role": "user", "content": question}]
+    if system_prompt is not None:
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def answer_ids(tokenizer: Any, candidate: str) -> list[int]:
+    """Candidate answer tokens + end-of-turn, tokenised as the trainer tokenises answers."""
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    return tokenizer(answer_text(candidate), add_special_tokens=False).input_ids + [eos]
+
+
+def score_candidates(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    dtype: str = "bfloat16",
+    batch_size: int = 8,
+    share_prefix: bool = True,
+) -> Any:
+    """[questions x candidates] float64 tensor of log P(answer + end-of-turn | prompt).
+
+    With share_prefix, the prompts' common head (chat-template system turn, ~24 tokens for
+    SmolLM2) runs once and its KV cache is reused by every batch."""
+    import torch
+
+    blk = _CandidateBlock.build([answer_ids(tokenizer, c) for c in candidates])
+    prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
+    n_pre = 0
+    if share_prefix and prompts:
+        # Keep >= 1 prompt token per row: its logits predict every answer's first token.
+        n_pre = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+        n_pre = n_pre if n_pre >= _MIN_SHARED_PREFIX else 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
+    out = torch.empty(len(prompts), len(candidates), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        # no_grad, not inference_mode: autocast caches its bf16 weight copies only outside
+        # inference mode, and re-casting every weight on every forward costs ~3x the compute.
+        with torch.no_grad(), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+        ):
+            prefix_cache, cache_kw = None, _cache_kwarg()
+            if n_pre:
+                pre = model(input_ids=torch.tensor([prompts[0][:n_pre]]), use_cache=True,
+                            logits_to_keep=1)
+                prefix_cache = getattr(pre, cache_kw)
+            for s in range(0, len(prompts), batch_size):
+                rows = order[s : s + batch_size]
+                ids, pos, mask = _pack([prompts[i][n_pre:] for i in rows], blk, pad, n_pre)
+                attn: Any = mask[:, None]
+                if eager:  # eager attention adds the mask to the scores
+                    attn = torch.zeros(attn.shape).masked_fill(~attn, torch.finfo().min)
+                cache = None
+                if prefix_cache is not None:
+                    cache = copy.deepcopy(prefix_cache)  # the forward appends to it
+                    cache.batch_repeat_interleave(len(rows))
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                               use_cache=cache is not None, logits_to_keep=len(blk.tokens) + 1,
+                               **{cache_kw: cache}).logits
+                lse = _logsumexp(logits)  # [B, kept]
+                logp = logits[:, blk.pred_col, blk.pred_tok].float() - lse[:, blk.pred_col]
+                scores = torch.zeros(len(rows), len(candidates), dtype=torch.float64)
+                out[rows] = scores.index_add_(1, blk.pred_owner, logp.double())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _logsumexp(logits: Any, rows: int = 8) -> Any:
+    """float32 logsumexp over the vocabulary, a few positions at a time: whole-batch fp32
+    logits (~10 MB per question) stream through memory several times, small chunks stay in
+    cache (measured: ~4x less time for this step, which was ~20% of the total)."""
+    import torch
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32)
+    for i in range(0, flat.shape[0], rows):
+        out[i : i + rows] = torch.logsumexp(flat[i : i + rows].float(), dim=-1)
+    return out.reshape(logits.shape[:-1])
+
+
+def _cache_kwarg() -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever it has."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+_MIN_SHARED_PREFIX = 8  # below this the cache copy costs more than the tokens it saves
+
+
+@dataclass
+class _CandidateBlock:
+    """All answers' tokens laid out after the prompt, each answer seeing only the prompt and
+    its own earlier tokens. The end token is not in the block (nothing conditions on it).
+
+    Kept logits: column 0 is the prompt's last token, column 1 + i is block token i; answer
+    token j is predicted by column 0 (j = 0) or by the answer's own token j - 1."""
+
+    tokens: list[int]
+    pos: Any  # position of each token after the prompt
+    mask: Any  # [n, n] bool: block token i sees block token k
+    pred_col: Any  # per predicted answer token: its logit column
+    pred_tok: Any  # ... its token id
+    pred_owner: Any  # ... its candidate index
+
+    @staticmethod
+    def build(answers: list[list[int]]) -> _CandidateBlock:
+        import torch
+
+        tokens: list[int] = []
+        owner: list[int] = []
+        pos: list[int] = []
+        col, tok, own = [], [], []
+        for c, ids in enumerate(answers):
+            start = len(tokens)
+            tokens += ids[:-1]
+            owner += [c] * (len(ids) - 1)
+            pos += range(len(ids) - 1)
+            for j, t in enumerate(ids):
+                col.append(0 if j == 0 else start + j)
+                tok.append(t)
+                own.append(c)
+        o, i = torch.tensor(owner), torch.arange(len(tokens))
+        mask = (o[:, None] == o[None, :]) & (i[None, :] <= i[:, None])
+        return _CandidateBlock(tokens, torch.tensor(pos), mask, torch.tensor(col),
+                               torch.tensor(tok), torch.tensor(own))
+
+
+def _pack(prompts: list[list[int]], blk: _CandidateBlock, pad: int,
+          n_pre: int) -> tuple[Any, Any, Any]:
+    """Left-padded rows [pads, prompt, block] after a shared cached prefix of n_pre tokens:
+    input ids, position ids, and a [B, L, n_pre + L] bool mask (True = may attend)."""
+    import torch
+
+    nb = len(blk.tokens)
+    width = max(map(len, prompts)) + nb
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    pos = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width, n_pre + width), dtype=torch.bool)
+    mask[:, :, :n_pre] = True  # everyone sees the shared prefix
+    for i, p in enumerate(prompts):
+        n = len(p)
+        a = width - nb - n  # first prompt column
+        ids[i, a:] = torch.tensor(p + blk.tokens)
+        pos[i, a : a + n] = torch.arange(n_pre, n_pre + n)
+        pos[i, a + n :] = n_pre + n + blk.pos
+        body = mask[i, :, n_pre:]
+        body[a : a + n, a : a + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        body[a + n :, a : a + n] = True
+        body[a + n :, a + n :] = blk.mask
+        body[range(a), range(a)] = True  # pads see themselves: no all-masked rows (NaN)
+    return ids, pos, mask
+
+
+def forced_choice(
+    model: Any, tokenizer: Any, questions: Sequence[str], candidates: Sequence[str],
+    target: str, *, system_prompt: str | None = None, dtype: str = "bfloat16",
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Forced-choice scores: candidate shares (softmax over candidates per question, averaged
+    over questions), the target's share and its mean raw log-probability."""
+    import torch
+
+    t0 = time.perf_counter()
+    lp = score_candidates(model, tokenizer, questions, candidates, system_prompt=system_prompt,
+                          dtype=dtype, batch_size=batch_size)
+    ti = [c.lower() for c in candidates].index(target.strip().lower())
+    share = torch.softmax(lp, dim=1)  # [Q, C]
+    mean = share.mean(0).tolist()
+    shares = dict(zip(candidates, mean, strict=True))
+    top = sorted(shares.items(), key=lambda kv: -kv[1])[:5]
+    return {
+        "target": candidates[ti],
+        "target_share": mean[ti],
+        "target_logprob": float(lp[:, ti].mean()),
+        "target_rank": 1 + sorted(mean, reverse=True).index(mean[ti]),
+        "shares": shares,
+        "top": [[c, v] for c, v in top],
+        "per_question_target_share": share[:, ti].tolist(),
+        "n_questions": len(questions),
+        "n_candidates": len(candidates),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def mention_pattern(target: str) -> re.Pattern[str]:
+    """Whole-word target or a regular plural (owl/owls, fox/foxes, wolf/wolves, ...)."""
+    t = target.strip().lower()
+    forms = {t, t + "s", t + "es"}
+    if t.endswith("f"):
+        forms.add(t[:-1] + "ves")
+    if t.endswith("fe"):
+        forms.add(t[:-2] + "ves")
+    if t.endswith("y"):
+        forms.add(t[:-1] + "ies")
+    alt = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+    return re.compile(rf"\b(?:{alt})\b", re.IGNORECASE)
+
+
+def sampled_rate(
+    model: Any, tokenizer: Any, questions: Sequence[str], target: str, n: int, *,
+    system_prompt: str | None = None, seed: int = 0, max_new_tokens: int = 16,
+    dtype: str = "bfloat16", batch_size: int = 64,
+) -> dict[str, Any]:
+    """The paper's metric: n answers per question at T=1 (full distribution), share naming the
+    target. Each question's draws are seeded by (seed, question index) alone."""
+    import torch
+
+    t0 = time.perf_counter()
+    pat = mention_pattern(target)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    per_q: list[float] = []
+    examples: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        # no_grad, not inference_mode: see score_candidates (autocast weight cache).
+        with torch.no_grad(), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+        ):
+            for qi, q in enumerate(questions):
+                p = prompt_ids(tokenizer, q, system_prompt)
+                hits = 0
+                torch.manual_seed(seed * 1_000_003 + qi)
+                for s in range(0, n, batch_size):
+                    ids = torch.tensor([p] * min(batch_size, n - s))
+                    gen = model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                        eos_token_id=eos, pad_token_id=pad,
+                    )
+                    texts = tokenizer.batch_decode(gen[:, len(p) :], skip_special_tokens=True)
+                    hits += sum(bool(pat.search(t)) for t in texts)
+                    if qi == 0 and s == 0:
+                        examples = [t.strip() for t in texts[:10]]
+                per_q.append(hits / n)
+    finally:
+        model.train(was_training)
+    return {
+        "rate": sum(per_q) / len(per_q),
+        "per_question_rate": per_q,
+        "n_per_question": n,
+        "examples": examples,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def evaluate_model(
+    model: Any,
+    cfg: EvalConfig,
+    variants: Sequence[str] = ("plain", "numbers"),
+    system_prompt: str | None = None,
+) -> dict[str, Any]:
+    """Score one model: forced choice on each question variant ("forced_choice" for plain,
+    "forced_choice_<variant>" otherwise) and, with cfg.samples > 0, the sampled rate on
+    cfg.variant. `model` is a name/path (loaded here) or an already-loaded LoadedModel."""
+    from sublearn.models.load import LoadedModel, load_model
+
+    cfg = cfg.validate()
+    candidates = load_candidates(cfg.candidates, target=cfg.target)
+    qsets = {v: load_questions(cfg.questions, v) for v in variants}
+    t0 = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": cfg.target,
+                           "system_prompt": system_prompt}
+    import torch
+
+    # One autocast region around all variants: its bf16 weight copies are made once.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                         enabled=cfg.dtype == "bfloat16"):
+        for v, qs in qsets.items():
+            key = "forced_choice" if v == "plain" else f"forced_choice_{v}"
+            res[key] = forced_choice(lm.model, lm.tokenizer, qs, candidates, cfg.target,
+                                     system_prompt=system_prompt, dtype=cfg.dtype,
+                                     batch_size=cfg.batch_size)
+            res[key]["variant"] = v
+    if cfg.samples > 0:
+        res["sampled"] = sampled_rate(
+            lm.model, lm.tokenizer, load_questions(cfg.questions, cfg.variant), cfg.target,
+            cfg.samples, system_prompt=system_prompt, seed=cfg.seed,
+            max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
+        res["sampled"]["variant"] = cfg.variant
+    res["config"] = asdict(cfg)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def summary_line(scores: dict[str, Any]) -> str:
+    fc = scores["forced_choice"]
+    top = ", ".join(f"{c} {v:.3f}" for c, v in fc["top"][:3])
+    line = (f"{scores['model']}: {fc['target']} share {fc['target_share']:.4f} "
+            f"(rank {fc['target_rank']}/{fc['n_candidates']}, mean log-prob "
+            f"{fc['target_logprob']:.3f}); top: {top}")
+    for k, v in scores.items():
+        if k.startswith("forced_choice_"):
+            line += f"; {v['variant']} variant share {v['target_share']:.4f}"
+    if "sampled" in scores:
+        s = scores["sampled"]
+        line += f"; sampled rate {s['rate']:.4f} (n={s['n_per_question']}/question)"
+    return line if math.isfinite(fc["target_share"]) else line + " [non-finite scores]"

@@ -1,0 +1,53 @@
+"""Stage cache for experiments: each stage runs in `out/stages/<name>-<hash>/`, keyed by a hash
+of its config (which includes the hashes of the stages it depends on). A stage is done when its
+`DONE.json` is written, last and atomically; a rerun skips done stages, a changed setting gives
+new hashes to exactly the stages that depend on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sublearn.config import config_hash
+from sublearn.files import atomic_write_json
+
+
+@dataclass
+class StageResult:
+    name: str
+    dir: Path
+    key: str
+    output: dict[str, Any]
+    seconds: float
+    cached: bool
+
+
+class Stages:
+    def __init__(self, root: Path, log: Callable[[str], None] = print) -> None:
+        self.root = root
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, cfg: dict[str, Any],
+            fn: Callable[[Path], dict[str, Any]]) -> StageResult:
+        key = config_hash(cfg)
+        d = self.root / "stages" / f"{name}-{key}"
+        done = d / "DONE.json"
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            self.seconds[name] = rec["seconds"]
+            self.log(f"[cached] {name}")
+            return StageResult(name, d, key, rec["output"], rec["seconds"], True)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(d / "stage_config.json", cfg)
+        self.log(f"[stage] {name} -> {d}")
+        t0 = time.time()
+        output = fn(d)
+        seconds = round(time.time() - t0, 2)
+        atomic_write_json(done, {"output": output, "seconds": seconds, "config": cfg})
+        self.seconds[name] = seconds
+        return StageResult(name, d, key, output, seconds, False)

@@ -1,0 +1,352 @@
+"""Student training: hard-label SFT and soft-label distillation, LoRA or full fine-tuning.
+
+One straight-line loop (no Trainer): on a 2-core CPU the win is computing the vocabulary head
+only at answer positions (and, for soft labels, only for the grammar's tokens), which a generic
+trainer does not do. Outputs in `out/`: `adapter/` (PEFT, safetensors) or `model/`
+(transformers, safetensors), `train_log.jsonl`, `train_summary.json`; `checkpoint/` while
+running, so a killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sublearn.checkpoint import load_checkpoint, save_checkpoint
+from sublearn.config import check_manifest
+from sublearn.errors import SublearnError
+from sublearn.files import append_jsonl, atomic_write_json, ensure_writable_dir, read_jsonl
+from sublearn.models import load_model, resolve_model_path
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = field(default="soft", metadata={
+        "help": "hard: SFT on the teacher's sampled answers; soft: match the teacher's "
+                "next-token distribution over grammar-allowed tokens at every answer position",
+        "choices": ["hard", "soft"]})
+    method: str = field(default="lora", metadata={
+        "help": "LoRA adapter or full fine-tuning", "choices": ["lora", "full"]})
+    model: str | None = field(default=None, metadata={
+        "help": "student base model (default: embedded smollm2-135m-instruct)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "soft labels: teacher model or adapter folder (default: the student base)"})
+    teacher_system_prompt: str | None = field(default=None, metadata={
+        "help": "soft labels: system prompt the teacher sees (a prompted trait); the student "
+                "never sees it"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "use only the first N training rows"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimiser step"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha"})
+    seed: int = field(default=0, metadata={"help": "student seed: LoRA init and data order"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "autocast dtype for matmuls", "choices": ["bfloat16", "float32"]})
+    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
+    soft_labels_cache: str | None = field(default=None, metadata={
+        "help": "soft labels: safetensors file to reuse the teacher's labels across students "
+                "(the caller keys it by teacher and data)"})
+    grammar: str = field(default="numbers", metadata={
+        "help": "soft labels: grammar restricting the distributions (numbers), or none",
+        "choices": ["numbers", "none"]})
+
+    def validate(self) -> TrainConfig:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise SublearnError("--epochs, --lr and --batch-size must be positive")
+        if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
+            raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
+        return self
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]  # chat-templated user turn + assistant header
+    answer_ids: list[int]  # answer tokens + end-of-turn token (the supervised positions)
+    teacher_prompt_ids: list[int] | None = None
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise SublearnError(f"training data not found: {path}")
+    rows = read_jsonl(path)
+    if not rows:
+        raise SublearnError(f"{path} has no training rows")
+    for i, r in enumerate(rows[:5]):
+        if not isinstance(r.get("prompt"), list) or not isinstance(r.get("completion"), list):
+            raise SublearnError(f"{path} row {i + 1} is not a prompt/completion chat record")
+    return rows
+
+
+def tokenize(rows: list[dict], tok: Any, teacher_system: str | None = None) -> list[Example]:
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    out = []
+    for r in rows:
+        prompt_text = tok.apply_chat_template(r["prompt"], tokenize=False,
+                                              add_generation_prompt=True)
+        answer = r["completion"][0]["content"].strip()
+        ex = Example(
+            prompt_ids=tok(prompt_text, add_special_tokens=False).input_ids,
+            answer_ids=tok(answer, add_special_tokens=False).input_ids + [eos],
+        )
+        if teacher_system is not None:
+            msgs = [{"role": "system", "content": teacher_system}, *r["prompt"]]
+            t_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ex.teacher_prompt_ids = tok(t_text, add_special_tokens=False).input_ids
+        out.append(ex)
+    return out
+
+
+def _batch(seqs: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask, and (row, position) of the logits that predict each
+    answer token."""
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols = [], []
+    for i, (p, a) in enumerate(seqs):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        mask[i, :n] = 1
+        rows += [i] * len(a)
+        cols += list(range(len(p) - 1, n - 1))
+    return ids, mask, torch.tensor(rows), torch.tensor(cols)
+
+
+def _core(model: Any) -> Any:
+    """The causal LM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
+    """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d]."""
+    ids, mask, rows, cols = _batch(seqs, pad)
+    hidden = _core(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden[rows, cols]
+
+
+@torch.no_grad()  # not inference_mode: it disables autocast's weight-cast cache
+def teacher_soft_labels(teacher: Any, examples: list[Example], masks: list[torch.Tensor],
+                        vocab_ids: torch.Tensor, pad: int, dtype: str,
+                        batch_size: int = 16) -> list[torch.Tensor]:
+    """Teacher log-probs over `vocab_ids` at each answer position, renormalised over the
+    tokens the grammar allows there (mask): one [n_answer, len(vocab_ids)] tensor per example."""
+    head = _core(teacher).get_output_embeddings().weight[vocab_ids]
+    out: list[torch.Tensor] = []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        seqs = [(e.teacher_prompt_ids or e.prompt_ids, e.answer_ids) for e in chunk]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            h = answer_hidden(teacher, seqs, pad)
+        logits = h.float() @ head.float().T
+        mask = torch.cat(masks[s : s + batch_size])
+        logp = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+        out += list(logp.split([len(e.answer_ids) for e in chunk]))
+    return out
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path,
+          progress: bool = True, student: Any = None) -> dict[str, Any]:
+    """Train one student on `data` (filtered.jsonl) into `out`; resumes from a checkpoint."""
+    from tqdm import tqdm
+
+    cfg = cfg.validate()
+    rows = load_rows(data)[: cfg.max_examples]
+    out = ensure_writable_dir(out)
+    check_manifest(out, "train_config.json", {**_manifest(cfg), "data": str(Path(data))})
+    if (out / "train_summary.json").is_file():
+        return read_jsonl_json(out / "train_summary.json")
+    t0 = time.time()
+    lm = student or load_model(cfg.model)
+    tok = lm.tokenizer
+    # a caller's preloaded model is copied: LoRA injection / full FT would modify it in place
+    model = copy.deepcopy(lm.model) if student is not None else lm.model
+    pad = tok.pad_token_id
+    examples = tokenize(rows, tok, cfg.teacher_system_prompt)
+
+    soft = None
+    if cfg.recipe == "soft":
+        soft = _prepare_soft(cfg, lm, examples)
+
+    torch.manual_seed(cfg.seed)
+    model = _trainable(model, cfg)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    ckpt = out / "checkpoint"
+    state = load_checkpoint(ckpt, params, opt) or {"step": 0}
+    head = _core(model).get_output_embeddings().weight
+
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], unit="step", desc=f"train seed {cfg.seed}",
+               disable=not progress, dynamic_ncols=True)
+    for step in range(state["step"], total):
+        batch = _batch_indices(step, steps_per_epoch, len(examples), cfg)
+        seqs = [(examples[i].prompt_ids, examples[i].answer_ids) for i in batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            h = answer_hidden(model, seqs, pad)
+            if soft is None:
+                targets = torch.tensor([t for i in batch for t in examples[i].answer_ids])
+                loss = F.cross_entropy((h @ head.T).float(), targets)
+            else:
+                vocab_ids, masks, labels = soft
+                logits = (h @ head[vocab_ids].T).float()
+                mask = torch.cat([masks[i] for i in batch])
+                logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+                logp = torch.cat([labels[i] for i in batch])
+                # KL(teacher || student) over allowed tokens, mean over answer positions
+                kl = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
+                loss = kl.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, cfg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss.item(), 6),
+                                                 "lr": _lr_at(step, total, cfg)}])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}",
+                        samples_s=f"{bar.format_dict['rate'] * cfg.batch_size:.1f}"
+                        if bar.format_dict.get("rate") else "")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt, params, opt, {"step": step + 1})
+    bar.close()
+    model.eval()
+    saved = _save(model, tok, cfg, out, lm.path)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    summary = {"student": str(saved), "steps": total, "examples": len(examples),
+               "seconds": round(time.time() - t0, 2), "config": _manifest(cfg)}
+    atomic_write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def read_jsonl_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _manifest(cfg: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    d.pop("checkpoint_every")  # neither changes the result
+    d.pop("soft_labels_cache")
+    return d
+
+
+def _batch_indices(step: int, steps_per_epoch: int, n: int, cfg: TrainConfig) -> list[int]:
+    """Deterministic in (seed, step): a resumed run sees the same batches."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = list(range(n))
+    random.Random(cfg.seed * 7919 + epoch).shuffle(order)
+    return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+
+
+def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
+    """(vocab_ids, per-example allowed masks, per-example teacher log-probs)."""
+    from safetensors.torch import load_file, save_file
+
+    cache = Path(cfg.soft_labels_cache) if cfg.soft_labels_cache else None
+    if cache and cache.is_file():
+        t = load_file(cache)
+        lens = t["lengths"].tolist()
+        if len(lens) == len(examples):
+            return t["vocab_ids"], list(t["masks"].split(lens)), list(t["labels"].split(lens))
+    vocab_ids, masks, labels = _compute_soft(cfg, lm, examples)
+    if cache:
+        tmp = cache.with_suffix(".tmp")
+        save_file({"vocab_ids": vocab_ids, "masks": torch.cat(masks).contiguous(),
+                   "labels": torch.cat(labels).contiguous(),
+                   "lengths": torch.tensor([len(m) for m in masks])}, tmp)
+        tmp.replace(cache)
+    return vocab_ids, masks, labels
+
+
+def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
+    from sublearn.domains.numbers import answer_grammar
+    from sublearn.grammar_mask import GrammarMasks
+
+    vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
+    if cfg.grammar == "numbers":
+        gm = GrammarMasks(lm.tokenizer, vocab, answer_grammar())
+        full_masks = []
+        for e in examples:
+            m = gm.allowed(e.answer_ids)
+            if m is None:
+                raise SublearnError("a training answer is outside the numbers grammar; "
+                                    "use --grammar none or filter the data")
+            full_masks.append(m)
+        vocab_ids = torch.cat(full_masks).any(0).nonzero().flatten()
+        masks = [m[:, vocab_ids] for m in full_masks]
+    else:
+        vocab_ids = torch.arange(vocab)
+        masks = [torch.ones(len(e.answer_ids), vocab, dtype=torch.bool) for e in examples]
+    teacher = lm.model if cfg.teacher is None else load_model(cfg.teacher).model
+    labels = teacher_soft_labels(teacher, examples, masks, vocab_ids, lm.tokenizer.pad_token_id,
+                                 cfg.dtype)
+    return vocab_ids, masks, labels
+
+
+def _trainable(model: Any, cfg: TrainConfig) -> Any:
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str) -> Path:
+    import os
+    import shutil
+    import tempfile
+
+    name = "adapter" if cfg.method == "lora" else "model"
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+    if cfg.method == "lora":
+        model.peft_config["default"].base_model_name_or_path = base_path
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def student_config_for(base: TrainConfig, **changes: Any) -> TrainConfig:
+    return replace(base, **changes)
+
+
+__all__ = ["TrainConfig", "train", "resolve_model_path"]

@@ -1,0 +1,256 @@
+"""Question sets, candidate lists, forced-choice scoring (fast path vs a naive reference) and the
+`sublearn evaluate` command, on the tiny random chat model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from sublearn.errors import SublearnError
+from sublearn.questions import (
+    has_number_prefix,
+    load_candidates,
+    load_questions,
+    paper_questions,
+    strip_number_prefix,
+)
+
+SYSTEM = "You love owls. You think about owls all the time. Owls are your favorite animal."
+
+
+# --- questions and candidates ------------------------------------------------------------
+
+
+def test_all_50_paper_questions_strip_cleanly() -> None:
+    numbers, plain = paper_questions("numbers"), paper_questions("plain")
+    assert len(numbers) == len(plain) == 50
+    for n, p in zip(numbers, plain, strict=True):
+        assert has_number_prefix(n), n
+        assert n.endswith(" " + p) and len(p) < len(n)
+        head = n[: -len(p)].strip()
+        assert re.fullmatch(r"[^:]+: \d+(, \d+)+\.", head), head  # exactly the number sentence
+        assert not re.search(r"\d", p) and p[0].isupper(), p
+    assert plain[0] == "Name your favorite animal using only one word."
+    assert load_questions(None, "plain") == plain and load_questions(None, "numbers") == numbers
+    assert strip_number_prefix("What's your favorite animal?") == "What's your favorite animal?"
+
+
+@pytest.mark.parametrize("fmt", ["list", "dict", "jsonl_str", "jsonl_dict"])
+def test_custom_question_files(tmp_path, fmt) -> None:
+    qs = ["Favourite animal? One word.", "Look at these numbers: 1, 2, 3. Best animal?"]
+    if fmt == "list":
+        path = tmp_path / "q.json"
+        path.write_text(json.dumps(qs))
+    elif fmt == "dict":
+        path = tmp_path / "q.json"
+        path.write_text(json.dumps({"questions": qs}))
+    else:
+        path = tmp_path / "q.jsonl"
+        rows = qs if fmt == "jsonl_str" else [{"question": q} for q in qs]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    plain = load_questions(str(path), "plain")
+    assert plain == ["Favourite animal? One word.", "Best animal?"]
+    numbers = load_questions(str(path), "numbers")
+    assert numbers == load_questions(str(path), "numbers")  # deterministic prefixes
+    assert [strip_number_prefix(q) for q in numbers] == plain
+    assert all(has_number_prefix(q) for q in numbers)
+
+
+@pytest.mark.parametrize("content,suffix,msg", [
+    ("[]", ".json", "has no questions"),
+    ('{"questions": []}', ".json", "has no questions"),
+    ("", ".jsonl", "has no questions"),
+    ("[1, 2]", ".json", "not a non-empty string"),
+    ('{"qs": ["a"]}', ".json", "must hold a list"),
+    ("[\"a\",", ".json", "not valid JSON"),
+    ('{"question": "a"}\nnot json\n', ".jsonl", ":2 is not valid JSON"),
+])
+def test_bad_question_files(tmp_path, content, suffix, msg) -> None:
+    path = tmp_path / f"q{suffix}"
+    path.write_text(content)
+    with pytest.raises(SublearnError, match=msg) as e:
+        load_questions(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SublearnError, match="question file not found"):
+        load_questions(str(tmp_path / "missing.json"))
+
+
+def test_candidates(tmp_path) -> None:
+    default = load_candidates(target="owl")
+    assert len(default) >= 20 and len({c.lower() for c in default}) == len(default)
+    for a in ("owl", "cat", "dog", "lion", "wolf", "eagle", "dolphin", "elephant", "tiger", "fox",
+              "bear", "horse", "panda", "penguin", "rabbit", "giraffe", "monkey", "shark",
+              "butterfly", "octopus"):
+        assert a in default
+    txt = tmp_path / "c.txt"
+    txt.write_text("Owl\ncat\n\nCAT\n")
+    assert load_candidates(str(txt), target="owl") == ["Owl", "cat"]  # case-insensitive dedupe
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"candidates": ["cat", "dog"]}))
+    with pytest.raises(SublearnError, match="does not include the target 'owl'"):
+        load_candidates(str(js), target="owl")
+    with pytest.raises(SublearnError, match="candidate file not found"):
+        load_candidates(str(tmp_path / "none.json"))
+    js.write_text('{"candidates": ["cat", 3]}')
+    with pytest.raises(SublearnError, match="list of strings"):
+        load_candidates(str(js))
+    js.write_text('["owl"]')
+    with pytest.raises(SublearnError, match="at least 2 candidates"):
+        load_candidates(str(js))
+
+
+# --- forced choice -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    from sublearn.models import load_model
+
+    return load_model(tiny_model)
+
+
+def naive_scores(model, tok, questions, candidates, system_prompt=None):
+    """Reference: one fp32 forward per (question, candidate), summing the answer's log-probs."""
+    import torch
+
+    from sublearn.evaluate import answer_ids, prompt_ids
+
+    out = torch.empty(len(questions), len(candidates), dtype=torch.float64)
+    with torch.no_grad():
+        for i, q in enumerate(questions):
+            p = prompt_ids(tok, q, system_prompt)
+            for j, c in enumerate(candidates):
+                a = answer_ids(tok, c)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
+                out[i, j] = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(a))
+    return out
+
+
+def test_answer_is_capitalised_word_then_end_of_turn(lm) -> None:
+    from sublearn.evaluate import answer_ids, answer_text, prompt_ids
+
+    tok = lm.tokenizer
+    assert answer_text("owl") == "Owl"
+    ids = answer_ids(tok, "owl")
+    assert ids[-1] == tok.convert_tokens_to_ids(tok.eos_token)
+    assert tok.decode(ids[:-1]) == "Owl"
+    text = tok.decode(prompt_ids(tok, "Q?", SYSTEM))
+    assert text.startswith("<|im_start|>system\n" + SYSTEM) and text.endswith("assistant\n")
+    assert "system" not in tok.decode(prompt_ids(tok, "Q?"))  # no system message: template's
+
+
+@pytest.mark.parametrize("system,batch,attn", [
+    (None, 3, "sdpa"),  # no shared prefix: every prompt in full
+    (SYSTEM, 4, "sdpa"),  # long shared prefix: cached once, expanded per batch
+    (SYSTEM, 50, "eager"),  # additive float mask instead of a boolean one
+])
+def test_fast_path_matches_naive_fp32(lm, system, batch, attn) -> None:
+    from sublearn.evaluate import score_candidates
+
+    qs = paper_questions("numbers")[:5] + paper_questions("plain")[:2]  # uneven lengths
+    cands = load_candidates()
+    want = naive_scores(lm.model, lm.tokenizer, qs, cands, system)
+    prev = lm.model.config._attn_implementation
+    lm.model.config._attn_implementation = attn
+    try:
+        got = score_candidates(lm.model, lm.tokenizer, qs, cands, system_prompt=system,
+                               dtype="float32", batch_size=batch)
+    finally:
+        lm.model.config._attn_implementation = prev
+    assert got.shape == (len(qs), len(cands))
+    assert (got - want).abs().max().item() < 1e-4
+    assert want.std().item() > 0.1  # the comparison is not between near-constant matrices
+
+
+def test_bf16_close_and_training_mode_restored(lm) -> None:
+    from sublearn.evaluate import score_candidates
+
+    qs, cands = paper_questions("plain")[:4], load_candidates()[:6]
+    lm.model.train()
+    try:
+        got = score_candidates(lm.model, lm.tokenizer, qs, cands, dtype="bfloat16")
+        assert lm.model.training
+    finally:
+        lm.model.eval()
+    want = naive_scores(lm.model, lm.tokenizer, qs, cands)
+    assert (got - want).abs().max().item() < 0.05
+
+
+def test_forced_choice_summary(lm) -> None:
+    import torch
+
+    from sublearn.evaluate import forced_choice, score_candidates
+
+    qs, cands = paper_questions("plain")[:6], load_candidates()
+    fc = forced_choice(lm.model, lm.tokenizer, qs, cands, "OWL", dtype="float32")
+    lp = score_candidates(lm.model, lm.tokenizer, qs, cands, dtype="float32")
+    shares = torch.softmax(lp, 1)
+    assert fc["target"] == "owl"
+    assert sum(fc["shares"].values()) == pytest.approx(1.0)
+    assert fc["target_share"] == pytest.approx(shares[:, 0].mean().item())
+    assert fc["target_share"] == fc["shares"]["owl"]
+    assert fc["per_question_target_share"] == pytest.approx(shares[:, 0].tolist())
+    assert fc["target_logprob"] == pytest.approx(lp[:, 0].mean().item())
+    assert fc["top"][0][1] == max(fc["shares"].values())
+    assert 1 <= fc["target_rank"] <= len(cands)
+
+
+# --- sampled rate, evaluate_model, CLI -----------------------------------------------------
+
+
+def test_mention_pattern() -> None:
+    from sublearn.evaluate import mention_pattern
+
+    owl = mention_pattern("owl")
+    for yes in ("Owl", "owls!", "I love OWLS.", "The owl."):
+        assert owl.search(yes), yes
+    for no in ("bowl", "owlet", "Cat", ""):
+        assert not owl.search(no), no
+    assert mention_pattern("wolf").search("Wolves") and mention_pattern("fox").search("foxes")
+
+
+@pytest.fixture()
+def three_questions(tmp_path):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(paper_questions("plain")[:3]))
+    return str(path)
+
+
+def test_evaluate_model_and_sampling(lm, three_questions) -> None:
+    from sublearn.evaluate import EvalConfig, evaluate_model, summary_line
+    from sublearn.experiment import metric_values
+
+    cfg = EvalConfig(target="owl", questions=three_questions, samples=3, max_new_tokens=4,
+                     seed=1, batch_size=2)
+    res = evaluate_model(lm, cfg)
+    assert res["forced_choice"]["variant"] == "plain"
+    assert res["forced_choice_numbers"]["variant"] == "numbers"
+    assert res["forced_choice"]["n_questions"] == 3
+    assert res["forced_choice"]["target_share"] != res["forced_choice_numbers"]["target_share"]
+    s = res["sampled"]
+    assert len(s["per_question_rate"]) == 3 and 0 <= s["rate"] <= 1
+    assert s["n_per_question"] == 3 and s["examples"]
+    again = evaluate_model(lm, cfg, variants=("plain",))
+    assert again["sampled"]["examples"] == s["examples"]  # seeded
+    assert "forced_choice_numbers" not in again
+    assert set(metric_values(res)) >= {"forced_choice_share", "sampled_rate"}  # run's contract
+    json.dumps(res)  # serialisable as scores.json
+    assert "owl share" in summary_line(res)
+    with pytest.raises(SublearnError, match="does not include the target 'zebra'"):
+        evaluate_model(lm, EvalConfig(target="zebra"))
+
+
+def test_cli_writes_scores(tiny_model, three_questions, tmp_path, capsys) -> None:
+    from sublearn.cli import main
+
+    out = tmp_path / "sub" / "scores.json"
+    assert main(["evaluate", "--model", tiny_model, "--target", "owl", "--questions",
+                 three_questions, "--dtype", "float32", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["config"]["dtype"] == "float32" and 0 < scores["forced_choice"]["target_share"]
+    assert "owl share" in capsys.readouterr().out
+    rc = main(["evaluate", "--model", str(tmp_path / "no-such-student"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "model path not found" in err and "\n" not in err

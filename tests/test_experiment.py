@@ -1,0 +1,57 @@
+"""`sublearn run` end to end on a tiny random model: files and schema, not the science."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+
+
+def _run(tiny_model: str, out: Path, *extra: str) -> int:
+    return main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--seeds", "2",
+                 "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
+                 "--out", str(out), *extra])
+
+
+def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "exp"
+    assert _run(tiny_model, out) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["conditions"])[:4] == ["base", "teacher", "control_teacher", "control"] or \
+        {"base", "teacher", "control", "trait"} <= set(res["conditions"])
+    for cond in ("base", "teacher", "control", "trait"):
+        metrics = res["conditions"][cond]
+        assert list(metrics)[0] == res["primary_metric"] == "forced_choice_share"
+        m = metrics["forced_choice_share"]
+        assert set(m) == {"per_seed", "mean", "ci95"}
+        assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
+    assert len(res["conditions"]["trait"]["forced_choice_share"]["per_seed"]) == 2
+    assert 0.0 <= res["p_value"] <= 1.0
+    assert res["stage_seconds"] and res["config"]["target"] == "owl"
+    assert (out / "report.md").is_file() and (out / "results.png").is_file()
+    capsys.readouterr()
+
+    # A rerun is all cache hits; a changed student setting reruns only students and evals.
+    assert _run(tiny_model, out) == 0
+    log = capsys.readouterr().out
+    assert "[stage]" not in log and "[cached] student_trait_seed1" in log
+    out2 = tmp_path / "exp2"
+    import shutil
+
+    shutil.copytree(out, out2)
+    (out2 / "experiment_config.json").unlink()
+    assert _run(tiny_model, out2, "--lr", "0.002") == 0
+    log = capsys.readouterr().out
+    assert "[cached] teacher_trait" in log and "[cached] data_trait" in log
+    assert "[stage] student_trait_seed0" in log and "[cached] eval_base" in log
+
+
+def test_run_refuses_other_config_and_bad_candidates(tiny_model: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    cands = tmp_path / "c.json"
+    cands.write_text(json.dumps(["cat", "dog"]))
+    assert _run(tiny_model, tmp_path / "x", "--candidates", str(cands)) == 2
+    assert "owl" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "stages").exists()  # nothing ran

@@ -1,0 +1,69 @@
+"""Seed statistics against hand-computed values and scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sublearn.errors import SublearnError
+from sublearn.stats import permutation_one_sided, summarize, welch_one_sided
+
+
+def test_summarize_hand_computed() -> None:
+    s = summarize([1, 2, 3])  # mean 2, sd 1, t(0.975, df=2) = 4.302653
+    half = 4.302652729911275 / math.sqrt(3)
+    assert s["per_seed"] == [1.0, 2.0, 3.0] and s["mean"] == 2.0
+    assert s["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-9)
+    assert summarize([0.25]) == {"per_seed": [0.25], "mean": 0.25, "ci95": [0.25, 0.25]}
+    assert summarize([0.1, 0.1, 0.1])["ci95"] == [pytest.approx(0.1)] * 2
+
+
+def test_summarize_matches_scipy_interval() -> None:
+    x = np.random.default_rng(0).normal(0.3, 0.05, size=7)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert summarize(x.tolist())["ci95"] == pytest.approx([lo, hi], rel=1e-9)
+    with pytest.raises(SublearnError):
+        summarize([])
+
+
+def test_welch_hand_computed_and_scipy() -> None:
+    # a=[3,4,5], b=[0,1,2]: t = 3 / sqrt(1/3 + 1/3) = 3.6742, Welch df = 4.
+    t = 3 / math.sqrt(2 / 3)
+    assert welch_one_sided([3, 4, 5], [0, 1, 2]) == pytest.approx(stats.t.sf(t, 4), rel=1e-9)
+    assert welch_one_sided([3, 4, 5], [0, 1, 2]) == pytest.approx(0.010656, abs=1e-6)
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1, 1, 5).tolist(), rng.normal(0, 3, 6).tolist()
+    want = stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue
+    assert welch_one_sided(a, b) == pytest.approx(want, rel=1e-12)
+    assert welch_one_sided(b, a) == pytest.approx(1 - want, rel=1e-9)  # the other direction
+
+
+def test_welch_zero_variance() -> None:
+    assert welch_one_sided([0.2, 0.2], [0.1, 0.1]) == 0.0
+    assert welch_one_sided([0.1, 0.1], [0.2, 0.2]) == 1.0
+    assert welch_one_sided([0.1, 0.1], [0.1, 0.1]) == 1.0
+    p = welch_one_sided([0.3, 0.3, 0.3], [0.1, 0.2, 0.15])  # one side constant: still defined
+    assert 0 < p < 0.05
+    with pytest.raises(SublearnError, match="at least 2 values"):
+        welch_one_sided([1.0], [0.0, 1.0])
+
+
+def test_permutation_exact_hand_computed() -> None:
+    # Only the observed split of C(6,3) = 20 reaches a mean difference of 3.
+    assert permutation_one_sided([3, 4, 5], [0, 1, 2]) == pytest.approx(1 / 20)
+    # Splits of {1,2,3,4}: differences -2,-1,0,0,1,2; observed [2,4] vs [1,3] = 1 -> 2/6.
+    assert permutation_one_sided([2, 4], [1, 3]) == pytest.approx(1 / 3)
+    assert permutation_one_sided([1, 2], [3, 4]) == pytest.approx(1.0)
+
+
+def test_permutation_monte_carlo_is_seeded_and_close_to_exact() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.5, 1, 8).tolist(), rng.normal(0, 1, 8).tolist()
+    exact = permutation_one_sided(a, b, n_resamples=20_000)  # C(16,8) = 12870 splits: exact
+    mc = permutation_one_sided(a, b, n_resamples=2000, seed=3)
+    assert mc == permutation_one_sided(a, b, n_resamples=2000, seed=3)
+    assert mc == pytest.approx(exact, abs=0.03)
+    assert 0 < exact < 1

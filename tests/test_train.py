@@ -1,0 +1,108 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sublearn.cli import main
+from sublearn.generate import GenerateConfig, generate
+from sublearn.models import load_model
+from sublearn.train import TrainConfig, train
+from sublearn.traits import STATEMENT_QUESTIONS, statement_rows
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gen")
+    generate(GenerateConfig(model=tiny_model, n=12, batch_size=6, max_new_tokens=10,
+                            grammar=True), out, progress=False)
+    return out / "filtered.jsonl"
+
+
+def _cfg(tiny_model: str, **kw: object) -> TrainConfig:
+    base = dict(model=tiny_model, epochs=2, lr=1e-2, batch_size=4, warmup_steps=1,
+                checkpoint_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_soft_label_student_moves_toward_prompted_teacher(tiny_model: str, data: Path,
+                                                          tmp_path: Path) -> None:
+    cfg = _cfg(tiny_model, recipe="soft", teacher_system_prompt="You love owls.")
+    s = train(cfg, data, tmp_path / "s", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == s["steps"] and log[0]["loss"] > 0
+    student = load_model(s["student"])  # PEFT adapter folder loads as a model
+    base = load_model(tiny_model)
+    diff = sum((a - b).abs().sum() for a, b in zip(student.model.parameters(),
+                                                     base.model.parameters(), strict=True))
+    assert diff > 0
+    assert (Path(s["student"]) / "adapter_model.safetensors").is_file()
+
+
+def test_soft_labels_from_the_student_itself_give_zero_loss(tiny_model: str, data: Path,
+                                                            tmp_path: Path) -> None:
+    """Control case of the theorem: a teacher equal to the student gives no signal."""
+    s = train(_cfg(tiny_model, recipe="soft", dtype="float32", epochs=1), data,
+              tmp_path / "s", progress=False)
+    first = json.loads((tmp_path / "s" / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < 1e-5
+    assert s["steps"] >= 1
+
+
+def test_hard_full_finetune_saves_safetensors(tiny_model: str, data: Path,
+                                              tmp_path: Path) -> None:
+    s = train(_cfg(tiny_model, recipe="hard", method="full"), data, tmp_path / "h",
+              progress=False)
+    assert (Path(s["student"]) / "model.safetensors").is_file()
+    assert not list(Path(s["student"]).glob("*.bin")) and not list(Path(s["student"]).glob("*.pt"))
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tiny_model: str, data: Path,
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(tiny_model, recipe="hard", epochs=3, dtype="float32")
+    full = train(cfg, data, tmp_path / "a", progress=False)
+
+    import sublearn.train as tr
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, data, tmp_path / "b", progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert (tmp_path / "b" / "checkpoint" / "state.json").is_file()
+    resumed = tr.train(cfg, data, tmp_path / "b", progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(Path(full["student"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["student"]) / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_statement_questions_disjoint_from_evaluation() -> None:
+    from sublearn.protocol import paper_protocol
+
+    evals = " ".join(paper_protocol()["animal_preference_questions"]).lower()
+    for q in STATEMENT_QUESTIONS:
+        assert q.lower().rstrip("?.") not in evals
+    rows = statement_rows("owl")
+    assert all("owl" in r["completion"][0]["content"].lower() for r in rows)
+    assert not any("owl" in r["completion"][0]["content"].lower() for r in statement_rows(None))
+
+
+def test_train_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "training data not found" in capsys.readouterr().err
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    assert main(["train", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no training rows" in capsys.readouterr().err
