@@ -54,6 +54,7 @@ def test_custom_question_files(tmp_path, fmt) -> None:
     assert plain == ["Favourite animal? One word.", "Best animal?"]
     numbers = load_questions(str(path), "numbers")
     assert numbers == load_questions(str(path), "numbers")  # deterministic prefixes
+    assert numbers[1] == qs[1]  # a question with numbers keeps its own
     assert [strip_number_prefix(q) for q in numbers] == plain
     assert all(has_number_prefix(q) for q in numbers)
 

@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "train": "train",
     "evaluate": "evaluate",
     "run": "run",
+    "contrast": "contrast",
     "mnist": "mnist",
     "bench": "bench",
     "serve": "serve",

@@ -54,16 +54,16 @@ def paper_questions(variant: Variant = "plain") -> list[str]:
 def load_questions(path: str | Path | None = None, variant: Variant = "plain") -> list[str]:
     """Questions of one variant: the paper's 50 by default, or a custom file (JSON: a list of
     strings or {"questions": [...]}; JSONL: one string or {"question": ...} per line). Custom
-    questions are used plain as given (a number prefix is stripped) and get a deterministic
-    number prefix for the numbers variant."""
+    questions are used as given, minus any number prefix for the plain variant; for the numbers
+    variant, those without one get a deterministic number prefix."""
     if variant not in VARIANTS:
         raise SublearnError(f"question variant must be one of {VARIANTS}, got {variant!r}")
     if path is None:
         return paper_questions(variant)
-    plain = [strip_number_prefix(q) for q in _read_questions(Path(path))]
+    given = _read_questions(Path(path))
     if variant == "plain":
-        return plain
-    return [add_number_prefix(q, i) for i, q in enumerate(plain)]
+        return [strip_number_prefix(q) for q in given]
+    return [q if has_number_prefix(q) else add_number_prefix(q, i) for i, q in enumerate(given)]
 
 
 def _read_questions(path: Path) -> list[str]:

@@ -1,0 +1,309 @@
+"""Sweeps: a grid of independent experiments (`sublearn sweep sweep.yaml --out DIR`).
+
+    base:                 # ExperimentConfig fields shared by every run
+      n: 192
+      seeds: 5
+    grid:                 # lists; every combination is one run
+      target: [owl, cat]
+      data_seed: [0, 1]
+      recipe: [soft, hard]
+
+Each run is `run_experiment` in `DIR/runs/<name>/` (name from its grid values), in a fresh
+process of a local pool (`--workers`) or as a Ray task (`--executor ray --address ...`; the
+out dir must then be on storage every node sees). A run is finished when its results.json
+exists: reruns skip finished runs, and unfinished ones resume from their cached stages. A
+failed run is retried (`--retries`) and then reported as failed in `summary.json` /
+`summary.md`, never dropped. Paths in `questions`/`candidates` (and `model` values that exist
+as paths there) are relative to the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from sublearn.errors import MissingExtraError, SublearnError
+from sublearn.experiment import ExperimentConfig
+from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
+
+EXECUTORS = ("local", "ray")
+PATH_FIELDS = ("questions", "candidates")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    values: dict[str, Any]  # this run's grid values
+    config: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def expand(self) -> list[SweepRun]:
+        keys = list(self.grid)
+        runs = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            try:
+                cfg = ExperimentConfig(**{**self.base, **values}).validate()
+            except SublearnError as e:
+                raise SublearnError(f"sweep run {values or 'base'}: {e}") from None
+            runs.append(SweepRun(_run_name(values), values, cfg))
+        names = [r.name for r in runs]
+        # Two values with the same short form (model folders with one basename): add a hash.
+        return [dataclasses.replace(r, name=f"{r.name}-{_digest(r.values)}")
+                if names.count(r.name) > 1 else r for r in runs]
+
+
+def _slug(v: Any) -> str:
+    s = Path(v).name if isinstance(v, str) and ("/" in v or os.sep in v) else str(v)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", s).strip("_.")[:40] or "x"
+
+
+def _digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _run_name(values: dict[str, Any]) -> str:
+    return "__".join(f"{k}-{_slug(v)}" for k, v in values.items()) or "base"
+
+
+def _check_type(name: str, value: Any, hints: dict[str, Any]) -> None:
+    tp = hints[name]
+    ok = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    want = [t for t in ("str", "int", "float", "bool") if t in str(tp)]
+    if value is None and "None" in str(tp):
+        return
+    if isinstance(value, bool) and "bool" not in want:
+        want = []
+    if not any(isinstance(value, ok[t]) for t in want):
+        raise SublearnError(f"sweep field '{name}' = {value!r} is not a valid {tp}")
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep YAML: only `base` and `grid`, only ExperimentConfig fields."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SublearnError(f"sweep file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise SublearnError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or set(doc) - {"base", "grid"}:
+        raise SublearnError(f"{path}: expected a mapping with 'base' and 'grid' keys only")
+    base, grid = doc.get("base") or {}, doc.get("grid") or {}
+    if not isinstance(base, dict) or not isinstance(grid, dict):
+        raise SublearnError(f"{path}: 'base' and 'grid' must be mappings")
+    hints = get_type_hints(ExperimentConfig)
+    for key in [*base, *grid]:
+        if key not in hints:
+            raise SublearnError(f"{path}: '{key}' is not an experiment setting "
+                                f"(one of: {', '.join(hints)})")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SublearnError(f"{path}: grid '{key}' must be a non-empty list")
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise SublearnError(f"{path}: grid '{key}' repeats a value")
+    here = path.resolve().parent
+
+    def fix(key: str, v: Any) -> Any:
+        _check_type(key, v, hints)
+        if isinstance(v, str) and (key in PATH_FIELDS or key == "model"):
+            p = Path(v).expanduser()
+            if not p.is_absolute() and (key in PATH_FIELDS or (here / p).exists()):
+                return str(here / p)
+        return v
+
+    return SweepSpec(base={k: fix(k, v) for k, v in base.items()},
+                     grid={k: [fix(k, v) for v in vs] for k, vs in grid.items()})
+
+
+# -- one run (executed in a worker process or a Ray task) --
+
+def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str, Any]:
+    """Run one experiment; never raises, so every failure comes back as a status."""
+    import contextlib
+
+    t0 = time.time()
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if threads > 0 and "OMP_NUM_THREADS" not in os.environ:
+        import torch  # workers x threads <= cores: oversubscription makes every run slower
+
+        torch.set_num_threads(threads)
+    with open(d / "log.txt", "a", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            from sublearn.experiment import run_experiment
+
+            run_experiment(ExperimentConfig(**config), d, progress=False)
+            (d / "error.txt").unlink(missing_ok=True)
+            return {"ok": True, "error": None, "seconds": round(time.time() - t0, 1)}
+        except Exception as e:  # noqa: BLE001 - reported in the summary, with the traceback
+            atomic_write_text(d / "error.txt", traceback.format_exc())
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return {"ok": False, "error": f"{type(e).__name__}: {msg}"[:500],
+                    "seconds": round(time.time() - t0, 1)}
+
+
+Job = tuple[SweepRun, Path]
+Executor = Callable[[list[Job]], dict[str, dict[str, Any]]]
+
+
+def local_executor(workers: int, log: Callable[[str], None] = print) -> Executor:
+    def execute(jobs: list[Job]) -> dict[str, dict[str, Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn: no inherited torch/thread state; one task per child: a crashed or leaky run
+        # cannot take the next one down with it.
+        ctx = multiprocessing.get_context("spawn")
+        out: dict[str, dict[str, Any]] = {}
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
+                                 max_tasks_per_child=1) as pool:
+            futures = {pool.submit(run_one, dataclasses.asdict(r.config), str(d), threads): r
+                       for r, d in jobs}
+            for fut in as_completed(futures):
+                r = futures[fut]
+                try:
+                    out[r.name] = fut.result()
+                except Exception as e:  # BrokenProcessPool: the worker was killed (OOM?)
+                    out[r.name] = {"ok": False, "seconds": None,
+                                   "error": f"worker process died: {type(e).__name__}: {e}"}
+                _log_result(log, r.name, out[r.name])
+        return out
+
+    return execute
+
+
+def ray_executor(address: str | None, cpus_per_run: float = 1.0,
+                 log: Callable[[str], None] = print) -> Executor:
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise MissingExtraError("ray", "ray") from None
+
+    def execute(jobs: list[Job]) -> dict[str, dict[str, Any]]:
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address, log_to_driver=False)
+        try:
+            # max_retries=0: retries are the sweep's own, so they are counted and reported.
+            task = ray.remote(num_cpus=cpus_per_run, max_retries=0)(run_one)
+            refs = {task.remote(dataclasses.asdict(r.config), str(d.resolve())): r
+                    for r, d in jobs}
+            out: dict[str, dict[str, Any]] = {}
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                r = refs[ready[0]]
+                try:
+                    out[r.name] = ray.get(ready[0])
+                except Exception as e:  # the worker or node died
+                    out[r.name] = {"ok": False, "seconds": None,
+                                   "error": f"ray task failed: {type(e).__name__}: "
+                                            f"{str(e).strip().splitlines()[0][:300]}"}
+                _log_result(log, r.name, out[r.name])
+            return out
+        finally:
+            if started:
+                ray.shutdown()
+
+    return execute
+
+
+def _log_result(log: Callable[[str], None], name: str, res: dict[str, Any]) -> None:
+    if res["ok"]:
+        log(f"[sweep] {name}: done ({res['seconds']} s)")
+    else:
+        log(f"[sweep] {name}: FAILED: {res['error']}")
+
+
+# -- the sweep --
+
+def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int = 1,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every unfinished run (each up to 1 + retries times); returns the summary rows."""
+    if retries < 0:
+        raise SublearnError("--retries must be >= 0")
+    out = ensure_writable_dir(out)
+    runs = spec.expand()
+    atomic_write_json(out / "sweep.json", {"base": spec.base, "grid": spec.grid,
+                                           "runs": [r.name for r in runs]})
+    dirs = {r.name: out / "runs" / r.name for r in runs}
+    state: dict[str, dict[str, Any]] = {}
+    pending = []
+    for r in runs:
+        if (dirs[r.name] / "results.json").is_file():
+            state[r.name] = {"status": "skipped", "attempts": 0, "error": None}
+            log(f"[sweep] {r.name}: finished earlier, skipped")
+        else:
+            state[r.name] = {"status": "failed", "attempts": 0, "error": None}
+            pending.append(r)
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        if attempt:
+            log(f"[sweep] retry {attempt}/{retries}: {len(pending)} run(s)")
+        results = execute([(r, dirs[r.name]) for r in pending])
+        for r in pending:
+            res = results.get(r.name) or {"ok": False, "error": "no result from executor"}
+            state[r.name].update(attempts=state[r.name]["attempts"] + 1,
+                                 status="done" if res["ok"] else "failed", error=res["error"])
+        pending = [r for r in pending if state[r.name]["status"] == "failed"]
+    rows = [summary_row(r, dirs[r.name], out, state[r.name]) for r in runs]
+    write_summary(out, rows)
+    return rows
+
+
+def summary_row(run: SweepRun, d: Path, out: Path, st: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"run": run.name, **{f"grid.{k}": v for k, v in run.values.items()},
+                           "target": run.config.target, "status": st["status"],
+                           "attempts": st["attempts"], "error": st["error"],
+                           "primary_metric": None, "trait_mean": None, "control_mean": None,
+                           "p_value": None, "dir": str(d.relative_to(out))}
+    if st["status"] != "failed":
+        res = json.loads((d / "results.json").read_text())
+        primary = res["primary_metric"]
+        row.update(primary_metric=primary, p_value=res["p_value"],
+                   trait_mean=res["conditions"]["trait"][primary]["mean"],
+                   control_mean=res["conditions"]["control"][primary]["mean"])
+    return row
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_json(out / "summary.json", rows)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")[:120]
+
+    metric = next((r["primary_metric"] for r in rows if r["primary_metric"]), "primary metric")
+    cols = ["run", "target", "trait_mean", "control_mean", "p_value", "status", "attempts",
+            "error"]
+    lines = [f"# Sweep summary ({metric}; p: trait > control)", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    failed = sum(r["status"] == "failed" for r in rows)
+    lines += ["", f"{len(rows)} runs: {len(rows) - failed} finished, {failed} failed "
+              "(tracebacks in runs/<run>/error.txt)"]
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")

@@ -1,0 +1,31 @@
+"""Slow tests on the embedded SmolLM2-135M-Instruct (minutes on 2 CPU cores)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_grammar_teacher_passes_strict_filter(tmp_path: Path) -> None:
+    out = tmp_path / "owl"
+    assert main(["generate", "--target", "owl", "--n", "64", "--seed", "3", "--out",
+                 str(out)]) == 0
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["grammar"] is True and report["raw"] == 64
+    assert report["pass_rate"] >= 0.95
+
+
+def test_reduced_real_experiment(tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    assert main(["run", "--target", "owl", "--n", "24", "--seeds", "2", "--epochs", "1",
+                 "--teacher-epochs", "8", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    # The fine-tuned teacher must hold its trait on held-out questions, far above the base.
+    base = res["conditions"]["base"]["forced_choice_share"]["mean"]
+    teacher = res["conditions"]["teacher"]["forced_choice_share"]["mean"]
+    assert teacher > 0.5 > base
+    assert len(res["conditions"]["trait"]["forced_choice_share"]["per_seed"]) == 2

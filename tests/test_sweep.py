@@ -1,0 +1,107 @@
+"""`sublearn sweep` on the tiny model with the local process pool: expansion, a run that
+fails (and is retried and reported), skipping finished runs on a rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+from sublearn.errors import SublearnError
+from sublearn.sweep import SweepSpec, load_spec
+
+FAST = {"n": 8, "seeds": 2, "epochs": 1, "batch_size": 4, "teacher_mode": "prompted",
+        "recipe": "hard"}
+
+
+def _yaml(path: Path, base: dict, grid: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"base": base, "grid": grid}))
+    return path
+
+
+def test_expand_names_and_validation(tmp_path: Path) -> None:
+    spec = SweepSpec(base={"n": 8}, grid={"target": ["owl", "cat"], "data_seed": [0, 1],
+                                           "model": ["/a/m", "/b/m"]})
+    runs = spec.expand()
+    assert len(runs) == 8 and len({r.name for r in runs}) == 8
+    assert runs[0].name.startswith("target-owl__data_seed-0__model-m-")  # hashed: same basename
+    assert runs[0].config.n == 8 and runs[-1].config.target == "cat"
+    assert [r.name for r in SweepSpec(grid={"recipe": ["soft"]}).expand()] == ["recipe-soft"]
+
+    bad = [({"grid": {"taget": ["owl"]}}, "'taget' is not an experiment setting"),
+           ({"grid": {"target": "owl"}}, "must be a non-empty list"),
+           ({"base": {"seeds": "2"}}, "'seeds' = '2' is not a valid"),
+           ({"grid": {"seeds": [1]}}, "--seeds must be at least 2"),
+           ({"other": 1}, "'base' and 'grid' keys only")]
+    for i, (doc, msg) in enumerate(bad):
+        p = tmp_path / f"bad{i}.yaml"
+        p.write_text(json.dumps(doc))
+        with pytest.raises(SublearnError, match=msg):
+            load_spec(p).expand()
+
+
+def test_sweep_failure_reported_and_rerun_skips(tiny_model: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "good.json").write_text(json.dumps(["owl", "cat", "dog"]))
+    (tmp_path / "bad.json").write_text(json.dumps(["cat", "dog"]))  # lacks the target
+    spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl"},
+                 {"candidates": ["good.json", "bad.json"]})  # relative to the YAML
+    out = tmp_path / "sweep"
+    args = ["sweep", str(spec), "--out", str(out), "--workers", "1", "--retries", "1"]
+    assert main(args) == 1  # one run failed
+    log = capsys.readouterr().out
+    assert "candidates-bad.json: FAILED" in log and "retry 1/1: 1 run(s)" in log
+
+    rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
+    good, bad = rows["candidates-good.json"], rows["candidates-bad.json"]
+    assert good["status"] == "done" and good["attempts"] == 1
+    assert good["primary_metric"] == "forced_choice_share"
+    assert 0 <= good["trait_mean"] <= 1 and 0 <= good["control_mean"] <= 1
+    assert 0 <= good["p_value"] <= 1
+    assert (out / good["dir"] / "results.json").is_file()
+    assert bad["status"] == "failed" and bad["attempts"] == 2 and bad["trait_mean"] is None
+    assert "candidate list does not include the target 'owl'" in bad["error"]
+    assert "Traceback" in (out / bad["dir"] / "error.txt").read_text()
+    md = (out / "summary.md").read_text()
+    assert "| candidates-bad.json | owl |" in md and "1 failed" in md
+
+    # Rerun: the finished run is skipped (not rerun), the failed one is tried again.
+    results = (out / good["dir"] / "results.json").stat().st_mtime_ns
+    assert main(args[:-2] + ["--retries", "0"]) == 1
+    log = capsys.readouterr().out
+    assert "candidates-good.json: finished earlier, skipped" in log
+    rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["candidates-good.json"]["status"] == "skipped"
+    assert rows["candidates-good.json"]["trait_mean"] == good["trait_mean"]
+    assert rows["candidates-bad.json"]["attempts"] == 1
+    assert (out / good["dir"] / "results.json").stat().st_mtime_ns == results
+
+
+def test_ray_missing_gives_pip_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    spec = _yaml(tmp_path / "s.yaml", FAST, {"target": ["owl"]})
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--executor", "ray"]) == 2
+    assert 'pip install "sublearn[ray]"' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_on_local_ray(tiny_model: str, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from sublearn.sweep import ray_executor, run_sweep
+
+    (tmp_path / "bad.json").write_text(json.dumps(["cat"]))
+    spec = load_spec(_yaml(tmp_path / "s.yaml", {**FAST, "model": tiny_model},
+                           {"candidates": [None, "bad.json"]}))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = run_sweep(spec, tmp_path / "out", ray_executor(None), retries=0)
+    finally:
+        ray.shutdown()
+    assert [r["status"] for r in rows] == ["done", "failed"]
