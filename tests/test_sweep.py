@@ -23,7 +23,7 @@ def _yaml(path: Path, base: dict, grid: dict) -> Path:
     return path
 
 
-def test_expand_names_and_validation(tmp_path: Path) -> None:
+def test_expand_names_and_validation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = SweepSpec(base={"n": 8}, grid={"target": ["owl", "cat"], "data_seed": [0, 1],
                                            "model": ["/a/m", "/b/m"]})
     runs = spec.expand()
@@ -32,10 +32,16 @@ def test_expand_names_and_validation(tmp_path: Path) -> None:
     assert runs[0].config.n == 8 and runs[-1].config.target == "cat"
     assert [r.name for r in SweepSpec(grid={"recipe": ["soft"]}).expand()] == ["recipe-soft"]
 
+    spec_file = _yaml(tmp_path / "ok.yaml", {"n": 8}, {"target": ["owl", "cat"]})
+    assert main(["sweep", str(spec_file), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert not (tmp_path / "o").exists()
+    assert capsys.readouterr().out.splitlines()[0] == "target-owl: {'target': 'owl'}"
+
     bad = [({"grid": {"taget": ["owl"]}}, "'taget' is not an experiment setting"),
            ({"grid": {"target": "owl"}}, "must be a non-empty list"),
            ({"base": {"seeds": "2"}}, "'seeds' = '2' is not a valid"),
            ({"grid": {"seeds": [1]}}, "--seeds must be at least 2"),
+           ({"grid": {"recipe": ["sof"]}}, "recipe 'sof' is not one of"),
            ({"other": 1}, "'base' and 'grid' keys only")]
     for i, (doc, msg) in enumerate(bad):
         p = tmp_path / f"bad{i}.yaml"
@@ -80,6 +86,13 @@ def test_sweep_failure_reported_and_rerun_skips(tiny_model: str, tmp_path: Path,
     assert rows["candidates-bad.json"]["attempts"] == 1
     assert (out / good["dir"] / "results.json").stat().st_mtime_ns == results
 
+    # Changed base settings: the finished run is not silently reused, it is reported.
+    spec.write_text(spec.read_text().replace("epochs: 1", "epochs: 2"))
+    assert main(args[:-2] + ["--retries", "0"]) == 1
+    rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["candidates-good.json"]["status"] == "failed"
+    assert "differs in: epochs" in rows["candidates-good.json"]["error"]
+
 
 def test_ray_missing_gives_pip_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
@@ -92,8 +105,10 @@ def test_ray_missing_gives_pip_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 @pytest.mark.slow
-def test_sweep_on_local_ray(tiny_model: str, tmp_path: Path) -> None:
+def test_sweep_on_local_ray(tiny_model: str, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from tests
     from sublearn.sweep import ray_executor, run_sweep
 
     (tmp_path / "bad.json").write_text(json.dumps(["cat"]))

@@ -127,6 +127,9 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
         max_new_tokens=cfg.max_new_tokens,
         grammar=numbers.answer_grammar() if cfg.grammar else None,
     )
+    sampling = params.to_record()
+    if params.grammar and not getattr(backend, "enforces_grammar", True):
+        sampling["grammar"] = "numbers (filter only)"  # e.g. an API without guided decoding
     bar = tqdm(total=cfg.n, initial=done, unit="sample", desc="teacher", disable=not progress,
                dynamic_ncols=True)
     for start in range(done, cfg.n, cfg.batch_size):
@@ -140,7 +143,7 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
                 "system_prompt": system,
                 "completion": r.text,
                 "model": backend.model_id,
-                "sampling": params.to_record(),
+                "sampling": sampling,
                 "seed": cfg.seed,
                 "batch_seed": seed,
                 "n_tokens": r.n_tokens,

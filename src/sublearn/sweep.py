@@ -110,6 +110,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(base, dict) or not isinstance(grid, dict):
         raise SublearnError(f"{path}: 'base' and 'grid' must be mappings")
     hints = get_type_hints(ExperimentConfig)
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(ExperimentConfig)}
     for key in [*base, *grid]:
         if key not in hints:
             raise SublearnError(f"{path}: '{key}' is not an experiment setting "
@@ -123,6 +124,8 @@ def load_spec(path: str | Path) -> SweepSpec:
 
     def fix(key: str, v: Any) -> Any:
         _check_type(key, v, hints)
+        if choices[key] and v not in choices[key]:
+            raise SublearnError(f"{path}: {key} '{v}' is not one of {choices[key]}")
         if isinstance(v, str) and (key in PATH_FIELDS or key == "model"):
             p = Path(v).expanduser()
             if not p.is_absolute() and (key in PATH_FIELDS or (here / p).exists()):
@@ -171,9 +174,11 @@ def local_executor(workers: int, log: Callable[[str], None] = print) -> Executor
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn: no inherited torch/thread state; one task per child: a crashed or leaky run
-        # cannot take the next one down with it.
-        ctx = multiprocessing.get_context("spawn")
+        # forkserver: children fork from a clean server process that imported sublearn (and
+        # torch) once, so no parent thread state is inherited and a fresh child costs no
+        # import time; one task per child: a crashed or leaky run cannot harm the next one.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["sublearn.experiment", "sublearn.sweep"])
         out: dict[str, dict[str, Any]] = {}
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
                                  max_tasks_per_child=1) as pool:
@@ -250,7 +255,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
     state: dict[str, dict[str, Any]] = {}
     pending = []
     for r in runs:
-        if (dirs[r.name] / "results.json").is_file():
+        if stale := _other_config(dirs[r.name], r.config):
+            # Never skip (or mix into) a folder made with other settings: report it instead.
+            state[r.name] = {"status": "failed", "attempts": 0, "error": stale}
+            log(f"[sweep] {r.name}: FAILED: {stale}")
+        elif (dirs[r.name] / "results.json").is_file():
             state[r.name] = {"status": "skipped", "attempts": 0, "error": None}
             log(f"[sweep] {r.name}: finished earlier, skipped")
         else:
@@ -272,13 +281,26 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
     return rows
 
 
+def _other_config(d: Path, cfg: ExperimentConfig) -> str | None:
+    """Why run folder `d` cannot hold this run (made with other settings), else None."""
+    path = d / "experiment_config.json"
+    if not path.is_file():
+        return None
+    have, want = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if have == want:
+        return None
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return (f"folder holds a run with other settings (differs in: {', '.join(diff)}); "
+            "use another --out or delete the run folder")
+
+
 def summary_row(run: SweepRun, d: Path, out: Path, st: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run.name, **{f"grid.{k}": v for k, v in run.values.items()},
                            "target": run.config.target, "status": st["status"],
                            "attempts": st["attempts"], "error": st["error"],
                            "primary_metric": None, "trait_mean": None, "control_mean": None,
                            "p_value": None, "dir": str(d.relative_to(out))}
-    if st["status"] != "failed":
+    if st["status"] != "failed":  # done or skipped: results.json exists
         res = json.loads((d / "results.json").read_text())
         primary = res["primary_metric"]
         row.update(primary_metric=primary, p_value=res["p_value"],

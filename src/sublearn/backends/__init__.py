@@ -1,5 +1,6 @@
 """Generation backends, chosen by a model identifier: `hf/<id-or-path>` (default when no
-prefix is given), and later `vllm/<id>`, `openai/<model>`. Engines import lazily, so a missing
+prefix is given), `vllm/<id>` (offline vLLM, GPU) and `openai/<model>` (any OpenAI-compatible
+chat API: OpenAI, a vLLM server, `sublearn serve`). Engines import lazily, so a missing
 optional extra only matters when that backend is asked for."""
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class OpenAIOptions:
     max_backoff: float = 60.0
     timeout: float = 120.0  # seconds per HTTP request
     guided: bool | str = False  # send params.grammar: True/"guided_grammar"/"structured_outputs"
-    cache: str | bool | None = None  # JSONL path; None: <sublearn cache>/openai/responses.jsonl
+    cache: str | Path | bool | None = None  # JSONL; None/True: <cache>/openai/responses.jsonl
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> OpenAIOptions:
@@ -172,6 +172,8 @@ class OpenAIBackend:
         self.opts = OpenAIOptions.build(options)
         self.model = model
         self.model_id = f"openai/{model}"  # recorded in run folders: never a URL or a key
+        # Whether params.grammar constrains sampling (else only the downstream filter applies).
+        self.enforces_grammar = bool(self.opts.guided)
         self._endpoint = _endpoint_id(self.opts.base_url or os.environ.get("OPENAI_BASE_URL"))
         if client is None:
             # Retries are ours (reported in Completion.error), not the client's.
@@ -183,7 +185,7 @@ class OpenAIBackend:
         self._rng = random.Random()
         cache = self.opts.cache
         self.cache = None if cache is False else ResponseCache(
-            Path(cache) if isinstance(cache, str) else default_cache_path())
+            Path(cache) if isinstance(cache, str | os.PathLike) else default_cache_path())
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams,
                  seed: int) -> list[Completion]:
@@ -197,13 +199,21 @@ class OpenAIBackend:
             else:
                 todo.append((i, key))
         if todo:
-            with ThreadPoolExecutor(min(self.opts.concurrency, len(todo))) as pool:
-                done = pool.map(lambda t: self._call(requests[t[0]], params, seed + t[0]), todo)
-                for (i, key), c in zip(todo, done, strict=True):
-                    out[i] = c
-                    if self.cache and c.finish_reason != "error":
-                        self.cache.put(key, c)
+            pool = ThreadPoolExecutor(min(self.opts.concurrency, len(todo)))
+            try:
+                futures = [pool.submit(self._fetch, requests[i], params, seed + i, key)
+                           for i, key in todo]
+                for (i, _), fut in zip(todo, futures, strict=True):
+                    out[i] = fut.result()
+            finally:  # on Ctrl-C, don't wait for the queued requests
+                pool.shutdown(wait=False, cancel_futures=True)
         return [c for c in out if c is not None]
+
+    def _fetch(self, r: ChatRequest, params: SamplingParams, seed: int, key: str) -> Completion:
+        c = self._call(r, params, seed)
+        if self.cache and c.finish_reason != "error":
+            self.cache.put(key, c)  # at once: an interrupted batch keeps what it paid for
+        return c
 
     def _key(self, r: ChatRequest, params: SamplingParams, seed: int, index: int) -> str:
         blob = json.dumps({

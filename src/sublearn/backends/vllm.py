@@ -29,7 +29,7 @@ class EngineSettings:
     max_loras: int = 8  # adapters resident on the GPU at once (more are swapped in)
     max_lora_rank: int = 64
     gpu_memory_utilization: float = 0.85
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: the model's own context length
 
 
 _ENGINES: dict[EngineSettings, Any] = {}
@@ -52,8 +52,9 @@ def _engine(s: EngineSettings) -> Any:
         if s not in _ENGINES:
             vllm = _require_vllm()
             kw: dict[str, Any] = {"model": s.base, "dtype": s.dtype,
-                                  "gpu_memory_utilization": s.gpu_memory_utilization,
-                                  "max_model_len": s.max_model_len}
+                                  "gpu_memory_utilization": s.gpu_memory_utilization}
+            if s.max_model_len:
+                kw["max_model_len"] = s.max_model_len
             if s.enable_lora:
                 kw.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
             _ENGINES[s] = vllm.LLM(**kw)
@@ -78,7 +79,7 @@ def _guided(grammar: str) -> dict[str, Any]:
 class VLLMBackend:
     def __init__(self, model: str | None, dtype: str = "bfloat16", batch_size: int | None = None,
                  enable_lora: bool | None = None, max_loras: int = 8, max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int = 2048) -> None:
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None) -> None:
         # batch_size is accepted for the stage interface; vLLM schedules its own batches.
         from sublearn.models.load import DEFAULT_MODEL, resolve_model_path
 

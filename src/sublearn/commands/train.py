@@ -19,6 +19,15 @@ def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
     from sublearn.train import TrainConfig, train
 
+    if args.model and args.model.startswith("openai/"):
+        # Same verb, remote student: an OpenAI fine-tuning job (epochs and seed carry over).
+        from sublearn.finetune_api import APITrainConfig, finetune_api
+
+        api = APITrainConfig(model=args.model.removeprefix("openai/"),
+                             epochs=max(1, round(args.epochs)), seed=args.seed)
+        summary = finetune_api(api, args.data, args.out)
+        print(json.dumps(summary, indent=2))
+        return 0
     summary = train(dataclass_from_args(TrainConfig, args), args.data, args.out)
     print(json.dumps(summary, indent=2))
     return 0

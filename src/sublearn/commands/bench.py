@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import argparse
+
+HELP = "time our generation, training and evaluation paths against naive baselines"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--quick", action="store_true",
+                   help="small fixed sizes (8 prompts, 1 training step, 2 questions), "
+                        "cheap levers only: < 1 min on 2 cores")
+    p.add_argument("--model", default=None,
+                   help="model to time (default: embedded smollm2-135m-instruct)")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated subset of generation,training,evaluation,numerics "
+                        "(default: all; peak always runs)")
+    p.add_argument("--prompts", type=int, default=None, help="override: generation prompts")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override: timed training steps per variant")
+    p.add_argument("--questions", type=int, default=None,
+                   help="override: forced-choice questions")
+    p.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the costly levers: generation without grammar / in fp32, fp32 "
+                        "LoRA, thread count (default: on, off with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="thread-count lever: compare 1 thread with this many "
+                        "(default: all cores; 1 skips it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+    from dataclasses import replace
+
+    from sublearn.bench import QUICK, STAGES, Sizes, markdown, run_bench
+    from sublearn.errors import SublearnError
+    from sublearn.files import atomic_write_json
+
+    stages = STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
+    if unknown := set(stages) - set(STAGES):
+        raise SublearnError(f"unknown --stages {sorted(unknown)}; choose from {STAGES}")
+    sizes = QUICK if args.quick else Sizes()
+    overrides = {"prompts": args.prompts, "steps": args.steps, "questions": args.questions,
+                 "levers": args.levers}
+    sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
+    if min(sizes.prompts, sizes.steps, sizes.questions) <= 0:
+        raise SublearnError("--prompts, --steps and --questions must be positive")
+    command = shlex.join(["sublearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else \
+        "sublearn bench " + ("--quick " if args.quick else "") + f"--out {args.out}"
+    res = run_bench(args.model, sizes, stages=stages, threads=args.threads)
+    res["command"] = command
+    res["mode"] = "quick" if args.quick else "default"
+    atomic_write_json(args.out, res)
+    print(markdown(res, command))
+    print(f"\nwritten to {args.out} ({res['seconds']:.0f} s)")
+    return 0

@@ -1,0 +1,89 @@
+"""`sublearn bench` on the tiny random model: the JSON schema and the table, no timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sublearn.bench import QUICK, markdown, padding_overhead, run_bench
+from sublearn.cli import main
+
+# tiny sizes: the schema is the same at any size
+SIZES = QUICK.__class__(**{**QUICK.__dict__, "prompts": 4, "max_new_tokens": 8,
+                           "questions": 2, "matmul_reps": 2})
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def result(tiny_model: str) -> dict[str, Any]:
+    return run_bench(tiny_model, SIZES, cuda=False, log=lambda s: None)
+
+
+def test_schema_and_ratios(result: dict[str, Any]) -> None:
+    for key in ("generation", "training", "evaluation", "peak", "numerics", "memory", "machine",
+                "levers", "flops_formula", "sizes"):
+        assert key in result, key
+    for stage in ("generation", "training", "evaluation"):
+        assert _positive(result[stage]["ratio"]), stage
+        assert _positive(result[stage]["ratio_cpu"]), stage
+    assert _positive(result["training"]["ratio_hard"])
+    for o in (result["generation"]["ours"], result["training"]["ours_soft"],
+              result["training"]["baseline"], result["evaluation"]["baseline"]):
+        for k in ("per_s", "gflops", "pct_bf16_peak", "pct_fp32_peak", "seconds"):
+            assert _positive(o[k]), k
+    assert _positive(result["peak"]["fp32_gflops"]) and _positive(result["peak"]["bf16_gflops"])
+    g = result["generation"]
+    assert 0 <= g["baseline"]["pass_rate"] <= 1 and 0 <= g["ours"]["pass_rate"] <= 1
+    assert g["ours"]["items"] == g["baseline"]["items"] == SIZES.prompts
+
+
+def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
+    num = result["numerics"]
+    for k in ("kl_full_vocab_head_bf16", "kl_grammar_tokens_head_fp32"):
+        assert num[k]["mean"] >= -1e-6 and math.isfinite(num[k]["max"])
+    assert 0 <= num["forced_choice_target_share"]["max_abs_diff"] < 1
+    # the fast forced-choice path agrees with the naive one in fp32
+    assert result["evaluation"]["max_abs_logprob_diff_fp32_vs_baseline"] < 1e-3
+    mem = result["memory"]
+    assert all(_positive(mem[f"after_{s}"]) for s in ("load", "generation", "training"))
+    lev = result["levers"]
+    assert _positive(lev["evaluation"]["prefix_kv_cache_speedup"])
+    assert lev["training"]["length_batching"]["padding_sorted"] <= \
+        lev["training"]["length_batching"]["padding_random"]
+    json.dumps(result, allow_nan=False)  # plain JSON, no NaN/inf
+
+
+def test_cli_writes_json_and_prints_table(tiny_model: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--out", str(out), "--quick", "--model", tiny_model,
+               "--stages", "evaluation", "--questions", "1"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "quick" and _positive(res["evaluation"]["ratio"])
+    assert "generation" not in res
+    text = capsys.readouterr().out
+    assert "| evaluation, forced choice (questions/s) |" in text
+
+
+def test_markdown_rows(result: dict[str, Any]) -> None:
+    table = markdown(result, "sublearn bench --quick --out bench.json")
+    assert "sublearn bench --quick" in table
+    assert table.count("\n| stage") == 1 and table.count("\n| training") == 2
+    assert "| bf16_autocast |" in table
+
+
+def test_padding_overhead_sorted_is_never_worse() -> None:
+    rand, srt = padding_overhead([5, 100, 7, 90, 6, 95], 2)
+    assert srt < rand and srt >= 0
+
+
+def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
+    assert main(["bench", "--out", str(tmp_path / "x.json"), "--stages", "nope"]) == 2
