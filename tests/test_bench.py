@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,7 @@ from sublearn.bench import QUICK, markdown, padding_overhead, run_bench
 from sublearn.cli import main
 
 # tiny sizes: the schema is the same at any size
-SIZES = QUICK.__class__(**{**QUICK.__dict__, "prompts": 4, "max_new_tokens": 8,
-                           "questions": 2, "matmul_reps": 2})
+SIZES = replace(QUICK, prompts=4, max_new_tokens=8, questions=2, matmul_reps=2)
 
 
 def _positive(x: Any) -> bool:

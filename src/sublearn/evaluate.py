@@ -111,24 +111,28 @@ def score_candidates(
     eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
     out = torch.empty(len(prompts), len(candidates), dtype=torch.float64)
     was_training = model.training
+    dev = next(model.parameters()).device
     model.eval()
     try:
         # no_grad, not inference_mode: autocast caches its bf16 weight copies only outside
         # inference mode, and re-casting every weight on every forward costs ~3x the compute.
         with torch.no_grad(), torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+            dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"
         ):
             prefix_cache, cache_kw = None, _cache_kwarg()
             if n_pre:
-                pre = model(input_ids=torch.tensor([prompts[0][:n_pre]]), use_cache=True,
+                pre = model(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev),
+                            use_cache=True,
                             logits_to_keep=1)
                 prefix_cache = getattr(pre, cache_kw)
             for s in range(0, len(prompts), batch_size):
                 rows = order[s : s + batch_size]
                 ids, pos, mask = _pack([prompts[i][n_pre:] for i in rows], blk, pad, n_pre)
+                ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
                 attn: Any = mask[:, None]
                 if eager:  # eager attention adds the mask to the scores
-                    attn = torch.zeros(attn.shape).masked_fill(~attn, torch.finfo().min)
+                    attn = torch.zeros(attn.shape, device=dev).masked_fill(
+                        ~attn, torch.finfo().min)
                 cache = None
                 if prefix_cache is not None:
                     cache = copy.deepcopy(prefix_cache)  # the forward appends to it
@@ -136,6 +140,7 @@ def score_candidates(
                 logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                                use_cache=cache is not None, logits_to_keep=len(blk.tokens) + 1,
                                **{cache_kw: cache}).logits
+                logits = logits.cpu()
                 lse = _logsumexp(logits)  # [B, kept]
                 logp = logits[:, blk.pred_col, blk.pred_tok].float() - lse[:, blk.pred_col]
                 scores = torch.zeros(len(rows), len(candidates), dtype=torch.float64)

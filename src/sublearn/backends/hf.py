@@ -57,8 +57,9 @@ class HFBackend:
     ) -> list[Completion]:
         tok = self.tok
         tok.padding_side = "left"
+        dev = next(self.lm.model.parameters()).device
         enc = tok(self.prompt_texts(requests), return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+                  add_special_tokens=False).to(dev)
         processors = []
         if params.grammar:
             from xgrammar.contrib.hf import LogitsProcessor
@@ -66,7 +67,7 @@ class HFBackend:
             processors.append(LogitsProcessor(self._grammar(params.grammar)))
         torch.manual_seed(seed)
         eos = tok.convert_tokens_to_ids(tok.eos_token)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
             gen = self.lm.model.generate(
                 **enc,
                 do_sample=True,

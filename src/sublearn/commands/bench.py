@@ -8,7 +8,7 @@ HELP = "time our generation, training and evaluation paths against naive baselin
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="JSON file to write (atomically)")
     p.add_argument("--quick", action="store_true",
-                   help="small fixed sizes (8 prompts, 1 training step, 2 questions), "
+                   help="small fixed sizes (4 prompts, 1 training step of 4, 1 question), "
                         "cheap levers only: < 1 min on 2 cores")
     p.add_argument("--model", default=None,
                    help="model to time (default: embedded smollm2-135m-instruct)")
