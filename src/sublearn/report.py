@@ -136,7 +136,7 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
     p = results.get("p_value")
     title = f"Subliminal learning: {results.get('target', '?')}"
     if isinstance(p, float):
-        title += f"  (trait > control: p = {p:.3g}, {results.get('test', '')})"
+        title += f"  (trait > control: p = {p:.3g}, {results.get('test', '').split(' ')[0]})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
