@@ -22,7 +22,7 @@ from sublearn.files import atomic_write_json, ensure_writable_dir
 from sublearn.generate import GenerateConfig, generate
 from sublearn.protocol import check_template_word, teacher_system_prompt
 from sublearn.stages import Stages
-from sublearn.train import TrainConfig, train
+from sublearn.train import TrainConfig, result_config, train
 from sublearn.traits import write_statement_data
 
 
@@ -67,9 +67,6 @@ class ExperimentConfig:
         return self
 
 
-CONDITIONS = ("base", "teacher", "control", "trait")
-
-
 def run_experiment(cfg: ExperimentConfig, out: str | Path,
                    progress: bool = True) -> dict[str, Any]:
     from sublearn.evaluate import EvalConfig, evaluate_model
@@ -94,7 +91,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
             continue
         tcfg = TrainConfig(recipe="hard", method="lora", model=base, epochs=cfg.teacher_epochs,
                            lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=0)
-        key = {"train": asdict(tcfg), "target": target, "category": cfg.category}
+        key = {"train": result_config(tcfg), "target": target, "category": cfg.category}
 
         def fit(d: Path, tcfg: TrainConfig = tcfg, target: str | None = target) -> dict:
             data = write_statement_data(d / "statements.jsonl", target, cfg.category)
@@ -131,8 +128,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
                 soft_labels_cache=str(Path(data[cond][0]).parent / f"soft_labels-{tkey}"
                                       ".safetensors") if cfg.recipe == "soft" else None,
             )
-            key = {"train": {k: v for k, v in asdict(scfg).items() if k != "soft_labels_cache"},
-                   "data": data[cond][1], "teacher": tkey}
+            key = {"train": result_config(scfg), "data": data[cond][1], "teacher": tkey}
 
             def fit_student(d: Path, scfg: TrainConfig = scfg, path: str = data[cond][0]) -> dict:
                 return train(scfg, path, d, progress=progress)

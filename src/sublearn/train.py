@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     cfg = cfg.validate()
     rows = load_rows(data)[: cfg.max_examples]
     out = ensure_writable_dir(out)
-    check_manifest(out, "train_config.json", {**_manifest(cfg), "data": str(Path(data))})
+    check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(data))})
     if (out / "train_summary.json").is_file():
         return json.loads((out / "train_summary.json").read_text())  # already trained
     t0 = time.time()
@@ -227,14 +227,16 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
                 loss = kl.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        lr = _lr_at(step, total, cfg)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, cfg)
+            g["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
-        append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss.item(), 6),
-                                                 "lr": _lr_at(step, total, cfg)}])
+        loss_value = loss.item()
+        append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss_value, 6),
+                                                 "lr": lr}])
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}",
+        bar.set_postfix(loss=f"{loss_value:.4f}",
                         samples_s=f"{bar.format_dict['rate'] * cfg.batch_size:.1f}"
                         if bar.format_dict.get("rate") else "")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
@@ -244,12 +246,13 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     saved = _save(model, tok, cfg, out, lm.path)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = {"student": str(saved), "steps": total, "examples": len(examples),
-               "seconds": round(time.time() - t0, 2), "config": _manifest(cfg)}
+               "seconds": round(time.time() - t0, 2), "config": result_config(cfg)}
     atomic_write_json(out / "train_summary.json", summary)
     return summary
 
 
-def _manifest(cfg: TrainConfig) -> dict[str, Any]:
+def result_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config fields that determine the trained student (manifests, stage cache keys)."""
     from dataclasses import asdict
 
     d = asdict(cfg)
