@@ -46,7 +46,8 @@ def test_schema_and_ratios(result: dict[str, Any]) -> None:
 
 def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
     num = result["numerics"]
-    for k in ("kl_full_vocab_head_bf16", "kl_grammar_tokens_head_fp32"):
+    for k in ("kl_full_vocab_head_bf16", "kl_grammar_tokens_head_fp32",
+              "kl_generation_bf16_weights_full_vocab", "kl_generation_bf16_weights_grammar_tokens"):
         assert num[k]["mean"] >= -1e-6 and math.isfinite(num[k]["max"])
     assert 0 <= num["forced_choice_target_share"]["max_abs_diff"] < 1
     # the fast forced-choice path agrees with the naive one in fp32
@@ -77,7 +78,7 @@ def test_markdown_rows(result: dict[str, Any]) -> None:
     table = markdown(result, "sublearn bench --quick --out bench.json")
     assert "sublearn bench --quick" in table
     assert table.count("\n| stage") == 1 and table.count("\n| training") == 2
-    assert "| bf16_autocast |" in table
+    assert "| bf16 |" in table and "| decode_loop |" in table
 
 
 def test_padding_overhead_sorted_is_never_worse() -> None:

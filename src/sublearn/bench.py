@@ -4,7 +4,8 @@ Every figure is timed against its baseline in the same run, on the same inputs, 
 warm-up. On a shared machine read the CPU-time ratios too (training steps are interleaved;
 the load average is recorded). Stages:
 
-  generation  HFBackend (bf16 autocast + numbers grammar) vs `generate` in fp32, unconstrained
+  generation  HFBackend (bf16 weights, numbers grammar, our decoding loop: hf_decode) vs
+              `generate` in fp32, unconstrained
   training    our LoRA steps (answer positions only, soft or hard labels, bf16 autocast) vs full
               fine-tuning in fp32 with `model(input_ids, labels=...)` and AdamW
   evaluation  `score_candidates` (one packed forward per batch, shared prefix) vs one fp32
@@ -255,6 +256,23 @@ def hf_generate(model: Any, tok: Any, texts: list[str], *, seed: int, batch: int
     return out
 
 
+def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
+              cols: int | None) -> tuple[int, int, int | None]:
+    """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
+    shared prefix runs once per batch, rows leave when their answer ends."""
+    from sublearn.backends.hf_decode import shared_prefix
+
+    tokens = rows = 0
+    for s in range(0, len(texts), batch):
+        ids = [tok(t, add_special_tokens=False).input_ids for t in texts[s : s + batch]]
+        chunk = comps[s : s + batch]
+        n_pre = shared_prefix(ids)
+        steps = [c.n_tokens + (c.finish_reason == "stop") for c in chunk]
+        tokens += n_pre + len(ids) * (max(map(len, ids)) - n_pre) + sum(steps) - len(steps)
+        rows += sum(steps)
+    return tokens, rows, cols
+
+
 def generation_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
                     max_new_tokens: int) -> tuple[int, int]:
     """(tokens through the body, LM-head rows) of batched `generate`: each batch runs until its
@@ -269,7 +287,7 @@ def generation_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
     return tokens, rows
 
 
-def _gen_summary(comps: list[Any], seconds: float, cpu: float, work: tuple[int, int],
+def _gen_summary(comps: list[Any], seconds: float, cpu: float, work: tuple[int, ...],
                  arch: Arch, peak: dict[str, Any]) -> dict[str, Any]:
     from sublearn.domains.numbers import reject_reason
 
@@ -295,27 +313,43 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
     grammar = answer_grammar()
     kw = {"batch": sizes.batch, "max_new_tokens": sizes.max_new_tokens, "device": device}
 
+    backends: dict[bool, HFBackend] = {}
+
+    def backend(bf16: bool) -> HFBackend:
+        if bf16 not in backends:  # bf16: a bf16 copy of the weights, made once
+            backends[bf16] = HFBackend(None, dtype="bfloat16" if bf16 else "float32",
+                                       batch_size=sizes.batch, loaded=lm)
+        return backends[bf16]
+
     def ours(bf16: bool = True, constrained: bool = True) -> Callable[[int, int], list[Any]]:
-        if device.type == "cpu":  # the real code path
-            be = HFBackend(None, dtype="bfloat16" if bf16 else "float32",
-                           batch_size=sizes.batch, loaded=lm)
-            return lambda n, new: be.generate(reqs[:n], SamplingParams(
-                max_new_tokens=new, grammar=grammar if constrained else None), SEED)
-        g = _compiled_grammar(lm, grammar) if constrained else None
-        return lambda n, new: hf_generate(lm.model, tok, texts[:n], seed=SEED, bf16=bf16,
-                                          grammar=g, **{**kw, "max_new_tokens": new})
+        be = backend(bf16)  # the real code path
+        return lambda n, new: be.generate(reqs[:n], SamplingParams(
+            max_new_tokens=new, grammar=grammar if constrained else None), SEED)
 
     def baseline(n: int, new: int) -> list[Any]:
         return hf_generate(lm.model, tok, texts[:n], seed=SEED,
                            **{**kw, "max_new_tokens": new})
 
-    def run(fn: Callable[[int, int], list[Any]], n: int = len(texts)) -> dict[str, Any]:
+    def hf_bf16_grammar(n: int, new: int) -> list[Any]:
+        """transformers `generate` on our bf16 weights with xgrammar's logits processor:
+        what our own decoding loop replaces."""
+        return hf_generate(backend(True).model, tok, texts[:n], seed=SEED,
+                           grammar=_compiled_grammar(lm, grammar),
+                           **{**kw, "max_new_tokens": new})
+
+    def run(fn: Callable[[int, int], list[Any]], n: int = len(texts), loop: bool = True,
+            constrained: bool = True) -> dict[str, Any]:
         fn(2, 4)  # warm-up: kernels, grammar compilation
         comps, s, cpu = clocked(lambda: fn(n, sizes.max_new_tokens), device)
-        work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
+        if loop:  # our loop: rows leave the batch, the head covers the grammar's tokens
+            sub = backend(True)._subsets.get(grammar) if constrained else None
+            cols = len(sub.ids) if sub is not None else None
+            work = loop_work(tok, texts[:n], comps, sizes.batch, cols)
+        else:
+            work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
         return _gen_summary(comps, s, cpu, work, arch, peak)
 
-    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(baseline)}
+    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(baseline, loop=False)}
     o, b = res["ours"], res["baseline"]
     res.update(ratio=o["per_s"] / b["per_s"], tokens_ratio=o["tokens_per_s"] / b["tokens_per_s"],
                ratio_cpu=b["cpu_seconds"] / o["cpu_seconds"],
@@ -329,27 +363,31 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
         n = min(len(texts), max(2, sizes.batch // 2))
         ref = o if n == len(texts) else run(ours(), n)
         res["levers"].update(generation_levers(
-            ref, run(ours(bf16=False), n), run(ours(constrained=False), n)))
+            ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False),
+            run(hf_bf16_grammar, n, loop=False)))
         res["levers"]["prompts"] = n
         res["levers"]["prefix_kv_cache"] = prefix_cache_lever(lm, texts[:n], device,
                                                               ref["seconds"])
     return res
 
 
-def generation_levers(ref: dict[str, Any], fp32: dict[str, Any],
-                      free: dict[str, Any]) -> dict[str, Any]:
-    """bf16 autocast (vs fp32, both constrained) and the grammar (vs unconstrained, both
-    bf16): speed-up in samples/s, and in strict-filter-passing samples/s for the grammar."""
+def generation_levers(ref: dict[str, Any], fp32: dict[str, Any], free: dict[str, Any],
+                      hf: dict[str, Any]) -> dict[str, Any]:
+    """bf16 weights (vs fp32, both constrained), the grammar (vs unconstrained, both bf16;
+    also in strict-filter-passing samples/s) and our decoding loop (vs `generate` with the
+    same weights and grammar): speed-up in samples/s."""
     keys = ("per_s", "tokens_per_s", "pass_rate", "passing_per_s", "mean_tokens", "gflops",
             "seconds")
     return {
         "ours_on_these_prompts": {k: ref[k] for k in keys},
         "fp32_with_grammar": {k: fp32[k] for k in keys},
         "bf16_no_grammar": {k: free[k] for k in keys},
-        "bf16_autocast_speedup": ref["per_s"] / fp32["per_s"],
+        "hf_generate_bf16_grammar": {k: hf[k] for k in keys},
+        "bf16_speedup": ref["per_s"] / fp32["per_s"],
         "grammar_speedup": ref["per_s"] / free["per_s"],
         "grammar_passing_speedup": ref["passing_per_s"] / free["passing_per_s"]
         if free["passing_per_s"] else None,
+        "decode_loop_speedup": ref["per_s"] / hf["per_s"],
     }
 
 
@@ -691,9 +729,10 @@ def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any],
 
 @torch.no_grad()
 def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> dict[str, Any]:
-    """fp32 vs bf16-autocast teacher next-token distributions at the answer positions of n
-    prompts: full vocabulary with the head in bf16 (what generation samples from), and over
-    the grammar's tokens with the head in fp32 (the soft labels, as teacher_soft_labels)."""
+    """fp32 vs bf16 teacher next-token distributions at the answer positions of n prompts:
+    under autocast, full vocabulary with the head in bf16 and over the grammar's tokens with
+    the head in fp32 (the soft labels, as teacher_soft_labels); with bf16 weights (what
+    generation samples from), full vocabulary and grammar tokens."""
     from sublearn.train import _core
 
     ex = data.examples[:n]
@@ -708,14 +747,23 @@ def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> di
     vid = data.vocab_ids.to(device)
     mask = torch.cat(data.masks[:n]).to(device)
 
-    def restricted(h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax((h.float() @ head[vid].float().T).masked_fill(~mask, -math.inf),
-                                 -1)
+    def restricted(h: torch.Tensor, w: torch.Tensor = head) -> torch.Tensor:
+        return torch.log_softmax((h @ w[vid].T).float().masked_fill(~mask, -math.inf), -1)
 
-    soft = _kl(restricted(h32), restricted(h16), mask)
+    soft = _kl(restricted(h32), restricted(h16.float()), mask)
+    # generation samples from a bf16 copy of the weights (HFBackend), not from autocast
+    bf16 = copy.deepcopy(_core(lm.model)).to(torch.bfloat16)
+    hb = _answer_hidden(bf16, seqs, pad, device)
+    weights = _kl(torch.log_softmax(h32 @ head.T, -1),
+                  torch.log_softmax((hb @ bf16.get_output_embeddings().weight.T).float(), -1))
+    gen_grammar = _kl(restricted(h32), restricted(hb, bf16.get_output_embeddings().weight), mask)
+    del bf16
     return {"prompts": len(ex), "answer_positions": int(h32.shape[0]),
             "kl_full_vocab_head_bf16": full, "kl_grammar_tokens_head_fp32": soft,
-            "note": "KL(fp32 || bf16) in nats per answer position"}
+            "kl_generation_bf16_weights_full_vocab": weights,
+            "kl_generation_bf16_weights_grammar_tokens": gen_grammar,
+            "note": "KL(fp32 || bf16) in nats per answer position; autocast (training soft "
+                    "labels, evaluation) and bf16 weights (generation, HFBackend)"}
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None
@@ -833,11 +881,12 @@ def lever_summary(levers: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     pre = g.get("prefix_kv_cache", {})
     lb_g, lb_t = g.get("length_batching", {}), t.get("length_batching", {})
     return {
-        "bf16_autocast": {"generation": g.get("bf16_autocast_speedup"),
+        "bf16": {"generation": g.get("bf16_speedup"),
                           "training": t.get("bf16_autocast_speedup"),
                           "evaluation": e.get("bf16_autocast_speedup")},
         "grammar": {"generation": g.get("grammar_speedup"),
                     "generation_passing_samples": g.get("grammar_passing_speedup")},
+        "decode_loop": {"generation": g.get("decode_loop_speedup")},
         "prefix_kv_cache": {"generation_prefill": pre.get("prefill_speedup"),
                             "generation_est": pre.get("est_generation_speedup"),
                             "evaluation": e.get("prefix_kv_cache_speedup")},

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from sublearn.backends.base import ChatRequest, Completion, SamplingParams
+from sublearn.backends.hf_decode import VocabSubset, sample
 from sublearn.models import load_model
 
 
 class HFBackend:
+    """A transformers causal LM sampled by `hf_decode.sample`. dtype "bfloat16" runs a bf16
+    copy of the weights (AMX on recent CPUs; `sublearn bench` reports the KL to fp32)."""
+
+    enforces_grammar = True
+
     def __init__(
         self,
         model: str | None,
@@ -18,20 +25,26 @@ class HFBackend:
         batch_size: int = 64,
         loaded: Any = None,
     ) -> None:
-        self.lm = loaded or load_model(model, dtype="float32")
+        self.lm = loaded or load_model(model, dtype=dtype)
         self.model_id = self.lm.model_id
         self.dtype = dtype
         self.batch_size = batch_size
         self.tok = self.lm.tokenizer
+        want = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        model_dtype = next(self.lm.model.parameters()).dtype
+        # a model shared with fp32 stages (bench, tests) gets its own bf16 copy
+        self.model = self.lm.model if model_dtype == want else copy.deepcopy(self.lm.model).to(want)
         self._compiled: dict[str, Any] = {}
+        self._subsets: dict[str, VocabSubset] = {}
 
     def _grammar(self, ebnf: str) -> Any:
         if ebnf not in self._compiled:
             import xgrammar as xgr
 
-            vocab = self.lm.model.get_output_embeddings().weight.shape[0]
+            vocab = self.model.get_output_embeddings().weight.shape[0]
             info = xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=vocab)
             self._compiled[ebnf] = xgr.GrammarCompiler(info).compile_grammar(ebnf)
+            self._subsets[ebnf] = VocabSubset()
         return self._compiled[ebnf]
 
     def prompt_texts(self, requests: list[ChatRequest]) -> list[str]:
@@ -40,9 +53,6 @@ class HFBackend:
             for r in requests
         ]
 
-    # no_grad, not inference_mode: autocast's cache of bf16 weight copies only works outside
-    # inference mode; without it every decoding step re-casts all weights.
-    @torch.no_grad()
     def generate(
         self, requests: list[ChatRequest], params: SamplingParams, seed: int
     ) -> list[Completion]:
@@ -56,38 +66,25 @@ class HFBackend:
         self, requests: list[ChatRequest], params: SamplingParams, seed: int
     ) -> list[Completion]:
         tok = self.tok
-        tok.padding_side = "left"
-        dev = next(self.lm.model.parameters()).device
-        enc = tok(self.prompt_texts(requests), return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(dev)
-        processors = []
-        if params.grammar:
-            from xgrammar.contrib.hf import LogitsProcessor
-
-            processors.append(LogitsProcessor(self._grammar(params.grammar)))
-        torch.manual_seed(seed)
-        eos = tok.convert_tokens_to_ids(tok.eos_token)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
-            gen = self.lm.model.generate(
-                **enc,
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=0,  # sample from the full distribution, as the paper does at T=1
-                max_new_tokens=params.max_new_tokens,
-                logits_processor=processors,
-                eos_token_id=eos,
-                pad_token_id=tok.pad_token_id,
+        prompts = [tok(t, add_special_tokens=False).input_ids for t in self.prompt_texts(requests)]
+        grammar = self._grammar(params.grammar) if params.grammar else None
+        rows = sample(
+            self.model,
+            prompts,
+            pad_id=tok.pad_token_id,
+            stop_ids={tok.convert_tokens_to_ids(tok.eos_token)},
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=seed,
+            compiled_grammar=grammar,
+            subset=self._subsets.get(params.grammar) if params.grammar else None,
+        )
+        return [
+            Completion(
+                text=tok.decode(ids, skip_special_tokens=True),
+                n_tokens=len(ids),
+                finish_reason="stop" if stopped else "length",
             )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        results = []
-        for row in new.tolist():
-            n = row.index(eos) if eos in row else len(row)
-            results.append(
-                Completion(
-                    text=tok.decode(row[:n], skip_special_tokens=True),
-                    n_tokens=n,
-                    finish_reason="stop" if n < len(row) else "length",
-                )
-            )
-        return results
+            for ids, stopped in rows
+        ]

@@ -1,0 +1,196 @@
+"""Batched ancestral sampling for HFBackend, written for the CPU: the same distribution as
+transformers `generate(do_sample=True)` with a grammar logits processor, at a fraction of
+the cost (measured by `sublearn bench`). What it does differently, and why:
+
+- a preallocated KV cache (transformers' StaticCache): the default DynamicCache re-copies the
+  whole cache at every step, which was half of the decode time on the CPU;
+- rows leave the batch when their answer ends: number answers vary from 2 to 50 tokens, and
+  a batch otherwise decodes until its longest answer ends;
+- with a grammar, logits are computed only for the tokens the grammar has allowed so far
+  (a few hundred of the 49k vocabulary): masked tokens get probability zero anyway, so
+  dropping them from the softmax changes nothing. The set grows whenever the grammar allows
+  a token outside it, so it is exact for any grammar.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+_MIN_SHARED_PREFIX = 8  # below this, copying the prefix's cache costs more than it saves
+
+
+@dataclass
+class VocabSubset:
+    """Tokens a grammar has allowed so far, with their rows of the LM head."""
+
+    ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    words: np.ndarray | None = None  # the same set as an xgrammar bitmask row (int32 words)
+
+    def cover(self, bitmask: np.ndarray) -> bool:
+        """Grow to include every token allowed in `bitmask` [rows, words]; True if it grew."""
+        union = np.bitwise_or.reduce(bitmask, axis=0)
+        if self.words is not None and not np.any(union & ~self.words):
+            return False
+        self.words = union if self.words is None else self.words | union
+        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")
+        self.ids = torch.from_numpy(np.flatnonzero(bits).astype(np.int64))
+        return True
+
+    def allowed(self, bitmask: np.ndarray) -> torch.Tensor:
+        """Bool [rows, len(ids)]: which subset tokens each row's bitmask allows."""
+        ids = self.ids.numpy()
+        words = bitmask[:, ids >> 5]
+        return torch.from_numpy(((words >> (ids & 31)) & 1).astype(bool))
+
+
+def _static_cache(config: Any, max_len: int) -> Any:
+    """StaticCache whose full-attention layers attend over the filled part only."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    class FilledLayer(StaticLayer):
+        # StaticLayer returns (and masks) all max_len slots every step; on the CPU the
+        # attention over empty slots cost a fifth of the decode time.
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            n = int(self.cumulative_length)
+            return keys[:, :, :n], values[:, :, :n]
+
+        def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+            return int(self.cumulative_length) + query_length, 0
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [FilledLayer(max_len) if type(layer) is StaticLayer else layer
+                    for layer in cache.layers]
+    return cache
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prompts' common prefix worth running once (0 if too short to pay)."""
+    n = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+    return n if n >= _MIN_SHARED_PREFIX and len(prompts) > 1 else 0
+
+
+def _decoder(model: Any) -> Any:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _cache_kw() -> str:
+    from sublearn.evaluate import _cache_kwarg
+
+    return _cache_kwarg()
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float,
+          gen: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / T), nucleus-truncated as transformers does.
+    Inverse-CDF over columns in token-id order: extra masked columns (a grown subset) leave
+    every draw unchanged, so a seed gives the same answers however the subset was grown."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=gen, dtype=torch.float64) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # u can land on the last cumulative value by rounding: step back to a token with mass
+    return torch.minimum(picked, (probs > 0).cumsum(-1).argmax(-1))
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    stop_ids: set[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    compiled_grammar: Any = None,
+    subset: VocabSubset | None = None,
+) -> list[tuple[list[int], bool]]:
+    """Sample one continuation per prompt; returns (new token ids without the stop token,
+    stopped). `subset` (with a grammar) carries the grown token set across calls."""
+    dev = next(model.parameters()).device
+    n = len(prompts)
+    body, head = _decoder(model), model.get_output_embeddings().weight
+    # The chat template and system prompt are shared: run them once, copy their KV to all rows.
+    n_pre = shared_prefix(prompts)
+    suffixes = [p[n_pre:] for p in prompts]
+    width = max(map(len, suffixes))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, n_pre + width), dtype=torch.long)
+    mask[:, :n_pre] = 1
+    for i, p in enumerate(suffixes):  # left padding: every row's next token is at the end
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, n_pre + width - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _static_cache(model.config, n_pre + width + max_new_tokens)
+    kw = {_cache_kw(): cache, "use_cache": True}
+    if n_pre:
+        body(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev), **kw)
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(n, -1, -1, -1).contiguous()
+            layer.values = layer.values.expand(n, -1, -1, -1).contiguous()
+
+    matchers, bitmask = None, None
+    if compiled_grammar is not None:
+        import xgrammar as xgr
+
+        matchers = [xgr.GrammarMatcher(compiled_grammar) for _ in range(n)]
+        bitmask = xgr.allocate_token_bitmask(n, head.shape[0])
+        subset = subset if subset is not None else VocabSubset()
+    gen = torch.Generator().manual_seed(seed)
+
+    out: list[list[int]] = [[] for _ in range(n)]
+    stopped = [False] * n
+    live = list(range(n))  # batch row -> prompt index
+    h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+             position_ids=pos[:, n_pre:].to(dev), **kw).last_hidden_state[:, -1]
+    for step in range(max_new_tokens):
+        if matchers is None:
+            logits = (h @ head.T).float().cpu()
+        else:
+            for row, i in enumerate(live):
+                matchers[i].fill_next_token_bitmask(bitmask, row)
+            bits = bitmask[: len(live)].numpy()
+            subset.cover(bits)
+            w = head[subset.ids.to(dev)]
+            logits = (h @ w.T).float().cpu().masked_fill(~subset.allowed(bits), -torch.inf)
+        tokens = _pick(logits, temperature, top_p, gen).tolist()
+        keep = []
+        for row, i in enumerate(live):
+            t = tokens[row] if matchers is None else int(subset.ids[tokens[row]])
+            if matchers is not None:
+                matchers[i].accept_token(t)
+            if t in stop_ids or (matchers is not None and matchers[i].is_terminated()):
+                stopped[i] = True
+                continue
+            out[i].append(t)
+            keep.append(row)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):  # drop finished rows from the cache and the batch
+            sel = torch.tensor(keep, device=dev)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, sel)
+                layer.values = layer.values.index_select(0, sel)
+            mask, pos = mask[keep], pos[keep]
+            live = [live[r] for r in keep]
+        nxt = torch.tensor([out[i][-1] for i in live]).unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], 1)
+        pos = pos[:, -1:] + 1
+        h = body(input_ids=nxt.to(dev), attention_mask=mask.to(dev),
+                 position_ids=pos.to(dev), **kw).last_hidden_state[:, -1]
+    return [(o, s) for o, s in zip(out, stopped, strict=True)]
