@@ -255,3 +255,37 @@ def test_cli_writes_scores(tiny_model, three_questions, tmp_path, capsys) -> Non
     rc = main(["evaluate", "--model", str(tmp_path / "no-such-student"), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "model path not found" in err and "\n" not in err
+
+
+class _MultiAdapterFake:
+    """A vLLM-like backend: answers name the animal its adapter was 'trained' on."""
+
+    model_id = "fake-base"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, requests, params, seed):
+        return self.generate_multi([None] * len(requests), requests, params, seed)
+
+    def generate_multi(self, adapters, requests, params, seed):
+        from sublearn.backends.base import Completion
+
+        self.calls += 1
+        said = {"owl-student": "Owl!", "cat-student": "Cats.", None: "Dog"}
+        return [Completion(said[a], 2, "stop") if i % 5 else Completion("", 0, "error")
+                for i, a in enumerate(adapters)]
+
+
+def test_sampled_rates_many_adapters_one_call_per_question() -> None:
+    from sublearn.evaluate import sampled_rate, sampled_rates
+
+    be = _MultiAdapterFake()
+    qs = ["q1", "q2", "q3"]
+    res = sampled_rates(be, ["owl-student", "cat-student", None], qs, "owl", 5)
+    assert be.calls == len(qs)  # every adapter in one engine call per question
+    assert [r["rate"] for r in res] == [1.0, 0.0, 0.0]
+    assert [r["model"] for r in res] == ["owl-student", "cat-student", "fake-base"]
+    assert res[0]["errors"] == 3  # one failed request per question: left out, not a miss
+    alone = sampled_rate(be, qs, "owl", 5)
+    assert alone["rate"] == 0.0 and alone["per_question_rate"] == [0.0] * 3

@@ -202,3 +202,34 @@ def test_serve_cli_port_zero(tiny_model: str) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_sampled_evaluation_through_the_api(server: ChatServer, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    from sublearn.errors import SublearnError
+    from sublearn.evaluate import EvalConfig, evaluate_model, summary_line
+
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("SUBLEARN_OPENAI_BACKOFF", "0")
+    qfile = tmp_path / "q.json"
+    qfile.write_text(json.dumps(["Name your favorite animal.", "Which animal do you like?"]))
+    cfg = EvalConfig(target="owl", questions=str(qfile), samples=4, max_new_tokens=4)
+    n = server.stats.chat_requests
+    res = evaluate_model("openai/tiny", cfg)
+    s = res["sampled"]
+    assert res["model"] == "openai/tiny" and "forced_choice" not in res
+    assert s["errors"] == 0 and len(s["per_question_rate"]) == 2 and 0 <= s["rate"] <= 1
+    assert server.stats.chat_requests > n  # answered by the server, not locally
+    assert "sampled rate" in summary_line(res)
+    with pytest.raises(SublearnError, match="forced choice needs local weights"):
+        evaluate_model("openai/tiny", EvalConfig(target="owl"))
+    # failed requests are counted, not scored as misses
+    monkeypatch.setenv("SUBLEARN_OPENAI_MAX_RETRIES", "0")
+    monkeypatch.setenv("SUBLEARN_OPENAI_CACHE", "false")
+    server.fail_every = 2
+    try:
+        flaky = evaluate_model("openai/tiny", cfg)["sampled"]
+    finally:
+        server.fail_every = 0
+    assert flaky["errors"] > 0
+    assert all(r is None or 0 <= r <= 1 for r in flaky["per_question_rate"])

@@ -366,8 +366,8 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
             ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False),
             run(hf_bf16_grammar, n, loop=False)))
         res["levers"]["prompts"] = n
-        res["levers"]["prefix_kv_cache"] = prefix_cache_lever(lm, texts[:n], device,
-                                                              ref["seconds"])
+        res["levers"]["prefix_kv_cache"] = prefix_cache_lever(
+            replace(lm, model=backend(True).model), texts[:n], device, ref["seconds"])
     return res
 
 
@@ -427,7 +427,7 @@ def padding_overhead(lens: list[int], batch: int) -> tuple[float, float]:
 def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
                        gen_seconds: float) -> dict[str, Any]:
     """Prefill of one generation batch with and without reusing the KV cache of the prompts'
-    shared chat prefix (the default system turn), bf16 autocast as in HFBackend."""
+    shared chat prefix (the default system turn), in bf16 as in HFBackend."""
     from sublearn.evaluate import _cache_kwarg
 
     tok, model = lm.tokenizer, lm.model
@@ -454,7 +454,7 @@ def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
         return model(input_ids=suf.to(device), attention_mask=mask, position_ids=pos,
                      use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
-    with _autocast(device, True):
+    with _autocast(device, next(model.parameters()).dtype == torch.float32):
         ref = model(**full, use_cache=True, logits_to_keep=1).logits  # warm-up + reference
         got = cached()
         _, t_full = timed(lambda: model(**full, use_cache=True, logits_to_keep=1), device)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import SublearnError
 from sublearn.questions import VARIANTS, load_candidates, load_questions
 
@@ -283,50 +284,67 @@ def mention_pattern(target: str) -> re.Pattern[str]:
 
 
 def sampled_rate(
-    model: Any, tokenizer: Any, questions: Sequence[str], target: str, n: int, *,
+    backend: Backend, questions: Sequence[str], target: str, n: int, *,
     system_prompt: str | None = None, seed: int = 0, max_new_tokens: int = 16,
-    dtype: str = "bfloat16", batch_size: int = 64,
 ) -> dict[str, Any]:
     """The paper's metric: n answers per question at T=1 (full distribution), share naming the
-    target. Each question's draws are seeded by (seed, question index) alone."""
-    import torch
-
+    target. Each question's draws are seeded by (seed, question index) alone. Any backend:
+    local (HFBackend), an OpenAI-compatible API, vLLM."""
     t0 = time.perf_counter()
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    answers = [backend.generate([ChatRequest(q, system_prompt)] * n, params,
+                                seed=seed * 1_000_003 + qi) for qi, q in enumerate(questions)]
+    return _rate(answers, target, n, backend.model_id, t0)
+
+
+def sampled_rates(
+    backend: Backend, adapters: Sequence[str | None], questions: Sequence[str], target: str,
+    n: int, *, system_prompt: str | None = None, seed: int = 0, max_new_tokens: int = 16,
+) -> list[dict[str, Any]]:
+    """`sampled_rate` for many LoRA students of one base model (None = the base itself).
+    With `generate_multi` (vLLM) every student is sampled in one engine call per question;
+    otherwise each adapter is loaded in turn with `with_adapter`."""
+    if not hasattr(backend, "generate_multi"):
+        if not hasattr(backend, "with_adapter"):
+            raise SublearnError(f"{backend.model_id}: this backend cannot switch adapters; "
+                                "evaluate each student with its own --model")
+        return [sampled_rate(backend.with_adapter(a), questions, target, n,
+                             system_prompt=system_prompt, seed=seed,
+                             max_new_tokens=max_new_tokens) for a in adapters]
+    t0 = time.perf_counter()
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    per_adapter: list[list[list[Completion]]] = [[] for _ in adapters]
+    for qi, q in enumerate(questions):
+        comps = backend.generate_multi([a for a in adapters for _ in range(n)],
+                                       [ChatRequest(q, system_prompt)] * (n * len(adapters)),
+                                       params, seed * 1_000_003 + qi)
+        for i in range(len(adapters)):
+            per_adapter[i].append(comps[i * n : (i + 1) * n])
+    return [_rate(ans, target, n, str(a) if a else backend.model_id, t0)
+            for a, ans in zip(adapters, per_adapter, strict=True)]
+
+
+def _rate(answers: list[list[Completion]], target: str, n: int, model_id: str,
+          t0: float) -> dict[str, Any]:
+    """Share of answers naming the target, per question and overall. Failed requests (API
+    errors) are counted and left out of the denominator, never scored as misses."""
     pat = mention_pattern(target)
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    per_q: list[float] = []
-    examples: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        # no_grad, not inference_mode: see score_candidates (autocast weight cache).
-        with torch.no_grad(), torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"
-        ):
-            for qi, q in enumerate(questions):
-                p = prompt_ids(tokenizer, q, system_prompt)
-                hits = 0
-                torch.manual_seed(seed * 1_000_003 + qi)
-                for s in range(0, n, batch_size):
-                    ids = torch.tensor([p] * min(batch_size, n - s))
-                    gen = model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                        eos_token_id=eos, pad_token_id=pad,
-                    )
-                    texts = tokenizer.batch_decode(gen[:, len(p) :], skip_special_tokens=True)
-                    hits += sum(bool(pat.search(t)) for t in texts)
-                    if qi == 0 and s == 0:
-                        examples = [t.strip() for t in texts[:10]]
-                per_q.append(hits / n)
-    finally:
-        model.train(was_training)
+    per_q: list[float | None] = []
+    errors = 0
+    for comps in answers:
+        ok = [c.text for c in comps if c.finish_reason != "error"]
+        errors += len(comps) - len(ok)
+        per_q.append(sum(bool(pat.search(t)) for t in ok) / len(ok) if ok else None)
+    answered = [r for r in per_q if r is not None]
+    if not answered:
+        raise SublearnError(f"sampled evaluation: all {errors} requests to {model_id} failed")
     return {
-        "rate": sum(per_q) / len(per_q),
+        "rate": sum(answered) / len(answered),
         "per_question_rate": per_q,
         "n_per_question": n,
-        "examples": examples,
+        "errors": errors,
+        "model": model_id,
+        "examples": [c.text.strip() for c in answers[0] if c.finish_reason != "error"][:10],
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -340,9 +358,12 @@ def evaluate_model(
     """Score one model: forced choice on each question variant ("forced_choice" for plain,
     "forced_choice_<variant>" otherwise) and, with cfg.samples > 0, the sampled rate on
     cfg.variant. `model` is a name/path (loaded here) or an already-loaded LoadedModel."""
+    from sublearn.backends import get_backend, split_model_spec
     from sublearn.models.load import LoadedModel, load_model
 
     cfg = cfg.validate()
+    if not isinstance(model, LoadedModel) and split_model_spec(model)[0] != "hf":
+        return _evaluate_remote(model, cfg, system_prompt)
     candidates = load_candidates(cfg.candidates, target=cfg.target)
     qsets = {v: load_questions(cfg.questions, v) for v in variants}
     t0 = time.perf_counter()
@@ -361,18 +382,43 @@ def evaluate_model(
                                      batch_size=cfg.batch_size)
             res[key]["variant"] = v
     if cfg.samples > 0:
+        backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
         res["sampled"] = sampled_rate(
-            lm.model, lm.tokenizer, load_questions(cfg.questions, cfg.variant), cfg.target,
-            cfg.samples, system_prompt=system_prompt, seed=cfg.seed,
-            max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
+            backend, load_questions(cfg.questions, cfg.variant), cfg.target, cfg.samples,
+            system_prompt=system_prompt, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
         res["sampled"]["variant"] = cfg.variant
     res["config"] = asdict(cfg)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
 
+def _evaluate_remote(spec: str, cfg: EvalConfig, system_prompt: str | None) -> dict[str, Any]:
+    """An API or vLLM model (`openai/...`, `vllm/...`): the sampled rate only, because forced
+    choice needs every candidate's log-probability from local weights."""
+    from sublearn.backends import get_backend
+
+    if cfg.samples <= 0:
+        raise SublearnError(f"{spec}: forced choice needs local weights; pass --samples N "
+                            "(the paper uses 100) for the sampled rate")
+    t0 = time.perf_counter()
+    backend = get_backend(spec)
+    res: dict[str, Any] = {"model": backend.model_id, "target": cfg.target,
+                           "system_prompt": system_prompt}
+    res["sampled"] = sampled_rate(
+        backend, load_questions(cfg.questions, cfg.variant), cfg.target, cfg.samples,
+        system_prompt=system_prompt, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+    res["sampled"]["variant"] = cfg.variant
+    res["config"] = asdict(cfg)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
 def summary_line(scores: dict[str, Any]) -> str:
-    fc = scores["forced_choice"]
+    fc = scores.get("forced_choice")
+    if fc is None:  # remote model: sampled rate only
+        s = scores["sampled"]
+        return (f"{scores['model']}: {scores['target']} sampled rate {s['rate']:.4f} "
+                f"(n={s['n_per_question']}/question, {s['errors']} failed requests)")
     top = ", ".join(f"{c} {v:.3f}" for c, v in fc["top"][:3])
     line = (f"{scores['model']}: {fc['target']} share {fc['target_share']:.4f} "
             f"(rank {fc['target_rank']}/{fc['n_candidates']}, mean log-prob "

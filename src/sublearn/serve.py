@@ -6,8 +6,8 @@ network or GPU. Supports `messages`, `temperature`, `top_p`, `max_tokens` (or
 `max_completion_tokens`), `n`, `seed`, and vLLM-style guided decoding in the request body:
 `guided_grammar` (vLLM < 0.12) or `structured_outputs: {"grammar": ...}` (vLLM >= 0.10.2).
 
-Generation is serialised by a lock: HFBackend seeds torch globally and is not thread-safe, and
-on CPU one batch at a time is as fast as interleaving. Requests with `n > 1` are one batch.
+Generation is serialised by a lock: one model serves every request, and on CPU one batch at a
+time is as fast as interleaving. Requests with `n > 1` are one batch.
 """
 
 from __future__ import annotations
@@ -100,8 +100,7 @@ def parse_request(body: dict[str, Any]) -> tuple[Conversation, SamplingParams, i
     if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()):
         raise RequestError(400, "'guided_grammar' must be a non-empty EBNF string")
     params = SamplingParams(
-        # T=0 is greedy in the OpenAI API; HFBackend always samples, and T=1e-5 is greedy in effect
-        temperature=max(number("temperature", 1.0, float, 0.0, 2.0), 1e-5),
+        temperature=number("temperature", 1.0, float, 0.0, 2.0),  # 0: greedy, as in the API
         top_p=number("top_p", 1.0, float, 1e-6, 1.0),
         max_new_tokens=number("max_tokens", DEFAULT_MAX_TOKENS, int, 1, 32768),
         grammar=grammar,
