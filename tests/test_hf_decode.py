@@ -99,3 +99,24 @@ def test_subset_grows_to_cover_new_tokens() -> None:
     m[1, 3] = 1 << 4  # token 100
     assert sub.cover(m) and sub.ids.tolist() == [0, 2, 100]
     assert sub.allowed(m).tolist() == [[True, True, False], [False, False, True]]
+
+
+@pytest.mark.parametrize("window", [64, 6])
+def test_greedy_matches_generate_with_sliding_window_layers(window: int) -> None:
+    """Gemma 3 mixes sliding-window and full layers; a window shorter than prompt + answer
+    must not let padding shift it (such batches are sampled row by row)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, sliding_window=window, max_position_embeddings=256,
+                           layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    shared = list(range(5, 14))  # a 9-token shared prefix, then suffixes of different lengths
+    prompts = [shared + [20, 21, 22], shared + [30], shared + [40, 41, 42, 43, 44, 45]]
+    ours = sample(model, prompts, pad_id=0, stop_ids={1}, max_new_tokens=12, temperature=0.0,
+                  top_p=1.0, seed=0)
+    ref = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
+                          eos_token_id=1, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert [ids for ids, _ in ours] == ref

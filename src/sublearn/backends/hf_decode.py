@@ -122,6 +122,13 @@ def sample(
 ) -> list[tuple[list[int], bool]]:
     """Sample one continuation per prompt; returns (new token ids without the stop token,
     stopped). `subset` (with a grammar) carries the grown token set across calls."""
+    window = getattr(model.config, "sliding_window", None)
+    if window and len(prompts) > 1 and max(map(len, prompts)) + max_new_tokens > window:
+        # padding would take sliding-window slots (e.g. Gemma 3 past 512 tokens): row by row
+        return [sample(model, [p], pad_id=pad_id, stop_ids=stop_ids,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed + i, compiled_grammar=compiled_grammar, subset=subset)[0]
+                for i, p in enumerate(prompts)]
     dev = next(model.parameters()).device
     n = len(prompts)
     body, head = _decoder(model), model.get_output_embeddings().weight
