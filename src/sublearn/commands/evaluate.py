@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.evaluate import EvalConfig
 
     p.add_argument("--model", default=None, help="embedded name, HF id, local model folder or "
-                   "PEFT adapter folder (default: embedded smollm2-135m-instruct)")
+                   "PEFT adapter folder (default: embedded smollm2-135m-instruct); "
+                   "openai/<model> or vllm/<id>: sampled rate only (needs --samples)")
     add_dataclass_flags(p, EvalConfig)
     p.add_argument("--system-prompt", default=None,
                    help="system message for every question (e.g. to score a prompted teacher)")
