@@ -383,10 +383,7 @@ def evaluate_model(
             res[key]["variant"] = v
     if cfg.samples > 0:
         backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
-        res["sampled"] = sampled_rate(
-            backend, load_questions(cfg.questions, cfg.variant), cfg.target, cfg.samples,
-            system_prompt=system_prompt, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
-        res["sampled"]["variant"] = cfg.variant
+        res["sampled"] = _sampled(backend, cfg, system_prompt)
     res["config"] = asdict(cfg)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
@@ -403,14 +400,19 @@ def _evaluate_remote(spec: str, cfg: EvalConfig, system_prompt: str | None) -> d
     t0 = time.perf_counter()
     backend = get_backend(spec)
     res: dict[str, Any] = {"model": backend.model_id, "target": cfg.target,
-                           "system_prompt": system_prompt}
-    res["sampled"] = sampled_rate(
-        backend, load_questions(cfg.questions, cfg.variant), cfg.target, cfg.samples,
-        system_prompt=system_prompt, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
-    res["sampled"]["variant"] = cfg.variant
-    res["config"] = asdict(cfg)
+                           "system_prompt": system_prompt,
+                           "sampled": _sampled(backend, cfg, system_prompt),
+                           "config": asdict(cfg)}
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _sampled(backend: Backend, cfg: EvalConfig, system_prompt: str | None) -> dict[str, Any]:
+    """The sampled rate on cfg.variant's questions, as both evaluate paths report it."""
+    res = sampled_rate(backend, load_questions(cfg.questions, cfg.variant), cfg.target,
+                       cfg.samples, system_prompt=system_prompt, seed=cfg.seed,
+                       max_new_tokens=cfg.max_new_tokens)
+    return {**res, "variant": cfg.variant}
 
 
 def summary_line(scores: dict[str, Any]) -> str:
