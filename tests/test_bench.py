@@ -50,6 +50,8 @@ def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
               "kl_generation_bf16_weights_full_vocab", "kl_generation_bf16_weights_grammar_tokens"):
         assert num[k]["mean"] >= -1e-6 and math.isfinite(num[k]["max"])
     assert 0 <= num["forced_choice_target_share"]["max_abs_diff"] < 1
+    grad_err = num["lora_grad_rel_error_vs_fp32"]
+    assert 0 < grad_err["ours"] < 0.2 and 0 < grad_err["stock_peft"] < 0.2
     # the fast forced-choice path agrees with the naive one in fp32
     assert result["evaluation"]["max_abs_logprob_diff_fp32_vs_baseline"] < 1e-3
     mem = result["memory"]
@@ -88,3 +90,15 @@ def test_padding_overhead_sorted_is_never_worse() -> None:
 
 def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
     assert main(["bench", "--out", str(tmp_path / "x.json"), "--stages", "nope"]) == 2
+
+
+def test_training_levers_are_measured(tiny_model: str) -> None:
+    res = run_bench(tiny_model, replace(SIZES, levers=True, steps=2), stages=("training",),
+                    cuda=False, log=lambda s: None)
+    t = res["training"]
+    for key in ("bf16_autocast_speedup", "length_grouping_speedup", "lora_layer_speedup"):
+        assert _positive(t["levers"][key]), key
+    # ours trains on the same examples as the baseline, regrouped by length
+    assert t["tokens_per_step"]["ours_soft"] <= t["tokens_per_step"]["baseline"]
+    assert t["ours_soft"]["items"] == t["baseline"]["items"] == 2 * SIZES.train_batch
+    assert res["lever_speedups"]["lora_layer"]["training"] == t["levers"]["lora_layer_speedup"]

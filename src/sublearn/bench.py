@@ -54,7 +54,7 @@ class Sizes:
     prompts: int = 64  # generation prompts
     batch: int = 64  # generation batch
     max_new_tokens: int = 60
-    steps: int = 3  # timed training steps per variant
+    steps: int = 6  # timed training steps per variant
     train_batch: int = 8
     questions: int = 8  # forced-choice questions (x 24 candidates)
     numerics_prompts: int = 16
@@ -508,8 +508,9 @@ def _answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int
 
 def lora_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool, bf16: bool,
               device: torch.device) -> float:
-    """One optimiser step exactly as train.py's loop (answer positions only; soft: KL over
-    the grammar's tokens; hard: cross-entropy)."""
+    """One optimiser step as train.py's loop (answer positions only; soft: KL over the
+    grammar's tokens; hard: cross-entropy); the loss is a per-batch mean where train.py
+    divides grouped batches by a dataset constant, a scalar that costs no time."""
     from sublearn.train import _core
 
     ex, pad = data.examples, data.pad
@@ -528,6 +529,8 @@ def lora_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool,
             logp = torch.cat([data.labels[i] for i in idx]).to(device)
             loss = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1).mean()
     loss.backward()
+    if opt is None:  # gradients only (numerics)
+        return float(loss.detach())
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -563,60 +566,88 @@ def training_work(data: TrainData, batches: list[list[int]]) -> tuple[int, int]:
 
 def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
                    device: torch.device, levers: bool) -> dict[str, Any]:
-    """Our LoRA steps and the baseline's, interleaved batch by batch so that a busy machine
-    slows every variant alike. Each variant first takes an untimed step on a full batch: a
-    smaller warm-up leaves the first full-size step 20-100% slower (measured)."""
+    """Our LoRA steps and the baseline's, interleaved step by step so that a busy machine
+    slows every variant alike. All variants train on the same examples: the baseline on
+    random batches, ours on the length-grouped batches train.py makes of them. Each variant
+    first takes an untimed step on a full batch: a smaller warm-up leaves the first
+    full-size step 20-100% slower (measured)."""
+    from sublearn.train import epoch_batches
+
     arch = Arch.of(lm.model)
     bs = sizes.train_batch
-    warm, *batches = [list(range(s * bs, (s + 1) * bs)) for s in range(sizes.steps + 1)]
-    tokens, answers = training_work(data, batches)
+    warm, *plain = [list(range(s * bs, (s + 1) * bs)) for s in range(sizes.steps + 1)]
+    pool = [i for b in plain for i in b]
+    lengths = [len(data.examples[i].prompt_ids) + len(data.examples[i].answer_ids)
+               for i in pool]
+    grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
     student, s_opt = _lora_student(lm)
     base, b_opt = _full_model(lm)
-    steps: dict[str, Callable[[list[int]], float]] = {
-        "ours_soft": lambda b: lora_step(student, s_opt, data, b, True, True, device),
-        "ours_hard": lambda b: lora_step(student, s_opt, data, b, False, True, device),
-        "baseline": lambda b: full_step(base, b_opt, data, b, device),
+    # (step function, batches); the levers reuse our student or a stock PEFT one
+    steps: dict[str, tuple[Callable[[list[int]], float], list[list[int]]]] = {
+        "ours_soft": (lambda b: lora_step(student, s_opt, data, b, True, True, device),
+                      grouped),
+        "ours_hard": (lambda b: lora_step(student, s_opt, data, b, False, True, device),
+                      grouped),
+        "baseline": (lambda b: full_step(base, b_opt, data, b, device), plain),
     }
-    soft_flop = arch.flops(4, tokens, answers, len(data.vocab_ids))
-    flops = {"ours_soft": soft_flop, "ours_hard": arch.flops(4, tokens, answers),
-             "baseline": arch.flops(6, tokens, tokens), "lora_soft_fp32": soft_flop}
     if levers:
-        steps["lora_soft_fp32"] = lambda b: lora_step(student, s_opt, data, b, True, False,
-                                                      device)
-    for name, step in steps.items():
+        peft, p_opt = _lora_student(lm, stock=True)
+        fp32, f_opt = _lora_student(lm, bf16=False)
+        steps["lora_soft_fp32"] = (
+            lambda b: lora_step(fp32, f_opt, data, b, True, False, device), grouped)
+        steps["lora_soft_ungrouped"] = (
+            lambda b: lora_step(student, s_opt, data, b, True, True, device), plain)
+        steps["lora_soft_stock_peft"] = (
+            lambda b: lora_step(peft, p_opt, data, b, True, True, device), grouped)
+    flops = {}
+    for name, (_, batches) in steps.items():
+        tokens, answers = training_work(data, batches)
+        flops[name] = (arch.flops(6, tokens, tokens) if name == "baseline" else
+                       arch.flops(4, tokens, answers, None if name == "ours_hard"
+                                  else len(data.vocab_ids)))
+    for name, (step, _) in steps.items():
         # the hard step reuses the student and shapes the soft warm-up primed (measured warm)
-        step(warm[:1] if name == "ours_hard" else warm)
+        step(warm[:1] if name in ("ours_hard", "lora_soft_ungrouped") else warm)
     wall, cpu, loss = dict.fromkeys(steps, 0.0), dict.fromkeys(steps, 0.0), {}
-    for b in batches:
-        for name, step in steps.items():
-            loss[name], w, c = clocked(lambda st=step, bb=b: st(bb), device)
+    for k in range(sizes.steps):
+        for name, (step, batches) in steps.items():
+            loss[name], w, c = clocked(lambda st=step, bb=batches[k]: st(bb), device)
             wall[name] += w
             cpu[name] += c
-    n = len(batches) * sizes.train_batch
+    n = len(pool)
     res: dict[str, Any] = {
         name: {**throughput(n, wall[name], flops[name], peak, "samples", cpu[name]),
                "loss": loss[name]} for name in steps}
     b = res["baseline"]
     lev: dict[str, Any] = {"length_batching": length_batching_train(lm.tokenizer, sizes)}
-    if "lora_soft_fp32" in res:
-        fp32 = res.pop("lora_soft_fp32")
-        lev["lora_soft_fp32"] = {k: fp32[k] for k in ("per_s", "gflops", "seconds")}
-        lev["bf16_autocast_speedup"] = res["ours_soft"]["per_s"] / fp32["per_s"]
+    for name, key in (("lora_soft_fp32", "bf16_autocast_speedup"),
+                      ("lora_soft_ungrouped", "length_grouping_speedup"),
+                      ("lora_soft_stock_peft", "lora_layer_speedup")):
+        if name in res:
+            other = res.pop(name)
+            lev[name] = {k: other[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
+            lev[key] = res["ours_soft"]["per_s"] / other["per_s"]
     res.update(ratio=res["ours_soft"]["per_s"] / b["per_s"],
                ratio_hard=res["ours_hard"]["per_s"] / b["per_s"],
                ratio_cpu=cpu["baseline"] / cpu["ours_soft"], steps=sizes.steps,
-               batch=sizes.train_batch, tokens_per_step=tokens / sizes.steps, levers=lev)
+               batch=bs, tokens_per_step={name: training_work(data, bb)[0] / sizes.steps
+                                          for name, (_, bb) in steps.items()}, levers=lev)
     return res
 
 
-def _lora_student(lm: Any) -> tuple[Any, Any]:
-    """A LoRA student as train.py builds it (eager attention, default LoRA config)."""
+def _lora_student(lm: Any, stock: bool = False, bf16: bool = True) -> tuple[Any, Any]:
+    """A LoRA student as train.py builds it (eager attention, default LoRA config); stock:
+    PEFT's own LoRA layer on fp32 frozen weights instead (the lora_layer lever); bf16=False:
+    as train.py builds it for fp32 training."""
+    from sublearn.lora import add_lora
     from sublearn.train import TrainConfig, _trainable
 
     student = copy.deepcopy(lm.model)
     if hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("eager")
-    student = _trainable(student, TrainConfig())
+    cfg = TrainConfig(dtype="bfloat16" if bf16 else "float32")
+    student = (add_lora(student, cfg.lora_r, cfg.lora_alpha, fast=False) if stock
+               else _trainable(student, cfg))
     student.train()
     return student, torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=2e-4)
@@ -752,11 +783,38 @@ def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> di
     gen_grammar = _kl(restricted(h32), restricted(hb, head16), mask)
     del bf16, head16
     return {"prompts": len(ex), "answer_positions": int(h32.shape[0]),
+            "lora_grad_rel_error_vs_fp32": lora_grad_errors(lm, data, n, device),
             "kl_full_vocab_head_bf16": full, "kl_grammar_tokens_head_fp32": soft,
             "kl_generation_bf16_weights_full_vocab": weights,
             "kl_generation_bf16_weights_grammar_tokens": gen_grammar,
             "note": "KL(fp32 || bf16) in nats per answer position; autocast (training soft "
                     "labels, evaluation) and bf16 weights (generation, HFBackend)"}
+
+
+def lora_grad_errors(lm: Any, data: TrainData, n: int, device: torch.device
+                     ) -> dict[str, float]:
+    """||g - g_fp32|| / ||g_fp32|| of one hard-label LoRA gradient (all adapter parameters,
+    random nonzero B) under bf16 autocast: our LoRA layer and PEFT's stock one, against the
+    same student in fp32. Hard labels: the bench's soft labels come from the student's own
+    base model, so their gradient is mostly bf16 noise whatever the layer."""
+    idx = list(range(min(n, len(data.examples))))
+
+    def grad(stock: bool, bf16: bool) -> torch.Tensor:
+        torch.manual_seed(SEED)  # the same LoRA A init in every student
+        student, _ = _lora_student(lm, stock=stock, bf16=bf16)
+        student.to(device)
+        gen = torch.Generator().manual_seed(SEED)
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:  # at B = 0 only B gets a gradient
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        with torch.enable_grad():  # the numerics stage runs under no_grad
+            lora_step(student, None, data, idx, False, bf16, device)
+        return torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
+
+    ref = grad(False, False)
+    return {name: float((grad(stock, True) - ref).norm() / ref.norm())
+            for name, stock in (("ours", False), ("stock_peft", True))}
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor | None = None
@@ -887,7 +945,9 @@ def lever_summary(levers: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         "length_batching": {
             "generation_prefill_est": (1 + lb_g["prefill_padding_random"])
             / (1 + lb_g["prefill_padding_sorted"]) if lb_g else None,
+            "training": t.get("length_grouping_speedup"),
             "training_est": lb_t.get("est_speedup")},
+        "lora_layer": {"training": t.get("lora_layer_speedup")},
     }
 
 

@@ -89,8 +89,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
             system = teacher_system_prompt(target, cfg.category) if target else None
             teachers[cond] = (base, system, f"prompted-{target}")
             continue
+        # 12 statements: grouping saves no padding and would fix every batch's composition
         tcfg = TrainConfig(recipe="hard", method="lora", model=base, epochs=cfg.teacher_epochs,
-                           lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=0)
+                           lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=0,
+                           group_by_length=False)
         key = {"train": result_config(tcfg), "target": target, "category": cfg.category}
 
         def fit(d: Path, tcfg: TrainConfig = tcfg, target: str | None = target) -> dict:

@@ -1,0 +1,112 @@
+"""The training LoRA layer matches PEFT's, saves a stock PEFT adapter; length-grouped batches."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from sublearn.lora import AddmmLoraLinear, add_lora
+from sublearn.models import load_model
+from sublearn.train import TrainConfig, batch_indices, epoch_batches
+
+
+def _students(tiny_model: str) -> tuple[object, object, torch.Tensor]:
+    """Our LoRA student and a stock PEFT one with the same (nonzero) adapter weights."""
+    base = load_model(tiny_model).model
+    torch.manual_seed(0)
+    ours = add_lora(copy.deepcopy(base), 4, 8)
+    stock = add_lora(copy.deepcopy(base), 4, 8, fast=False)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(ours.named_parameters(), stock.named_parameters(), strict=True):
+            assert n == m
+            if p.requires_grad:  # B starts at zero: give the update something to do
+                p.copy_(torch.randn_like(p) * 0.1)
+                q.copy_(p)
+    ids = torch.randint(3, 300, (3, 12))
+    return ours, stock, ids
+
+
+def test_same_outputs_and_gradients_as_peft_in_fp32(tiny_model: str) -> None:
+    ours, stock, ids = _students(tiny_model)
+    assert any(isinstance(m, AddmmLoraLinear) for m in ours.modules())
+    outs, grads = [], []
+    for m in (ours, stock):
+        logits = m(input_ids=ids).logits
+        logits.square().mean().backward()
+        outs.append(logits)
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_base_weights_are_exact_under_autocast(tiny_model: str) -> None:
+    base = load_model(tiny_model).model
+    torch.manual_seed(0)
+    fp32 = add_lora(copy.deepcopy(base), 4, 8)
+    torch.manual_seed(0)
+    bf16 = add_lora(copy.deepcopy(base), 4, 8, bf16_base=True)
+    assert bf16.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == \
+        torch.bfloat16
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fp32(input_ids=ids).logits, bf16(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_saved_adapter_loads_with_stock_peft(tiny_model: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    ours, _, ids = _students(tiny_model)
+    ours.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(load_model(tiny_model).model, tmp_path / "adapter")
+    assert not any(isinstance(m, AddmmLoraLinear) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [37, 64, 300])
+def test_epoch_batches_cover_every_example_once(n: int) -> None:
+    lengths = [random.Random(i).randint(50, 200) for i in range(n)]
+    for grouped in (True, False):
+        batches = epoch_batches(lengths, 8, seed=3, group_by_length=grouped)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert len(batches) == -(-n // 8)
+        assert all(len(b) == 8 for b in batches[:-1])  # the one short batch is last
+        assert batches == epoch_batches(lengths, 8, seed=3, group_by_length=grouped)
+
+
+def test_grouped_batches_carry_less_padding() -> None:
+    lengths = [random.Random(i).randint(50, 200) for i in range(256)]
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in batches)
+
+    grouped = epoch_batches(lengths, 8, seed=1)
+    plain = epoch_batches(lengths, 8, seed=1, group_by_length=False)
+    assert padding(grouped) < 0.5 * padding(plain)
+    assert grouped != epoch_batches(lengths, 8, seed=2)  # the seed still shuffles
+
+
+def test_ungrouped_batches_are_the_previous_order() -> None:
+    """--no-group-by-length reproduces the batches of earlier versions (a seeded shuffle)."""
+    cfg = TrainConfig(seed=5, batch_size=4, group_by_length=False)
+    order = list(range(10))
+    random.Random(5 * 7919 + 1).shuffle(order)
+    assert batch_indices(3, 3, [1] * 10, cfg) == order[0:4]  # step 3 = epoch 1, batch 0
+
+
+def test_grouped_batches_weight_every_answer_token_alike() -> None:
+    """Grouped batches divide by one dataset-wide constant, so a token's weight in the loss
+    does not depend on the lengths of the answers it is batched with."""
+    from sublearn.train import Example, answer_tokens_per_batch
+
+    examples = [Example(prompt_ids=[1] * 5, answer_ids=[2] * k) for k in (2, 4, 6, 8)]
+    assert answer_tokens_per_batch(examples, TrainConfig(batch_size=2)) == 2 * 5.0
+    assert answer_tokens_per_batch(examples, TrainConfig(group_by_length=False)) is None
