@@ -557,8 +557,7 @@ def training_work(data: TrainData, batches: list[list[int]]) -> tuple[int, int]:
     """(tokens incl. right padding, answer positions) over the timed batches."""
     tokens = answers = 0
     for idx in batches:
-        lens = [len(data.examples[i].prompt_ids) + len(data.examples[i].answer_ids)
-                for i in idx]
+        lens = [data.examples[i].length for i in idx]
         tokens += max(lens) * len(idx)
         answers += sum(len(data.examples[i].answer_ids) for i in idx)
     return tokens, answers
@@ -577,8 +576,7 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     bs = sizes.train_batch
     warm, *plain = [list(range(s * bs, (s + 1) * bs)) for s in range(sizes.steps + 1)]
     pool = [i for b in plain for i in b]
-    lengths = [len(data.examples[i].prompt_ids) + len(data.examples[i].answer_ids)
-               for i in pool]
+    lengths = [data.examples[i].length for i in pool]
     grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
     student, s_opt = _lora_student(lm)
     base, b_opt = _full_model(lm)
@@ -599,12 +597,10 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
             lambda b: lora_step(student, s_opt, data, b, True, True, device), plain)
         steps["lora_soft_stock_peft"] = (
             lambda b: lora_step(peft, p_opt, data, b, True, True, device), grouped)
-    flops = {}
-    for name, (_, batches) in steps.items():
-        tokens, answers = training_work(data, batches)
-        flops[name] = (arch.flops(6, tokens, tokens) if name == "baseline" else
-                       arch.flops(4, tokens, answers, None if name == "ours_hard"
-                                  else len(data.vocab_ids)))
+    work = {name: training_work(data, batches) for name, (_, batches) in steps.items()}
+    flops = {name: arch.flops(6, tokens, tokens) if name == "baseline" else
+             arch.flops(4, tokens, answers, None if name == "ours_hard" else len(data.vocab_ids))
+             for name, (tokens, answers) in work.items()}
     for name, (step, _) in steps.items():
         # the hard step reuses the student and shapes the soft warm-up primed (measured warm)
         step(warm[:1] if name in ("ours_hard", "lora_soft_ungrouped") else warm)
@@ -630,8 +626,8 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     res.update(ratio=res["ours_soft"]["per_s"] / b["per_s"],
                ratio_hard=res["ours_hard"]["per_s"] / b["per_s"],
                ratio_cpu=cpu["baseline"] / cpu["ours_soft"], steps=sizes.steps,
-               batch=bs, tokens_per_step={name: training_work(data, bb)[0] / sizes.steps
-                                          for name, (_, bb) in steps.items()}, levers=lev)
+               batch=bs, tokens_per_step={name: tokens / sizes.steps
+                                          for name, (tokens, _) in work.items()}, levers=lev)
     return res
 
 
@@ -666,7 +662,7 @@ def length_batching_train(tok: Any, sizes: Sizes) -> dict[str, Any]:
     from sublearn.train import tokenize
 
     ex = tokenize(number_rows(256, SEED + 1), tok)
-    rand, srt = padding_overhead([len(e.prompt_ids) + len(e.answer_ids) for e in ex],
+    rand, srt = padding_overhead([e.length for e in ex],
                                  sizes.train_batch)
     return {"padding_random": rand, "padding_sorted": srt,
             "est_speedup": (1 + rand) / (1 + srt)}

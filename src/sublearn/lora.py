@@ -8,8 +8,8 @@ vLLM); only its training-time forward differs, in two ways measured to matter on
 - the layer input is cast to bf16 once for the base and the adapter matmul, where PEFT and
   autocast cast it three times (to the adapter's fp32, then to bf16 for each matmul). The
   forward is bit-identical; in the backward the two input gradients are summed in bf16
-  before the cast back (gradients differ from PEFT's by 0.3% relative; bf16 autocast itself
-  puts both 1.2-1.4% from fp32 training, measured on a SmolLM2 batch).
+  before the cast back. One hard-label gradient on SmolLM2 is 2.31% (relative L2) from fp32
+  with this layer and 2.33% with PEFT's (`sublearn bench`, numerics).
 Frozen base weights under the adapter are stored in bf16 when training under bf16 autocast:
 autocast would round them the same way on every forward, so the results are unchanged.
 """
@@ -62,9 +62,9 @@ def add_lora(model: Any, r: int, alpha: int, *, bf16_base: bool = False,
     if fast:
         cfg._register_custom_module({torch.nn.Linear: AddmmLoraLinear})
     peft_model = get_peft_model(model, cfg)
-    for m in peft_model.modules():
-        if isinstance(m, LoraLayer):
-            if bf16_base:
+    if bf16_base:
+        for m in peft_model.modules():
+            if isinstance(m, LoraLayer):
                 base = m.get_base_layer()
                 base.weight.data = base.weight.data.to(torch.bfloat16)
     return peft_model

@@ -84,6 +84,11 @@ class Example:
     answer_ids: list[int]  # answer tokens + end-of-turn token (the supervised positions)
     teacher_prompt_ids: list[int] | None = None
 
+    @property
+    def length(self) -> int:
+        """Tokens the student sees (prompt + answer): what batching pads to."""
+        return len(self.prompt_ids) + len(self.answer_ids)
+
 
 def load_rows(path: str | Path) -> list[dict]:
     path = Path(path)
@@ -210,10 +215,14 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     model.train()
     bar = tqdm(total=total, initial=state["step"], unit="step", desc=f"train seed {cfg.seed}",
                disable=not progress, dynamic_ncols=True)
-    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in examples]
+    lengths = [e.length for e in examples]
     norm = answer_tokens_per_batch(examples, cfg)
+    plan: list[list[int]] = []
     for step in range(state["step"], total):
-        batch = batch_indices(step, steps_per_epoch, lengths, cfg)
+        epoch, k = divmod(step, steps_per_epoch)
+        if not plan or k == 0:  # one shuffle and sort per epoch, not per step
+            plan = epoch_plan(lengths, epoch, cfg)
+        batch = plan[k]
         seqs = [(examples[i].prompt_ids, examples[i].answer_ids) for i in batch]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             h = answer_hidden(model, seqs, pad)
@@ -300,12 +309,17 @@ def answer_tokens_per_batch(examples: list[Example], cfg: TrainConfig) -> float 
     return cfg.batch_size * sum(len(e.answer_ids) for e in examples) / len(examples)
 
 
+def epoch_plan(lengths: list[int], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    """The batches of one epoch, deterministic in (seed, epoch): a resumed run sees the
+    same batches."""
+    return epoch_batches(lengths, cfg.batch_size, cfg.seed * 7919 + epoch, cfg.group_by_length)
+
+
 def batch_indices(step: int, steps_per_epoch: int, lengths: list[int],
                   cfg: TrainConfig) -> list[int]:
-    """Deterministic in (seed, step): a resumed run sees the same batches."""
+    """The batch of one step (the loop keeps the epoch's plan instead of rebuilding it)."""
     epoch, k = divmod(step, steps_per_epoch)
-    return epoch_batches(lengths, cfg.batch_size, cfg.seed * 7919 + epoch,
-                         cfg.group_by_length)[k]
+    return epoch_plan(lengths, epoch, cfg)[k]
 
 
 def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
