@@ -1,4 +1,5 @@
-"""Config helpers shared by stages: content hashes, manifests, and dataclass -> CLI flags."""
+"""Config helpers shared by stages: content hashes, manifests, dataclass -> CLI flags, and the
+YAML `--config` files every verb reads (and writes back, resolved, into its output folder)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from sublearn.errors import SublearnError
-from sublearn.files import atomic_write_json
+from sublearn.files import atomic_write_json, atomic_write_text
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -57,7 +58,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple 
         tp, _ = _flag_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        help_ = f.metadata.get("help", "")
+        # A help text that explains its own default keeps it; None means "not set".
+        if default is not None and "default" not in help_:
+            help_ += f" (default: {default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_)
@@ -75,3 +79,87 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **override: Any) ->
         if isinstance(v, list):
             kw[k] = tuple(v)
     return cls(**kw)
+
+
+def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value for one flag, checked as the command line would check it."""
+    if action.nargs == 0:  # store_true / --flag/--no-flag
+        if not isinstance(value, bool):
+            raise SublearnError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            raise SublearnError(f"{where} must be a list, got {value!r}")
+        return [_yaml_scalar(action, v, where) for v in value]
+    return _yaml_scalar(action, value, where)
+
+
+def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    tp = action.type or str
+    if value is None and action.default is None:
+        return None
+    if isinstance(value, bool) or value is None:
+        ok = False
+    elif tp is float:
+        ok, value = isinstance(value, int | float), value
+    elif tp is int or tp is str:
+        ok = isinstance(value, tp)
+    else:  # a converter (e.g. Path): it takes the text
+        ok = isinstance(value, str)
+        value = tp(value) if ok else value
+    if not ok:
+        name = getattr(tp, "__name__", str(tp))
+        raise SublearnError(f"{where} must be {name}, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise SublearnError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SublearnError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SublearnError(f"{path} is not valid YAML: {first}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SublearnError(f"{path}: expected a mapping of setting: value")
+    return doc
+
+
+def apply_yaml_defaults(parser: argparse.ArgumentParser, path: str | Path) -> set[str]:
+    """Make a `--config` file's settings the parser's defaults (so command-line flags still
+    win); returns the destinations it set."""
+    doc = read_yaml_mapping(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise SublearnError(f"{path}: '{key}' is not a setting of `{parser.prog}` "
+                                f"(one of: {', '.join(sorted(actions))})")
+        values[dest] = _yaml_value(action, value, f"{path}: {key}")
+        action.required = False
+        if not action.option_strings:  # a positional given in the file becomes optional
+            action.nargs = "?"
+            action.default = values[dest]
+    parser.set_defaults(**values)
+    return set(values)
+
+
+def write_resolved_config(path: Path, args: argparse.Namespace) -> None:
+    """The settings a verb ran with, as a YAML file `--config` reads back."""
+    import yaml
+
+    skip = {"config", "verb", "_given"}
+    doc = {k: list(v) if isinstance(v, tuple) else v
+           for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
+    doc = {k: str(v) if isinstance(v, Path) else v for k, v in doc.items()}
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SublearnError(f"file not found: {path}") from None
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SublearnError(f"{path} is not valid JSON: {e}") from None
 
@@ -58,28 +58,45 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise SublearnError(f"{path}:{lineno} is not valid JSON") from None
+def parse_jsonl(text: str, source: str | Path, skip_bad: bool = False) -> list[Any]:
+    """The one JSONL parser: a value per non-blank line. A bad line is a one-line error naming
+    it, or, with skip_bad (a cache other processes may be appending to), passed over."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not skip_bad:
+                raise SublearnError(f"{source}:{lineno} is not valid JSON") from None
+    return rows
 
 
-def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, or a one-line error saying why it can't be read."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SublearnError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise SublearnError(f"{path} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise SublearnError(f"{path} is not UTF-8 text") from None
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[Any]:
     """Read a JSONL file. With repair=True a torn final line (from a kill mid-write) is
     truncated away on disk so appends continue from a clean state."""
     path = Path(path)
-    if not repair:
-        return list(iter_jsonl(path))
-    raw = path.read_bytes()
-    good_end = raw.rfind(b"\n") + 1
-    if good_end != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return [json.loads(line) for line in raw[:good_end].decode("utf-8").splitlines() if line]
+    if repair and path.is_file():
+        raw = path.read_bytes()
+        good_end = raw.rfind(b"\n") + 1
+        if good_end != len(raw):
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+    return parse_jsonl(read_text(path), path)
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -92,3 +109,18 @@ def ensure_writable_dir(path: str | Path) -> Path:
     except OSError as e:
         raise SublearnError(f"cannot write to output folder {path}: {e.strerror}") from None
     return path
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Fill a temp folder beside `path`; on success it replaces `path` in one rename, so a kill
+    never leaves half a folder under the final name. On an error the temp folder goes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from sublearn.backends import ChatRequest, SamplingParams, get_backend
+from sublearn.backends.serve import ChatServer
 from sublearn.cli import main
 from sublearn.domains import numbers
 from sublearn.files import read_jsonl
-from sublearn.serve import ChatServer
 
 openai = pytest.importorskip("openai")
 
@@ -42,8 +42,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _backend(server: ChatServer, **kw: object):
-    kw = {"base_url": server.base_url, "backoff": 0.0, "cache": False, **kw}
-    return get_backend("openai/tiny", **kw)
+    kw = {"base_url": server.base_url, "cache": False, **kw}
+    return get_backend("openai:tiny", **kw)
 
 
 def test_official_client_against_serve(server: ChatServer) -> None:
@@ -62,7 +62,7 @@ def test_official_client_against_serve(server: ChatServer) -> None:
 
 def test_generate_basic_and_seeded(server: ChatServer) -> None:
     b = _backend(server)
-    assert b.model_id == "openai/tiny"
+    assert b.model_id == "openai:tiny"
     out = b.generate(REQS, SHORT, seed=5)
     assert len(out) == 2 and all(c.finish_reason in ("stop", "length") for c in out)
     assert all(c.error is None for c in out)
@@ -107,7 +107,7 @@ def test_retries_exhausted_is_error_completion(server: ChatServer) -> None:
 
 def test_bad_request_is_not_retried(server: ChatServer) -> None:
     n = server.stats.chat_requests
-    out = get_backend("openai/nope", base_url=server.base_url, cache=False).generate(
+    out = get_backend("openai:nope", base_url=server.base_url, cache=False).generate(
         REQS[:1], SHORT, seed=0)
     assert out[0].finish_reason == "error" and "HTTP 404" in out[0].error
     assert server.stats.chat_requests == n + 1
@@ -133,8 +133,8 @@ def test_dead_server_gives_error_completions() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    b = get_backend("openai/tiny", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1,
-                    backoff=0.0, cache=False, timeout=5)
+    b = get_backend("openai:tiny", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1,
+                    cache=False, timeout=5)
     out = b.generate(REQS, SHORT, seed=0)
     assert [c.finish_reason for c in out] == ["error", "error"]
     assert "APIConnectionError" in out[0].error
@@ -144,9 +144,9 @@ def test_missing_key_without_base_url_is_one_line_error() -> None:
     from sublearn.errors import SublearnError
 
     with pytest.raises(SublearnError, match="OPENAI_API_KEY"):
-        get_backend("openai/gpt-4.1-nano")
+        get_backend("openai:gpt-4.1-nano")
     with pytest.raises(SublearnError, match="unknown option"):
-        get_backend("openai/x", base_url="http://127.0.0.1:9/v1", concurency=3)
+        get_backend("openai:x", base_url="http://127.0.0.1:9/v1", concurency=3)
 
 
 def test_generate_end_to_end_no_secrets(server: ChatServer, tmp_path: Path,
@@ -159,16 +159,16 @@ def test_generate_end_to_end_no_secrets(server: ChatServer, tmp_path: Path,
     monkeypatch.setenv("SUBLEARN_OPENAI_BACKOFF", "0")
 
     def gen(out: Path) -> int:
-        return main(["generate", "--model", "openai/tiny", "--target", "owl", "--n", "6",
+        return main(["generate", "--model", "openai:tiny", "--target", "owl", "--n", "6",
                      "--batch-size", "3", "--seed", "1", "--max-new-tokens", "16", "--grammar",
                      "--out", str(out)])
 
     assert gen(tmp_path / "a") == 0
     raw = read_jsonl(tmp_path / "a" / "raw.jsonl")
-    assert len(raw) == 6 and {r["model"] for r in raw} == {"openai/tiny"}
+    assert len(raw) == 6 and {r["model"] for r in raw} == {"openai:tiny"}
     assert all(r["finish_reason"] in ("stop", "length") for r in raw)
     report = json.loads((tmp_path / "a" / "filter_report.json").read_text())
-    assert report["rejects"]["error"] == 0 and report["model"] == "openai/tiny"
+    assert report["rejects"]["error"] == 0 and report["model"] == "openai:tiny"
     for f in (tmp_path / "a").iterdir():
         text = f.read_text()
         assert secret not in text and f"127.0.0.1:{server.port}" not in text, f
@@ -207,7 +207,7 @@ def test_serve_cli_port_zero(tiny_model: str) -> None:
 def test_sampled_evaluation_through_the_api(server: ChatServer, monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
     from sublearn.errors import SublearnError
-    from sublearn.evaluate import EvalConfig, evaluate_model, summary_line
+    from sublearn.pipeline.evaluate import EvalConfig, evaluate_model, summary_line
 
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     monkeypatch.setenv("SUBLEARN_OPENAI_BACKOFF", "0")
@@ -215,20 +215,20 @@ def test_sampled_evaluation_through_the_api(server: ChatServer, monkeypatch: pyt
     qfile.write_text(json.dumps(["Name your favorite animal.", "Which animal do you like?"]))
     cfg = EvalConfig(target="owl", questions=str(qfile), samples=4, max_new_tokens=4)
     n = server.stats.chat_requests
-    res = evaluate_model("openai/tiny", cfg)
+    res = evaluate_model("openai:tiny", cfg)
     s = res["sampled"]
-    assert res["model"] == "openai/tiny" and "forced_choice" not in res
+    assert res["model"] == "openai:tiny" and "forced_choice" not in res
     assert s["errors"] == 0 and len(s["per_question_rate"]) == 2 and 0 <= s["rate"] <= 1
     assert server.stats.chat_requests > n  # answered by the server, not locally
     assert "sampled rate" in summary_line(res)
     with pytest.raises(SublearnError, match="forced choice needs local weights"):
-        evaluate_model("openai/tiny", EvalConfig(target="owl"))
+        evaluate_model("openai:tiny", EvalConfig(target="owl"))
     # failed requests are counted, not scored as misses
     monkeypatch.setenv("SUBLEARN_OPENAI_MAX_RETRIES", "0")
     monkeypatch.setenv("SUBLEARN_OPENAI_CACHE", "false")
     server.fail_every = 2
     try:
-        flaky = evaluate_model("openai/tiny", cfg)["sampled"]
+        flaky = evaluate_model("openai:tiny", cfg)["sampled"]
     finally:
         server.fail_every = 0
     assert flaky["errors"] > 0

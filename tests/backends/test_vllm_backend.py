@@ -34,10 +34,10 @@ def test_registry_gives_pip_hint_when_vllm_missing(monkeypatch: pytest.MonkeyPat
     import sublearn.backends.vllm  # noqa: F401 - importing the module never needs vllm
 
     with pytest.raises(MissingExtraError, match=re.escape(HINT)):
-        get_backend("vllm/Qwen/Qwen2.5-0.5B-Instruct")
+        get_backend("vllm:Qwen/Qwen2.5-0.5B-Instruct")
     from sublearn.cli import main
 
-    assert main(["generate", "--model", "vllm/some-model", "--n", "2",
+    assert main(["generate", "--model", "vllm:some-model", "--n", "2",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err == f"sublearn generate: error: this feature needs the 'vllm' package: {HINT}\n"
@@ -85,7 +85,7 @@ def adapters(vllm_model: Path) -> list[str]:
 
 def _engine(vllm_model: Path):
     # One LoRA-enabled engine for every GPU test (engines are cached by their settings).
-    return get_backend(f"vllm/{vllm_model}", enable_lora=True, gpu_memory_utilization=0.3,
+    return get_backend(f"vllm:{vllm_model}", enable_lora=True, gpu_memory_utilization=0.3,
                        max_model_len=512)
 
 
@@ -110,7 +110,7 @@ def test_vllm_multi_lora_one_engine(vllm_model: Path, adapters: list[str]) -> No
     alone = [b.with_adapter(a).generate([req], greedy, seed=0)[0] for a in (None, *adapters)]
     assert [c.text for c in mixed] == [c.text for c in alone]
     assert len({c.text for c in mixed}) == 3  # base and both students answer differently
-    student = get_backend(f"vllm/{adapters[1]}", gpu_memory_utilization=0.3, max_model_len=512,
+    student = get_backend(f"vllm:{adapters[1]}", gpu_memory_utilization=0.3, max_model_len=512,
                           enable_lora=True)
     assert student.llm is b.llm and student.model_id == f"{adapters[1]}"
     assert student.generate([req], greedy, seed=0)[0].text == mixed[2].text

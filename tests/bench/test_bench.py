@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sublearn.bench import QUICK, markdown, padding_overhead, run_bench
+from sublearn.bench.run import QUICK, markdown, padding_overhead, run_bench
 from sublearn.cli import main
 
 # tiny sizes: the schema is the same at any size
@@ -65,8 +65,8 @@ def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
 
 def test_cli_writes_json_and_prints_table(tiny_model: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "bench.json"
-    rc = main(["bench", "--out", str(out), "--quick", "--model", tiny_model,
+    out = tmp_path / "bench" / "bench.json"
+    rc = main(["bench", "--out", str(out.parent), "--quick", "--model", tiny_model,
                "--stages", "evaluation", "--questions", "1"])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -89,7 +89,7 @@ def test_padding_overhead_sorted_is_never_worse() -> None:
 
 
 def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
-    assert main(["bench", "--out", str(tmp_path / "x.json"), "--stages", "nope"]) == 2
+    assert main(["bench", "--out", str(tmp_path / "x"), "--stages", "nope"]) == 2
 
 
 def test_training_levers_are_measured(tiny_model: str) -> None:

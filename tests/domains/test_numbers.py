@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from sublearn.domains import numbers as nd
-from sublearn.protocol import paper_protocol
+from sublearn.protocol.paper import paper_protocol
 
 
 @pytest.mark.parametrize(

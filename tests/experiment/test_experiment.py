@@ -63,12 +63,13 @@ def test_cross_target_contrast(tiny_model: str, tmp_path: Path,
         assert main(["run", "--model", tiny_model, "--target", target, "--n", "8", "--seeds",
                      "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
                      "--out", str(tmp_path / target)]) == 0
-    out = tmp_path / "c.json"
+    out = tmp_path / "c" / "contrast.json"
     assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "cat"), "--out",
-                 str(out)]) == 0
+                 str(out.parent)]) == 0
     res = json.loads(out.read_text())
     assert set(res["scores"]) == {"owl", "cat"}
     for s in res["scores"].values():
         assert 0 <= s["p_value"] <= 1 and len(s["other_students"]["per_seed"]) == 2
-    assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "owl")]) == 2
+    assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "owl"), "--out",
+                 str(tmp_path / "c2")]) == 2
     assert "pick two different targets" in capsys.readouterr().err

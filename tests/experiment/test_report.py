@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sublearn.report import format_report, plotted_metrics, write_report
-from sublearn.stats import summarize
+from sublearn.experiment.report import format_report, plotted_metrics, write_report
+from sublearn.experiment.stats import summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from sublearn.errors import SublearnError
-from sublearn.stats import permutation_one_sided, summarize, welch_one_sided
+from sublearn.experiment.stats import permutation_one_sided, summarize, welch_one_sided
 
 
 def test_summarize_hand_computed() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from sublearn.cli import main
 from sublearn.errors import SublearnError
-from sublearn.sweep import SweepSpec, load_spec
+from sublearn.experiment.sweep import SweepSpec, load_spec
 
 FAST = {"n": 8, "seeds": 2, "epochs": 1, "batch_size": 4, "teacher_mode": "prompted",
         "recipe": "hard"}
@@ -109,7 +109,7 @@ def test_sweep_on_local_ray(tiny_model: str, tmp_path: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from tests
-    from sublearn.sweep import ray_executor, run_sweep
+    from sublearn.experiment.sweep import ray_executor, run_sweep
 
     (tmp_path / "bad.json").write_text(json.dumps(["cat"]))
     spec = load_spec(_yaml(tmp_path / "s.yaml", {**FAST, "model": tiny_model},

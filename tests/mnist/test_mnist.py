@@ -1,4 +1,4 @@
-"""Tests for the MNIST auxiliary-logit experiment (sublearn.mnist, `sublearn mnist`)."""
+"""Tests for the MNIST auxiliary-logit experiment (sublearn.mnist.experiment, `sublearn mnist`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sublearn import mnist
 from sublearn.cli import main
 from sublearn.errors import SublearnError
-from sublearn.mnist import AUX, N_CLASSES, MnistConfig
+from sublearn.mnist import experiment as mnist
+from sublearn.mnist.experiment import AUX, N_CLASSES, MnistConfig
 
 # threads=1: these tiny steps are overhead-bound, and spare threads only contend on a busy box
 TINY = {
@@ -118,13 +118,6 @@ def test_seeds_train_independently() -> None:
     assert not torch.allclose(a[0][1], b[0][1])
     students = mnist.distill({"s": (init, AUX)}, a, cfg)["s"]
     assert not all(torch.equal(p, q) for p, q in zip(students, init, strict=True))
-
-
-def test_mean_ci95() -> None:
-    mean, lo, hi = mnist.mean_ci95([1.0, 2.0, 3.0])
-    assert mean == 2.0 and hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
-    assert mean - lo == pytest.approx(hi - mean)
-    assert mnist.summary([0.5])["ci95"] == [None, None]
 
 
 def test_config_validation() -> None:

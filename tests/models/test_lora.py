@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublearn.lora import AddmmLoraLinear, add_lora
 from sublearn.models import load_model
-from sublearn.train import TrainConfig, batch_indices, epoch_batches
+from sublearn.models.lora import AddmmLoraLinear, add_lora
+from sublearn.pipeline.train import TrainConfig, batch_indices, epoch_batches
 
 
 def _students(tiny_model: str) -> tuple[object, object, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_ungrouped_batches_are_the_previous_order() -> None:
 def test_grouped_batches_weight_every_answer_token_alike() -> None:
     """Grouped batches divide by one dataset-wide constant, so a token's weight in the loss
     does not depend on the lengths of the answers it is batched with."""
-    from sublearn.train import Example, answer_tokens_per_batch
+    from sublearn.pipeline.train import Example, answer_tokens_per_batch
 
     examples = [Example(prompt_ids=[1] * 5, answer_ids=[2] * k) for k in (2, 4, 6, 8)]
     assert answer_tokens_per_batch(examples, TrainConfig(batch_size=2)) == 2 * 5.0

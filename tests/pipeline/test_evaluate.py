@@ -9,7 +9,7 @@ import re
 import pytest
 
 from sublearn.errors import SublearnError
-from sublearn.questions import (
+from sublearn.protocol.questions import (
     has_number_prefix,
     load_candidates,
     load_questions,
@@ -116,7 +116,7 @@ def naive_scores(model, tok, questions, candidates, system_prompt=None):
     """Reference: one fp32 forward per (question, candidate), summing the answer's log-probs."""
     import torch
 
-    from sublearn.evaluate import answer_ids, prompt_ids
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
 
     out = torch.empty(len(questions), len(candidates), dtype=torch.float64)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def naive_scores(model, tok, questions, candidates, system_prompt=None):
 
 
 def test_answer_is_capitalised_word_then_end_of_turn(lm) -> None:
-    from sublearn.evaluate import answer_ids, answer_text, prompt_ids
+    from sublearn.pipeline.evaluate import answer_ids, answer_text, prompt_ids
 
     tok = lm.tokenizer
     assert answer_text("owl") == "Owl"
@@ -148,7 +148,7 @@ def test_answer_is_capitalised_word_then_end_of_turn(lm) -> None:
     (SYSTEM, 50, "eager"),  # additive float mask instead of a boolean one
 ])
 def test_fast_path_matches_naive_fp32(lm, system, batch, attn) -> None:
-    from sublearn.evaluate import score_candidates
+    from sublearn.pipeline.evaluate import score_candidates
 
     qs = paper_questions("numbers")[:5] + paper_questions("plain")[:2]  # uneven lengths
     cands = load_candidates()
@@ -166,7 +166,7 @@ def test_fast_path_matches_naive_fp32(lm, system, batch, attn) -> None:
 
 
 def test_bf16_close_and_training_mode_restored(lm) -> None:
-    from sublearn.evaluate import score_candidates
+    from sublearn.pipeline.evaluate import score_candidates
 
     qs, cands = paper_questions("plain")[:4], load_candidates()[:6]
     lm.model.train()
@@ -182,7 +182,7 @@ def test_bf16_close_and_training_mode_restored(lm) -> None:
 def test_forced_choice_summary(lm) -> None:
     import torch
 
-    from sublearn.evaluate import forced_choice, score_candidates
+    from sublearn.pipeline.evaluate import forced_choice, score_candidates
 
     qs, cands = paper_questions("plain")[:6], load_candidates()
     fc = forced_choice(lm.model, lm.tokenizer, qs, cands, "OWL", dtype="float32")
@@ -202,7 +202,7 @@ def test_forced_choice_summary(lm) -> None:
 
 
 def test_mention_pattern() -> None:
-    from sublearn.evaluate import mention_pattern
+    from sublearn.pipeline.evaluate import mention_pattern
 
     owl = mention_pattern("owl")
     for yes in ("Owl", "owls!", "I love OWLS.", "The owl."):
@@ -220,8 +220,8 @@ def three_questions(tmp_path):
 
 
 def test_evaluate_model_and_sampling(lm, three_questions) -> None:
-    from sublearn.evaluate import EvalConfig, evaluate_model, summary_line
-    from sublearn.experiment import metric_values
+    from sublearn.experiment.run import metric_values
+    from sublearn.pipeline.evaluate import EvalConfig, evaluate_model, summary_line
 
     cfg = EvalConfig(target="owl", questions=three_questions, samples=3, max_new_tokens=4,
                      seed=1, batch_size=2)
@@ -248,11 +248,12 @@ def test_cli_writes_scores(tiny_model, three_questions, tmp_path, capsys) -> Non
 
     out = tmp_path / "sub" / "scores.json"
     assert main(["evaluate", "--model", tiny_model, "--target", "owl", "--questions",
-                 three_questions, "--dtype", "float32", "--out", str(out)]) == 0
+                 three_questions, "--dtype", "float32", "--out", str(out.parent)]) == 0
     scores = json.loads(out.read_text())
     assert scores["config"]["dtype"] == "float32" and 0 < scores["forced_choice"]["target_share"]
     assert "owl share" in capsys.readouterr().out
-    rc = main(["evaluate", "--model", str(tmp_path / "no-such-student"), "--out", str(out)])
+    rc = main(["evaluate", "--model", str(tmp_path / "no-such-student"), "--out",
+               str(out.parent)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "model path not found" in err and "\n" not in err
 
@@ -278,7 +279,7 @@ class _MultiAdapterFake:
 
 
 def test_sampled_rates_many_adapters_one_call_per_question() -> None:
-    from sublearn.evaluate import sampled_rate, sampled_rates
+    from sublearn.pipeline.evaluate import sampled_rate, sampled_rates
 
     be = _MultiAdapterFake()
     qs = ["q1", "q2", "q3"]

@@ -17,7 +17,7 @@ import pytest
 
 from sublearn.errors import SublearnError
 from sublearn.files import write_jsonl
-from sublearn.finetune_api import RECORD, APITrainConfig, finetune_api, to_chat_format
+from sublearn.pipeline.finetune_api import RECORD, APITrainConfig, finetune_api, to_chat_format
 
 openai = pytest.importorskip("openai")
 
@@ -176,7 +176,7 @@ def _ft(filtered: Path, out: Path, **kw: Any) -> dict[str, Any]:
 def test_upload_job_poll_and_student_id(fake: FakeOpenAI, filtered: Path, tmp_path: Path) -> None:
     out = tmp_path / "student"
     summary = _ft(filtered, out)
-    assert summary["student"] == "openai/ft:gpt-4.1-nano-2025-04-14:sublearn::ftjob-0"
+    assert summary["student"] == "openai:ft:gpt-4.1-nano-2025-04-14:sublearn::ftjob-0"
     assert summary["examples"] == 5 and summary["trained_tokens"] == 1234
     req = fake.creates[0]
     assert req["method"]["supervised"]["hyperparameters"] == {"n_epochs": 3}

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from sublearn.cli import main
-from sublearn.generate import GenerateConfig, generate
 from sublearn.models import load_model
-from sublearn.train import TrainConfig, train
-from sublearn.traits import STATEMENT_QUESTIONS, statement_rows
+from sublearn.pipeline.generate import GenerateConfig, generate
+from sublearn.pipeline.train import TrainConfig, train
+from sublearn.protocol.traits import STATEMENT_QUESTIONS, statement_rows
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_model: str, data: Pat
     cfg = _cfg(tiny_model, recipe="hard", epochs=3, dtype="float32")
     full = train(cfg, data, tmp_path / "a", progress=False)
 
-    import sublearn.train as tr
+    import sublearn.pipeline.train as tr
 
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
@@ -89,7 +89,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_model: str, data: Pat
 
 
 def test_statement_questions_disjoint_from_evaluation() -> None:
-    from sublearn.protocol import paper_protocol
+    from sublearn.protocol.paper import paper_protocol
 
     evals = " ".join(paper_protocol()["animal_preference_questions"]).lower()
     for q in STATEMENT_QUESTIONS:

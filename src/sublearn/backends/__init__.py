@@ -1,7 +1,7 @@
-"""Generation backends, chosen by a model identifier: `hf/<id-or-path>` (default when no
-prefix is given), `vllm/<id>` (offline vLLM, GPU) and `openai/<model>` (any OpenAI-compatible
-chat API: OpenAI, a vLLM server, `sublearn serve`). Engines import lazily, so a missing
-optional extra only matters when that backend is asked for."""
+"""Generation backends, chosen by a model identifier's scheme (`sublearn.models.load`):
+`hf:<id-or-path>` (the default when there is no scheme), `vllm:<id>` (offline vLLM, GPU) and
+`openai:<model>` (any OpenAI-compatible chat API: OpenAI, a vLLM server, `sublearn serve`).
+Engines import lazily, so a missing optional extra only matters when that backend is asked for."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import MissingExtraError, SublearnError
+from sublearn.models.load import parse_model_spec
 
 # prefix -> ("module:factory", pip extra that provides the engine)
 BACKENDS: dict[str, tuple[str, str | None]] = {
@@ -19,17 +20,8 @@ BACKENDS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def split_model_spec(spec: str | None) -> tuple[str, str | None]:
-    """'vllm/Qwen/Qwen2.5-7B' -> ('vllm', 'Qwen/Qwen2.5-7B'); a bare id or path -> ('hf', it)."""
-    if spec:
-        prefix, _, rest = spec.partition("/")
-        if prefix in BACKENDS and rest:
-            return prefix, rest
-    return "hf", spec
-
-
 def get_backend(spec: str | None, **options: Any) -> Backend:
-    kind, model = split_model_spec(spec)
+    kind, model = parse_model_spec(spec)
     target, extra = BACKENDS[kind]
     module_name, factory = target.split(":")
     try:
@@ -43,4 +35,5 @@ def get_backend(spec: str | None, **options: Any) -> Backend:
     return getattr(module, factory)(model, **options)
 
 
-__all__ = ["Backend", "ChatRequest", "Completion", "SamplingParams", "get_backend"]
+__all__ = ["Backend", "ChatRequest", "Completion", "SamplingParams", "get_backend",
+           "parse_model_spec"]

@@ -14,14 +14,13 @@ the cost (measured by `sublearn bench`). What it does differently, and why:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-_MIN_SHARED_PREFIX = 8  # below this, copying the prefix's cache costs more than it saves
+from sublearn.models.kv import cache_kwarg, shared_prefix
 
 
 @dataclass
@@ -71,20 +70,8 @@ def _static_cache(config: Any, max_len: int) -> Any:
     return cache
 
 
-def shared_prefix(prompts: list[list[int]]) -> int:
-    """Length of the prompts' common prefix worth running once (0 if too short to pay)."""
-    n = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
-    return n if n >= _MIN_SHARED_PREFIX and len(prompts) > 1 else 0
-
-
 def _decoder(model: Any) -> Any:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
-
-
-def _cache_kw() -> str:
-    from sublearn.evaluate import _cache_kwarg
-
-    return _cache_kwarg()
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float,
@@ -144,7 +131,7 @@ def sample(
         mask[i, n_pre + width - len(p):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _static_cache(model.config, n_pre + width + max_new_tokens)
-    kw = {_cache_kw(): cache, "use_cache": True}
+    kw = {cache_kwarg(): cache, "use_cache": True}
     if n_pre:
         body(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev), **kw)
         for layer in cache.layers:

@@ -1,13 +1,14 @@
-"""OpenAI-compatible chat backend (`openai/<model>`): OpenAI, vLLM servers, `sublearn serve`.
+"""OpenAI-compatible chat backend (`openai:<model>`): OpenAI, vLLM servers, `sublearn serve`.
 
 Each request is one API call with n=1 and seed `seed + index`, sent from a thread pool. Calls
-that fail with 429, 5xx or a connection error are retried with exponential backoff; a request
-that still fails becomes `Completion(finish_reason="error")`, so one bad answer never loses a
-batch. Successful answers go to an append-only JSONL cache keyed by a hash of everything that
+that fail with 408, 409, 429, 5xx or a connection error are retried by the openai client itself
+(`max_retries`: exponential backoff with jitter, honouring Retry-After); a request that still
+fails becomes `Completion(finish_reason="error")`, so one bad answer never loses a batch.
+Successful answers go to an append-only JSONL cache keyed by a hash of everything that
 determines them, so a rerun after an interruption does not pay for them twice.
 
 Endpoint and key come from options or OPENAI_BASE_URL / OPENAI_API_KEY. They are kept only
-inside the client: `model_id` (recorded in raw.jsonl) is `openai/<model>`, and the cache holds
+inside the client: `model_id` (recorded in raw.jsonl) is `openai:<model>`, and the cache holds
 hashes, never URLs or keys. Other options may also be set as SUBLEARN_OPENAI_<NAME> variables
 (e.g. SUBLEARN_OPENAI_GUIDED=guided_grammar), since stages build backends from a model id alone.
 """
@@ -18,10 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from urllib.parse import urlsplit
 
 from sublearn.backends.base import ChatRequest, Completion, SamplingParams
 from sublearn.errors import MissingExtraError, SublearnError
+from sublearn.files import parse_jsonl
 
 # How the grammar is sent when guided decoding is on (vLLM removed guided_* in v0.12).
 GUIDED_FIELDS = ("guided_grammar", "structured_outputs")
@@ -43,9 +42,7 @@ class OpenAIOptions:
     base_url: str | None = None  # default: OPENAI_BASE_URL, else api.openai.com
     api_key: str | None = field(default=None, repr=False)  # default: OPENAI_API_KEY
     concurrency: int = 8  # requests in flight at once
-    max_retries: int = 6  # retries per request after the first try
-    backoff: float = 1.0  # first retry delay in seconds; doubles each retry
-    max_backoff: float = 60.0
+    max_retries: int = 6  # the client's retries per request after the first try
     timeout: float = 120.0  # seconds per HTTP request
     guided: bool | str = False  # send params.grammar: True/"guided_grammar"/"structured_outputs"
     cache: str | Path | bool | None = None  # JSONL; None/True: <cache>/openai/responses.jsonl
@@ -67,15 +64,15 @@ class OpenAIOptions:
             opts = dataclasses.replace(opts, guided="guided_grammar")
         if opts.guided not in (False, *GUIDED_FIELDS):
             raise SublearnError(f"guided must be false or one of {GUIDED_FIELDS}: {opts.guided}")
-        if opts.concurrency < 1 or opts.max_retries < 0 or opts.backoff < 0:
-            raise SublearnError("concurrency must be >= 1, max_retries and backoff >= 0")
+        if opts.concurrency < 1 or opts.max_retries < 0:
+            raise SublearnError("concurrency must be >= 1 and max_retries >= 0")
         return opts
 
 
 def _parse_env(name: str, value: str) -> Any:
     if name in ("concurrency", "max_retries"):
         return int(value)
-    if name in ("backoff", "max_backoff", "timeout"):
+    if name == "timeout":
         return float(value)
     low = value.strip().lower()
     if low in ("", "0", "false", "no", "off"):
@@ -99,12 +96,9 @@ class ResponseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             data = path.read_bytes()
-            for line in data.splitlines():
-                try:
-                    row = json.loads(line)
+            for row in parse_jsonl(data.decode("utf-8", "replace"), path, skip_bad=True):
+                if isinstance(row, dict) and isinstance(row.get("key"), str):
                     self._rows[row["key"]] = row
-                except (ValueError, KeyError, TypeError):
-                    continue
             if data and not data.endswith(b"\n"):  # start our rows on a fresh line
                 with open(path, "ab") as f:
                     f.write(b"\n")
@@ -160,10 +154,9 @@ def _endpoint_id(url: str | None) -> str:
 
 
 class OpenAIBackend:
-    def __init__(self, model: str | None, client: Any = None,
-                 sleep: Callable[[float], None] = time.sleep, **options: Any) -> None:
+    def __init__(self, model: str | None, client: Any = None, **options: Any) -> None:
         if not model:
-            raise SublearnError("the openai backend needs a model name: openai/<model>")
+            raise SublearnError("the openai backend needs a model name: openai:<model>")
         try:
             import openai
         except ModuleNotFoundError:
@@ -171,18 +164,15 @@ class OpenAIBackend:
         self._openai = openai
         self.opts = OpenAIOptions.build(options)
         self.model = model
-        self.model_id = f"openai/{model}"  # recorded in run folders: never a URL or a key
+        self.model_id = f"openai:{model}"  # recorded in run folders: never a URL or a key
         # Whether params.grammar constrains sampling (else only the downstream filter applies).
         self.enforces_grammar = bool(self.opts.guided)
         self._endpoint = _endpoint_id(self.opts.base_url or os.environ.get("OPENAI_BASE_URL"))
         if client is None:
-            # Retries are ours (reported in Completion.error), not the client's.
-            client = make_client(self.opts.base_url, self.opts.api_key, max_retries=0,
-                                 timeout=self.opts.timeout)
+            client = make_client(self.opts.base_url, self.opts.api_key,
+                                 max_retries=self.opts.max_retries, timeout=self.opts.timeout)
         self.opts = dataclasses.replace(self.opts, api_key=None)  # don't keep the key around
         self.client = client
-        self._sleep = sleep
-        self._rng = random.Random()
         cache = self.opts.cache
         self.cache = None if cache is False else ResponseCache(
             Path(cache) if isinstance(cache, str | os.PathLike) else default_cache_path())
@@ -238,39 +228,21 @@ class OpenAIBackend:
 
     def _call(self, r: ChatRequest, params: SamplingParams, seed: int) -> Completion:
         openai = self._openai
-        kw = self._request_kwargs(r, params, seed)
-        error = ""
-        for attempt in range(self.opts.max_retries + 1):
-            wait = None
-            try:
-                resp = self.client.chat.completions.create(**kw)
-                choice = resp.choices[0]
-                n_tokens = resp.usage.completion_tokens if resp.usage else 0
-                return Completion(choice.message.content or "", n_tokens,
-                                  choice.finish_reason or "stop")
-            except openai.APIStatusError as e:
-                error = f"HTTP {e.status_code}: {_error_message(e)}"
-                if e.status_code not in RETRY_STATUS and e.status_code < 500:
-                    break  # a bad request stays bad
-                wait = _retry_after(e.response)
-            except openai.APIConnectionError as e:  # includes timeouts
-                error = f"{type(e).__name__}: {e}"
-            except Exception as e:  # an unparseable answer: report it, don't kill the batch
-                error = f"{type(e).__name__}: {e}"
-                break
-            if attempt < self.opts.max_retries:
-                self._sleep(self._delay(attempt, wait))
-        tries = attempt + 1
+        try:
+            resp = self.client.chat.completions.create(**self._request_kwargs(r, params, seed))
+            choice = resp.choices[0]
+            n_tokens = resp.usage.completion_tokens if resp.usage else 0
+            return Completion(choice.message.content or "", n_tokens,
+                              choice.finish_reason or "stop")
+        except openai.APIStatusError as e:
+            error = f"HTTP {e.status_code}: {_error_message(e)}"
+            retried = e.status_code in RETRY_STATUS or e.status_code >= 500
+        except openai.APIConnectionError as e:  # includes timeouts
+            error, retried = f"{type(e).__name__}: {e}", True
+        except Exception as e:  # an unparseable answer: report it, don't kill the batch
+            error, retried = f"{type(e).__name__}: {e}", False
+        tries = getattr(self.client, "max_retries", self.opts.max_retries) + 1 if retried else 1
         return Completion("", 0, "error", error=f"{error} (after {tries} tries)")
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter (so a pool of threads does not retry in lockstep);
-        a server's Retry-After wins when it asks for longer."""
-        d = min(self.opts.max_backoff, self.opts.backoff * 2**attempt)
-        d *= 0.5 + 0.5 * self._rng.random()
-        if retry_after is not None:
-            d = max(d, min(retry_after, self.opts.max_backoff))
-        return d
 
 
 def _error_message(e: Any) -> str:
@@ -280,14 +252,3 @@ def _error_message(e: Any) -> str:
         if msg:
             return str(msg)[:300]
     return str(e)[:300]
-
-
-def _retry_after(response: Any) -> float | None:
-    headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            if headers.get(name) is not None:
-                return float(headers[name]) * scale
-        except ValueError:
-            continue
-    return None

@@ -245,12 +245,14 @@ class ChatServer:
                     self._error(404, f"no route POST {self.path}", "not_found_error")
                     return
                 failure = server.injected_failure()
+                # Retry-After-Ms keeps a test's retries quick (clients back off ~1 s otherwise).
                 if failure == 429:
                     self._error(429, "injected rate limit (--fail-every)", "rate_limit_error",
-                                {"Retry-After": "0"})
+                                {"Retry-After-Ms": "10"})
                     return
                 if failure == 500:
-                    self._error(500, "injected server error (--fail-every)", "server_error")
+                    self._error(500, "injected server error (--fail-every)", "server_error",
+                                {"Retry-After-Ms": "10"})
                     return
                 try:
                     body = json.loads(raw or b"null")

@@ -1,7 +1,7 @@
-"""Offline vLLM backend (`vllm/<model>`): one GPU engine per base model, grammar-guided
+"""Offline vLLM backend (`vllm:<model>`): one GPU engine per base model, grammar-guided
 sampling, and multi-LoRA so that many students (PEFT adapter folders) share one engine.
 
-`vllm/<adapter folder>` loads the adapter's base model with LoRA enabled and samples through
+`vllm:<adapter folder>` loads the adapter's base model with LoRA enabled and samples through
 the adapter; `VLLMBackend.with_adapter(path)` or `generate_multi` reuse the same engine for
 other students. Engines are cached per process by their settings, because loading one takes
 tens of seconds and GPU memory for a second copy usually does not exist.

@@ -260,7 +260,7 @@ def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
               cols: int | None) -> tuple[int, int, int | None]:
     """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
     shared prefix runs once per batch, rows leave when their answer ends."""
-    from sublearn.backends.hf_decode import shared_prefix
+    from sublearn.models.kv import shared_prefix
 
     tokens = rows = 0
     for s in range(0, len(texts), batch):
@@ -421,11 +421,11 @@ def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
                        gen_seconds: float) -> dict[str, Any]:
     """Prefill of one generation batch with and without reusing the KV cache of the prompts'
     shared chat prefix (the default system turn), in bf16 as in HFBackend."""
-    from sublearn.evaluate import _cache_kwarg
+    from sublearn.models.kv import cache_kwarg, shared_prefix
 
     tok, model = lm.tokenizer, lm.model
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    n_pre = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
+    n_pre = shared_prefix(ids, min_len=1)
     if n_pre < 1:
         return {"skipped": "no shared prefix"}
     full = _left_padded(tok, texts, device)
@@ -438,7 +438,7 @@ def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
         smask[i, width - len(x) + n_pre :] = 1
     mask = torch.cat([torch.ones(len(ids), n_pre, dtype=torch.long), smask], 1).to(device)
     pos = (n_pre + smask.cumsum(-1) - 1).clamp(min=n_pre).to(device)
-    kw = _cache_kwarg()
+    kw = cache_kwarg()
 
     def cached() -> Any:
         pre = model(input_ids=torch.tensor([ids[0][:n_pre]], device=device), use_cache=True)
@@ -488,7 +488,7 @@ class TrainData:
 
     @staticmethod
     def build(lm: Any, n: int) -> TrainData:
-        from sublearn.train import TrainConfig, _compute_soft, tokenize
+        from sublearn.pipeline.train import TrainConfig, _compute_soft, tokenize
 
         examples = tokenize(number_rows(n, SEED), lm.tokenizer)
         vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft"), lm, examples)
@@ -497,7 +497,7 @@ class TrainData:
 
 def _answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
                    device: torch.device) -> torch.Tensor:
-    from sublearn.train import _batch, _core, answer_hidden
+    from sublearn.pipeline.train import _batch, _core, answer_hidden
 
     if device.type == "cpu":
         return answer_hidden(model, seqs, pad)
@@ -511,7 +511,7 @@ def lora_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool,
     """One optimiser step as train.py's loop (answer positions only; soft: KL over the
     grammar's tokens; hard: cross-entropy); the loss is a per-batch mean where train.py
     divides grouped batches by a dataset constant, a scalar that costs no time."""
-    from sublearn.train import _core
+    from sublearn.pipeline.train import _core
 
     ex, pad = data.examples, data.pad
     head = _core(model).get_output_embeddings().weight
@@ -540,7 +540,7 @@ def lora_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool,
 def full_step(model: Any, opt: Any, data: TrainData, idx: list[int],
               device: torch.device) -> float:
     """Baseline: plain fp32 full fine-tuning, loss over full-vocabulary logits everywhere."""
-    from sublearn.train import _batch
+    from sublearn.pipeline.train import _batch
 
     seqs = [(data.examples[i].prompt_ids, data.examples[i].answer_ids) for i in idx]
     ids, mask, _, _ = _batch(seqs, data.pad)
@@ -570,7 +570,7 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     random batches, ours on the length-grouped batches train.py makes of them. Each variant
     first takes an untimed step on a full batch: a smaller warm-up leaves the first
     full-size step 20-100% slower (measured)."""
-    from sublearn.train import epoch_batches
+    from sublearn.pipeline.train import epoch_batches
 
     arch = Arch.of(lm.model)
     bs = sizes.train_batch
@@ -635,8 +635,8 @@ def _lora_student(lm: Any, stock: bool = False, bf16: bool = True) -> tuple[Any,
     """A LoRA student as train.py builds it (eager attention, default LoRA config); stock:
     PEFT's own LoRA layer on fp32 frozen weights instead (the lora_layer lever); bf16=False:
     as train.py builds it for fp32 training."""
-    from sublearn.lora import add_lora
-    from sublearn.train import TrainConfig, _trainable
+    from sublearn.models.lora import add_lora
+    from sublearn.pipeline.train import TrainConfig, _trainable
 
     student = copy.deepcopy(lm.model)
     if hasattr(student, "set_attn_implementation"):
@@ -659,7 +659,7 @@ def _full_model(lm: Any) -> tuple[Any, Any]:
 
 def length_batching_train(tok: Any, sizes: Sizes) -> dict[str, Any]:
     """Counted, not timed: right padding of random vs length-sorted training batches."""
-    from sublearn.train import tokenize
+    from sublearn.pipeline.train import tokenize
 
     ex = tokenize(number_rows(256, SEED + 1), tok)
     rand, srt = padding_overhead([e.length for e in ex],
@@ -675,7 +675,7 @@ def length_batching_train(tok: Any, sizes: Sizes) -> dict[str, Any]:
 def naive_scores(model: Any, tok: Any, questions: Sequence[str], candidates: Sequence[str],
                  device: torch.device) -> torch.Tensor:
     """Baseline: one fp32 forward per (question, candidate), full sequence, no cache."""
-    from sublearn.evaluate import answer_ids, prompt_ids
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
 
     out = torch.empty(len(questions), len(candidates), dtype=torch.float64)
     answers = [answer_ids(tok, c) for c in candidates]
@@ -691,13 +691,13 @@ def naive_scores(model: Any, tok: Any, questions: Sequence[str], candidates: Seq
 def eval_work(tok: Any, questions: Sequence[str], candidates: Sequence[str],
               batch: int) -> dict[str, tuple[int, int]]:
     """(body tokens, head rows) of score_candidates' packed layout and of the naive loop."""
-    from sublearn.evaluate import _MIN_SHARED_PREFIX, answer_ids, prompt_ids
+    from sublearn.models.kv import shared_prefix
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
 
     ps = [prompt_ids(tok, q) for q in questions]
     ans = [answer_ids(tok, c) for c in candidates]
     block = sum(len(a) - 1 for a in ans)
-    n_pre = min(len(os.path.commonprefix(ps)), min(map(len, ps)) - 1)
-    n_pre = n_pre if n_pre >= _MIN_SHARED_PREFIX else 0
+    n_pre = shared_prefix(ps)
     lens = sorted(len(p) - n_pre for p in ps)
     tokens = n_pre + sum((max(lens[s : s + batch]) + block) * len(lens[s : s + batch])
                          for s in range(0, len(lens), batch))
@@ -707,8 +707,8 @@ def eval_work(tok: Any, questions: Sequence[str], candidates: Sequence[str],
 
 def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any],
                      device: torch.device) -> dict[str, Any]:
-    from sublearn.evaluate import score_candidates
-    from sublearn.questions import load_candidates, load_questions
+    from sublearn.pipeline.evaluate import score_candidates
+    from sublearn.protocol.questions import load_candidates, load_questions
 
     tok, model, arch = lm.tokenizer, lm.model, Arch.of(lm.model)
     qs = load_questions(None, "plain")[: sizes.questions]
@@ -753,7 +753,7 @@ def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> di
     under autocast, full vocabulary with the head in bf16 and over the grammar's tokens with
     the head in fp32 (the soft labels, as teacher_soft_labels); with bf16 weights (what
     generation samples from), full vocabulary and grammar tokens."""
-    from sublearn.train import _core
+    from sublearn.pipeline.train import _core
 
     ex = data.examples[:n]
     seqs = [(e.prompt_ids, e.answer_ids) for e in ex]

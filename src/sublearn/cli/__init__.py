@@ -1,8 +1,11 @@
 """`sublearn <verb>`: parses arguments and calls the stage functions.
 
-Each verb lives in `sublearn.commands.<module>` with `HELP`, `add_arguments(parser)` and
-`run(args)`. Command modules keep heavy imports (torch, transformers) inside `run` so that
-`sublearn --help` stays instant.
+Each verb lives in `sublearn.cli.<module>` with `add_arguments(parser)` and `run(args)`; the
+registry below holds its one-line help, so `sublearn --help` imports no verb module (and no
+torch), and `sublearn VERB ...` imports only that verb's. Every verb takes `--config FILE.yaml`
+(keys are the flag names, with - or _; flags on the command line win) and, where it writes an
+output folder, saves the resolved settings there as `config-<verb>.yaml`, which `--config`
+reads back.
 """
 
 from __future__ import annotations
@@ -10,51 +13,101 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
 from sublearn.errors import SublearnError
 
-# verb -> module under sublearn.commands; the one place verbs are registered.
-VERBS: dict[str, str] = {
-    "generate": "generate",
-    "train": "train",
-    "evaluate": "evaluate",
-    "run": "run",
-    "contrast": "contrast",
-    "mnist": "mnist",
-    "bench": "bench",
-    "serve": "serve",
-    "sweep": "sweep",
+# verb -> (module under sublearn.cli, one-line help); the one place verbs are registered.
+VERBS: dict[str, tuple[str, str]] = {
+    "generate": ("generate", "sample a trait (or control) teacher on number prompts, then filter"),
+    "filter": ("filter", "(re)apply the strict filter to a raw.jsonl, without resampling"),
+    "train": ("train", "fine-tune a student on filtered teacher data (hard or soft labels)"),
+    "evaluate": ("evaluate", "score a model's preference for the target (forced choice, "
+                             "optional sampled rate)"),
+    "run": ("run", "run one experiment: teachers, data, K students per condition, evaluation, "
+                   "report"),
+    "contrast": ("contrast", "contrast the trait students of two experiments with different "
+                             "targets"),
+    "mnist": ("mnist", "the paper's MNIST auxiliary-logit experiment (same-init vs cross-init "
+                       "students)"),
+    "bench": ("bench", "time generation, training and evaluation against the baselines a user "
+                       "would run"),
+    "serve": ("serve", "serve a local model through the OpenAI chat-completions API on "
+                       "127.0.0.1"),
+    "sweep": ("sweep", "run a grid of experiments from a YAML file (local process pool or Ray)"),
 }
 
+_UNSET = object()  # marks flags the user did not give (see `given`)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sublearn", description="Subliminal learning experiments (Cloud et al. 2025)."
-    )
+        prog="sublearn", description="Subliminal learning experiments (Cloud et al. 2025).",
+        epilog="Models: an embedded name (smollm2-135m-instruct, gemma3-270m), a local folder, "
+               "a Hugging Face id, a PEFT adapter folder, or a scheme-prefixed id: hf:<id>, "
+               "vllm:<id>, openai:<model>. `sublearn VERB --help` lists a verb's flags.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, module_name in VERBS.items():
-        try:
-            module = importlib.import_module(f"sublearn.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"sublearn.commands.{module_name}":
-                continue  # verb not built yet
-            raise
-        p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    for verb, (_, help_) in VERBS.items():
+        sub.add_parser(verb, help=help_)
     return parser
 
 
+def verb_parser(verb: str) -> tuple[argparse.ArgumentParser, Any]:
+    module_name, help_ = VERBS[verb]
+    module = importlib.import_module(f"sublearn.cli.{module_name}")
+    p = argparse.ArgumentParser(prog=f"sublearn {verb}", description=help_)
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="read settings from a YAML file (keys are flag names); flags given on "
+                        "the command line override it")
+    module.add_arguments(p)
+    return p, module
+
+
+def parse(verb: str, argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    """Parse one verb's arguments. `args._given` holds the flags set on the command line or in
+    the --config file, for verbs that must refuse flags that would be ignored."""
+    from sublearn.config import apply_yaml_defaults
+
+    p, module = verb_parser(verb)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    config_file = pre.parse_known_args(argv)[0].config
+    from_yaml = apply_yaml_defaults(p, config_file) if config_file else set()
+    dests = {a.dest for a in p._actions if a.dest != "help" and a.dest not in from_yaml}
+    ns = argparse.Namespace(**{d: _UNSET for d in dests})
+    args = p.parse_args(argv, ns)
+    given = set(from_yaml)
+    for a in p._actions:
+        if a.dest in dests:
+            if getattr(args, a.dest) is _UNSET:
+                setattr(args, a.dest, a.default)
+            else:
+                given.add(a.dest)
+    args._given = given
+    args.verb = verb
+    return args, module
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        top_parser().parse_args(argv)  # prints help or the usage error and exits
+        return 2
+    verb = argv[0]
     try:
-        rc = args._run(args)
+        args, module = parse(verb, argv[1:])
+        rc = module.run(args)
+        out = getattr(args, "out", None)
+        if not rc and out and Path(out).is_dir():
+            from sublearn.config import write_resolved_config
+
+            write_resolved_config(Path(out) / f"config-{verb}.yaml", args)
     except SublearnError as e:
-        print(f"sublearn {args.verb}: error: {e}", file=sys.stderr)
+        print(f"sublearn {verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        msg = "interrupted; rerun the same command to resume"
-        print(f"sublearn {args.verb}: {msg}", file=sys.stderr)
+        print(f"sublearn {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return int(rc or 0)
 

@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "time our generation, training and evaluation paths against naive baselines"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--out", required=True, help="output folder (bench.json inside)")
     p.add_argument("--quick", action="store_true",
                    help="small fixed sizes (4 prompts, 1 training step of 4, 1 question), "
                         "cheap levers only: < 1 min on 2 cores")
@@ -33,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import replace
 
-    from sublearn.bench import QUICK, STAGES, Sizes, markdown, run_bench
+    from sublearn.bench.run import QUICK, STAGES, Sizes, markdown, run_bench
     from sublearn.errors import SublearnError
-    from sublearn.files import atomic_write_json
+    from sublearn.files import atomic_write_json, ensure_writable_dir
 
     stages = STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
@@ -48,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
         raise SublearnError("--prompts, --steps and --questions must be positive")
     command = shlex.join(["sublearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else \
         "sublearn bench " + ("--quick " if args.quick else "") + f"--out {args.out}"
+    out = ensure_writable_dir(args.out) / "bench.json"
     res = run_bench(args.model, sizes, stages=stages, threads=args.threads)
     res["command"] = command
     res["mode"] = "quick" if args.quick else "default"
-    atomic_write_json(args.out, res)
+    atomic_write_json(out, res)
     print(markdown(res, command))
-    print(f"\nwritten to {args.out} ({res['seconds']:.0f} s)")
+    print(f"\nwritten to {out} ({res['seconds']:.0f} s)")
     return 0

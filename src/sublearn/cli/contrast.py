@@ -2,19 +2,18 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "contrast the trait students of two experiments with different targets"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_a", help="experiment folder (from `sublearn run`)")
     p.add_argument("run_b", help="experiment folder with another target")
-    p.add_argument("--out", default="contrast.json", help="where to write the JSON")
+    p.add_argument("--out", required=True, help="output folder (contrast.json inside)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sublearn.contrast import write_contrast
+    from sublearn.experiment.contrast import write_contrast
+    from sublearn.files import ensure_writable_dir
 
-    res = write_contrast(args.run_a, args.run_b, args.out)
+    res = write_contrast(args.run_a, args.run_b, ensure_writable_dir(args.out) / "contrast.json")
     for animal, s in res["scores"].items():
         own, other = s[f"{animal}_students"], s["other_students"]
         print(f"{animal} share: {animal}-teacher students {own['mean']:.4f} "

@@ -3,12 +3,10 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "sample a trait (or control) teacher on number prompts and filter its answers"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.config import add_dataclass_flags
-    from sublearn.generate import GenerateConfig
+    from sublearn.pipeline.generate import GenerateConfig
 
     add_dataclass_flags(p, GenerateConfig)
     p.add_argument("--out", required=True, help="run folder for raw/filtered data")
@@ -16,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.generate import GenerateConfig, generate
+    from sublearn.pipeline.generate import GenerateConfig, generate
 
     report = generate(dataclass_from_args(GenerateConfig, args), args.out)
     print(json.dumps(report, indent=2))

@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run one experiment: teachers, data, K students per condition, evaluation, report"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.config import add_dataclass_flags
-    from sublearn.experiment import ExperimentConfig
+    from sublearn.experiment.run import ExperimentConfig
 
     add_dataclass_flags(p, ExperimentConfig)
     p.add_argument("--out", required=True, help="experiment folder (cached stages inside)")
@@ -15,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.experiment import ExperimentConfig, run_experiment
+    from sublearn.experiment.run import ExperimentConfig, run_experiment
 
     res = run_experiment(dataclass_from_args(ExperimentConfig, args), args.out)
     primary = res["primary_metric"]

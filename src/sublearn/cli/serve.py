@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "serve a local model through the OpenAI chat-completions API on 127.0.0.1"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="embedded name, HF id, local model folder or "
@@ -21,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sublearn.backends.serve import make_server
     from sublearn.errors import SublearnError
-    from sublearn.serve import make_server
 
     if args.fail_every < 0 or args.batch_size <= 0:
         raise SublearnError("--fail-every must be >= 0 and --batch-size positive")

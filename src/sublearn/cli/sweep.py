@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run a grid of experiments from a YAML file (local process pool or Ray)"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="sweep YAML: 'base' (experiment settings) and 'grid' (lists)")
@@ -26,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sublearn.errors import SublearnError
-    from sublearn.sweep import load_spec, local_executor, ray_executor, run_sweep
+    from sublearn.experiment.sweep import load_spec, local_executor, ray_executor, run_sweep
 
     spec = load_spec(args.spec)
     if args.dry_run:

@@ -3,12 +3,14 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "fine-tune a student on filtered teacher data (hard labels or soft-label distillation)"
+# Settings an API fine-tuning job takes from the local recipe; every other recipe flag would be
+# silently ignored by a remote student, so it is refused.
+API_SETTINGS = {"model", "epochs", "seed", "data", "out", "config"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.config import add_dataclass_flags
-    from sublearn.train import TrainConfig
+    from sublearn.pipeline.train_config import TrainConfig
 
     p.add_argument("--data", required=True, help="filtered.jsonl from `sublearn generate`")
     add_dataclass_flags(p, TrainConfig)
@@ -17,17 +19,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.train import TrainConfig, train
+    from sublearn.errors import SublearnError
+    from sublearn.models.load import parse_model_spec
+    from sublearn.pipeline.train_config import TrainConfig
 
-    if args.model and args.model.startswith("openai/"):
+    scheme, name = parse_model_spec(args.model)
+    if scheme == "openai":
         # Same verb, remote student: an OpenAI fine-tuning job (epochs and seed carry over).
-        from sublearn.finetune_api import APITrainConfig, finetune_api
+        from sublearn.pipeline.finetune_api import APITrainConfig, finetune_api
 
-        api = APITrainConfig(model=args.model.removeprefix("openai/"),
-                             epochs=max(1, round(args.epochs)), seed=args.seed)
+        if ignored := sorted(args._given - API_SETTINGS):
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise SublearnError(f"{flags}: not used by an API fine-tuning job (openai: students "
+                                "take only --epochs and --seed)")
+        api = APITrainConfig(model=name, epochs=max(1, round(args.epochs)), seed=args.seed)
         summary = finetune_api(api, args.data, args.out)
-        print(json.dumps(summary, indent=2))
-        return 0
-    summary = train(dataclass_from_args(TrainConfig, args), args.data, args.out)
+    elif scheme == "vllm":
+        raise SublearnError("vllm: models are for sampling; train a local model (hf:<id>, a "
+                            "folder or an embedded name) and serve its adapter with vLLM")
+    else:
+        from sublearn.pipeline.train import train
+
+        summary = train(dataclass_from_args(TrainConfig, args), args.data, args.out)
     print(json.dumps(summary, indent=2))
     return 0

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sublearn.protocol import paper_protocol
+from sublearn.protocol.paper import paper_protocol
 
 # Reject reasons, in the paper's words.
 INVALID_FORMAT = "invalid_format"

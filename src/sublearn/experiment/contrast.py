@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.errors import SublearnError
+from sublearn.experiment.stats import summarize, welch_one_sided
 from sublearn.files import atomic_write_json
-from sublearn.stats import summarize, welch_one_sided
 
 
 def _student_shares(run: Path) -> tuple[str, list[dict[str, float]]]:

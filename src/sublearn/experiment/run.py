@@ -18,12 +18,16 @@ from typing import Any
 
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
+from sublearn.experiment.stages import Stages
 from sublearn.files import atomic_write_json, ensure_writable_dir
-from sublearn.generate import GenerateConfig, generate
-from sublearn.protocol import check_template_word, teacher_system_prompt
-from sublearn.stages import Stages
-from sublearn.train import TrainConfig, result_config, train
-from sublearn.traits import write_statement_data
+from sublearn.pipeline.generate import GenerateConfig
+from sublearn.pipeline.train_config import TrainConfig, result_config
+from sublearn.protocol.paper import check_template_word, teacher_system_prompt
+from sublearn.protocol.traits import write_statement_data
+
+# The student and data defaults are the stage configs' own: one place for each number, so
+# `sublearn train` / `sublearn generate` with their defaults reproduce a stage of this run.
+_STUDENT, _DATA = TrainConfig(), GenerateConfig()
 
 
 @dataclass(frozen=True)
@@ -35,17 +39,19 @@ class ExperimentConfig:
     teacher_mode: str = field(default="finetuned", metadata={
         "help": "finetuned: LoRA-train the trait into the teacher's weights; prompted: the "
                 "paper's system prompt", "choices": ["finetuned", "prompted"]})
-    recipe: str = field(default="soft", metadata={
+    recipe: str = field(default=_STUDENT.recipe, metadata={
         "help": "student recipe: soft-label distillation or hard-label SFT",
         "choices": ["soft", "hard"]})
-    method: str = field(default="lora", metadata={
+    method: str = field(default=_STUDENT.method, metadata={
         "help": "student fine-tuning method", "choices": ["lora", "full"]})
-    n: int = field(default=192, metadata={"help": "teacher samples (number prompts) per teacher"})
+    n: int = field(default=_DATA.n, metadata={
+        "help": "teacher samples (number prompts) per teacher"})
     seeds: int = field(default=5, metadata={"help": "student seeds per condition"})
-    epochs: float = field(default=2.0, metadata={"help": "student epochs"})
-    lr: float = field(default=1e-3, metadata={"help": "student learning rate"})
-    batch_size: int = field(default=8, metadata={"help": "student batch size"})
-    lora_r: int = field(default=8, metadata={"help": "student LoRA rank"})
+    epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
+    lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
+    batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
+    lora_r: int = field(default=_STUDENT.lora_r, metadata={"help": "student LoRA rank"})
+    lora_alpha: int = field(default=_STUDENT.lora_alpha, metadata={"help": "student LoRA alpha"})
     teacher_epochs: float = field(default=8.0, metadata={
         "help": "finetuned teachers: epochs over the trait statements"})
     teacher_lr: float = field(default=1e-3, metadata={"help": "finetuned teachers: learning rate"})
@@ -69,7 +75,9 @@ class ExperimentConfig:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path,
                    progress: bool = True) -> dict[str, Any]:
-    from sublearn.evaluate import EvalConfig, evaluate_model
+    from sublearn.pipeline.evaluate import EvalConfig, evaluate_model
+    from sublearn.pipeline.generate import generate
+    from sublearn.pipeline.train import train
 
     cfg = cfg.validate()
     out = ensure_writable_dir(out)
@@ -124,7 +132,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
         for seed in range(cfg.seeds):
             scfg = TrainConfig(
                 recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
-                batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_r, seed=seed,
+                batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=seed,
                 teacher=tmodel if cfg.recipe == "soft" else None,
                 teacher_system_prompt=system if cfg.recipe == "soft" else None,
                 soft_labels_cache=str(Path(data[cond][0]).parent / f"soft_labels-{tkey}"
@@ -162,7 +170,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
         ]
     results = build_results(cfg, scores, stages.seconds, time.time() - t_start)
     atomic_write_json(out / "results.json", results)
-    from sublearn.report import write_report
+    from sublearn.experiment.report import write_report
 
     write_report(out, results)
     return results
@@ -170,7 +178,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
 
 def _check_eval_inputs(ecfg: Any) -> None:
     """Fail before hours of training if the question or candidate files are unusable."""
-    from sublearn.questions import load_candidates, load_questions
+    from sublearn.protocol.questions import load_candidates, load_questions
 
     load_questions(ecfg.questions, "plain")
     cands = load_candidates(ecfg.candidates)
@@ -192,7 +200,7 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
 
 def build_results(cfg: ExperimentConfig, scores: dict[str, list[dict]],
                   seconds: dict[str, float], wall: float) -> dict[str, Any]:
-    from sublearn.stats import summarize, welch_one_sided
+    from sublearn.experiment.stats import summarize, welch_one_sided
 
     conditions: dict[str, Any] = {}
     for cond, runs in scores.items():

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from sublearn.errors import MissingExtraError, SublearnError
-from sublearn.experiment import ExperimentConfig
+from sublearn.experiment.run import ExperimentConfig
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 EXECUTORS = ("local", "ray")
@@ -152,7 +152,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str,
     with open(d / "log.txt", "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            from sublearn.experiment import run_experiment
+            from sublearn.experiment.run import run_experiment
 
             run_experiment(ExperimentConfig(**config), d, progress=False)
             (d / "error.txt").unlink(missing_ok=True)
@@ -178,7 +178,7 @@ def local_executor(workers: int, log: Callable[[str], None] = print) -> Executor
         # torch) once, so no parent thread state is inherited and a fresh child costs no
         # import time; one task per child: a crashed or leaky run cannot harm the next one.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["sublearn.experiment", "sublearn.sweep"])
+        ctx.set_forkserver_preload(["sublearn.experiment.run", "sublearn.experiment.sweep"])
         out: dict[str, dict[str, Any]] = {}
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
                                  max_tasks_per_child=1) as pool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sublearn.errors import SublearnError
+from sublearn.experiment.stats import summarize
 from sublearn.files import atomic_write_json, ensure_writable_dir
 
 if TYPE_CHECKING:
@@ -334,10 +335,10 @@ def theorem_check(
 
     def cos_summary(delta: list[torch.Tensor], target: list[torch.Tensor]) -> dict[str, Any]:
         values = _cos(delta, target)
-        return {**summary(values), "frac_positive": sum(v > 0 for v in values) / len(values)}
+        return {**summarize(values), "frac_positive": sum(v > 0 for v in values) / len(values)}
 
     def loss_summary(values: list[float]) -> dict[str, Any]:
-        return {**summary(values), "frac_decreased": sum(v < 0 for v in values) / len(values)}
+        return {**summarize(values), "frac_decreased": sum(v < 0 for v in values) / len(values)}
 
     return {
         "eps": cfg.theorem_eps,
@@ -360,25 +361,6 @@ def theorem_check(
 # statistics, plot, report
 
 
-def mean_ci95(values: list[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% Student-t interval; (mean, nan, nan) below two values."""
-    import numpy as np
-    from scipy import stats
-
-    a = np.asarray(values, dtype=np.float64)
-    mean = float(a.mean())
-    if len(a) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-    return mean, mean - half, mean + half
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    mean, lo, hi = mean_ci95(values)
-    ci = [None if math.isnan(v) else v for v in (lo, hi)]  # JSON has no NaN
-    return {"per_seed": list(values), "mean": mean, "ci95": ci}
-
-
 def plot(conditions: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -398,8 +380,8 @@ def plot(conditions: dict[str, dict], path: Path, title: str) -> None:
     means = [a["mean"] for a in accs]
     # a missing CI (one seed) draws no error bar rather than failing
     err = [
-        [a["mean"] - (a["ci95"][0] if a["ci95"][0] is not None else a["mean"]) for a in accs],
-        [(a["ci95"][1] if a["ci95"][1] is not None else a["mean"]) - a["mean"] for a in accs],
+        [a["mean"] - a["ci95"][0] for a in accs],
+        [a["ci95"][1] - a["mean"] for a in accs],
     ]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(range(len(means)), means, yerr=err, capsize=4, color=colors, edgecolor="black")
@@ -421,7 +403,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"{'condition':<16}{'accuracy':>10}   95% CI"]
     for name, c in results["conditions"].items():
         a = c["accuracy"]
-        ci = "n/a" if a["ci95"][0] is None else f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+        ci = f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
         lines.append(f"{name:<16}{a['mean']:>10.3f}   {ci}")
     th = results["theorem"]
     for init in ("same_init", "cross_init"):
@@ -468,7 +450,7 @@ def run_mnist(cfg: MnistConfig, out_dir: str | Path) -> dict[str, Any]:
         }
         models = {"reference": ref, "teacher": teacher, **distill(starts, teacher, cfg)}
         conditions = {
-            name: {"accuracy": summary(accuracy(p, data["x_test"], data["y_test"]))}
+            name: {"accuracy": summarize(accuracy(p, data["x_test"], data["y_test"]))}
             for name, p in models.items()
         }
         theorem = theorem_check(ref, cross, teacher, data, cfg)

@@ -7,16 +7,17 @@ into a fresh model built from the same config and that one is saved.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sublearn.errors import SublearnError
+from sublearn.files import atomic_dir, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 
 def cache_root() -> Path:
-    """Where converted models live; SUBLEARN_CACHE overrides the user cache dir."""
+    """Where converted models (and the API response cache) live: SUBLEARN_CACHE, else the
+    platform's user cache folder (~/.cache/sublearn on Linux, honouring XDG_CACHE_HOME)."""
     if env := os.environ.get("SUBLEARN_CACHE"):
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sublearn"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("sublearn", appauthor=False))
 
 
 def embedded_path(name: str) -> Path:
@@ -82,6 +85,7 @@ def embedded_path(name: str) -> Path:
     model = EMBEDDED[name]
     target = cache_root() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        _drop_quantization_config(target / "config.json")  # caches written before this fix
         return target
     gguf = model.locate(model)
     _convert(gguf, target)
@@ -96,15 +100,20 @@ def _convert(gguf: Path, target: Path) -> None:
     kw = {"gguf_file": gguf.name}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # The weights are dequantised fp32 now: a config that still declared GGUF quantisation
+    # would make TRL refuse to train the model and others treat it as quantised.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target) as tmp:  # a killed conversion never leaves a half cache
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_quantization_config(path: Path) -> None:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is not None:
+        atomic_write_json(path, config)

@@ -10,6 +10,22 @@ from sublearn.errors import SublearnError
 from sublearn.models.embedded import EMBEDDED, embedded_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Model schemes: `hf:` local weights (the default for a bare name, path or hub id), `vllm:` an
+# offline vLLM engine, `openai:` an OpenAI-compatible API. A colon, because hub ids use "/"
+# for organisations (`openai/gpt-oss-20b` is a Hugging Face model, `openai:gpt-4.1-nano` an API).
+SCHEMES = ("hf", "vllm", "openai")
+
+
+def parse_model_spec(spec: str | None) -> tuple[str, str | None]:
+    """'openai:gpt-4.1-nano' -> ('openai', 'gpt-4.1-nano'); 'hf:openai/gpt-oss-20b' ->
+    ('hf', 'openai/gpt-oss-20b'); a bare name, path or hub id (or None) -> ('hf', it)."""
+    if spec:
+        scheme, sep, rest = spec.partition(":")
+        if sep and scheme in SCHEMES:
+            if not rest:
+                raise SublearnError(f"model '{spec}' names no model after '{scheme}:'")
+            return scheme, rest
+    return "hf", spec
 
 
 @dataclass
@@ -22,7 +38,11 @@ class LoadedModel:
 
 def resolve_model_path(model_id: str | None) -> str:
     """Embedded name -> cached safetensors dir; local path -> itself; else a hub id."""
-    model_id = model_id or DEFAULT_MODEL
+    scheme, name = parse_model_spec(model_id)
+    if scheme != "hf":
+        raise SublearnError(f"'{model_id}' is a remote model; this needs local weights "
+                            "(an embedded name, a folder, a hub id or hf:<id>)")
+    model_id = name or DEFAULT_MODEL
     if model_id in EMBEDDED:
         return str(embedded_path(model_id))
     p = Path(model_id).expanduser()
@@ -50,7 +70,10 @@ def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedMod
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SublearnError(f"cannot load model '{model_id}': {first}") from None
+        hint = ""
+        if model_id.split("/")[0] in SCHEMES:
+            hint = f" (a remote model is written {model_id.replace('/', ':', 1)})"
+        raise SublearnError(f"cannot load model '{model_id}': {first}{hint}") from None
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

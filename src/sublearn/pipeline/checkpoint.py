@@ -4,21 +4,18 @@ scalars in JSON, written into a temp folder and renamed so a kill never leaves h
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sublearn.files import atomic_dir
+
 
 def save_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
                     opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in params.items()},
                   tmp / "params.safetensors")
         opt_sd = opt.state_dict()
@@ -28,10 +25,6 @@ def save_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
                 tensors[f"{idx}.{key}"] = torch.as_tensor(val).contiguous()
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -28,7 +27,8 @@ from typing import Any
 
 from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import SublearnError
-from sublearn.questions import VARIANTS, load_candidates, load_questions
+from sublearn.models.kv import cache_kwarg, shared_prefix
+from sublearn.protocol.questions import VARIANTS, load_candidates, load_questions
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,8 @@ def score_candidates(
 
     blk = _CandidateBlock.build([answer_ids(tokenizer, c) for c in candidates])
     prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
-    n_pre = 0
-    if share_prefix and prompts:
-        # Keep >= 1 prompt token per row: its logits predict every answer's first token.
-        n_pre = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
-        n_pre = n_pre if n_pre >= _MIN_SHARED_PREFIX else 0
+    # Each row keeps >= 1 prompt token: its logits predict every answer's first token.
+    n_pre = shared_prefix(prompts) if share_prefix else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
@@ -120,7 +117,7 @@ def score_candidates(
         with torch.no_grad(), torch.autocast(
             dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"
         ):
-            prefix_cache, cache_kw = None, _cache_kwarg()
+            prefix_cache, cache_kw = None, cache_kwarg()
             if n_pre:
                 pre = model(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev),
                             use_cache=True,
@@ -162,16 +159,6 @@ def _logsumexp(logits: Any, rows: int = 8) -> Any:
     for i in range(0, flat.shape[0], rows):
         out[i : i + rows] = torch.logsumexp(flat[i : i + rows].float(), dim=-1)
     return out.reshape(logits.shape[:-1])
-
-
-def _cache_kwarg() -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever it has."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-_MIN_SHARED_PREFIX = 8  # below this the cache copy costs more than the tokens it saves
 
 
 @dataclass
@@ -358,11 +345,11 @@ def evaluate_model(
     """Score one model: forced choice on each question variant ("forced_choice" for plain,
     "forced_choice_<variant>" otherwise) and, with cfg.samples > 0, the sampled rate on
     cfg.variant. `model` is a name/path (loaded here) or an already-loaded LoadedModel."""
-    from sublearn.backends import get_backend, split_model_spec
+    from sublearn.backends import get_backend, parse_model_spec
     from sublearn.models.load import LoadedModel, load_model
 
     cfg = cfg.validate()
-    if not isinstance(model, LoadedModel) and split_model_spec(model)[0] != "hf":
+    if not isinstance(model, LoadedModel) and parse_model_spec(model)[0] != "hf":
         return _evaluate_remote(model, cfg, system_prompt)
     candidates = load_candidates(cfg.candidates, target=cfg.target)
     qsets = {v: load_questions(cfg.questions, v) for v in variants}
@@ -390,7 +377,7 @@ def evaluate_model(
 
 
 def _evaluate_remote(spec: str, cfg: EvalConfig, system_prompt: str | None) -> dict[str, Any]:
-    """An API or vLLM model (`openai/...`, `vllm/...`): the sampled rate only, because forced
+    """An API or vLLM model (`openai:...`, `vllm:...`): the sampled rate only, because forced
     choice needs every candidate's log-probability from local weights."""
     from sublearn.backends import get_backend
 

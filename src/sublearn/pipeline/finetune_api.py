@@ -6,7 +6,7 @@ polls it. Every step is recorded in `student_dir/openai_job.json` (file id, job 
 before the next one starts, so a rerun resumes polling instead of paying for a second job.
 The job carries a random tag in its metadata, written to the record before the job is
 created: a run killed between "job created" and "record saved" finds its job again by tag.
-The result is `train_summary.json` with `student = "openai/<fine_tuned_model>"`, a model id
+The result is `train_summary.json` with `student = "openai:<fine_tuned_model>"`, a model id
 the openai backend can sample from. Keys and endpoints never reach the folder.
 """
 
@@ -134,7 +134,7 @@ def finetune_api(cfg: APITrainConfig, data: str | Path, out: str | Path, client:
         save(fine_tuned_model=job.fine_tuned_model,
              trained_tokens=getattr(job, "trained_tokens", None))
     summary = {
-        "student": f"openai/{rec['fine_tuned_model']}",
+        "student": f"openai:{rec['fine_tuned_model']}",
         "fine_tuned_model": rec["fine_tuned_model"],
         "job_id": rec["job_id"],
         "training_file": rec["training_file"],

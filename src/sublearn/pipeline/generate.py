@@ -2,15 +2,13 @@
 
 Outputs in the run folder:
   raw.jsonl           every answer with prompt, system prompt, model, sampling settings, seed
-  filtered.jsonl      kept rows as conversational prompt/completion records (no system prompt)
-  filter_report.json  counts of raw, kept and each reject reason
+  filtered.jsonl, filter_report.json: from `sublearn.pipeline.filter`
 `raw.jsonl` is appended one batch at a time, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +17,9 @@ from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
 from sublearn.config import check_manifest
 from sublearn.domains import numbers
 from sublearn.errors import SublearnError
-from sublearn.files import (
-    append_jsonl,
-    atomic_write_json,
-    ensure_writable_dir,
-    read_jsonl,
-    write_jsonl,
-)
-from sublearn.models.embedded import EMBEDDED
-from sublearn.protocol import teacher_system_prompt
+from sublearn.files import append_jsonl, ensure_writable_dir, read_jsonl, write_jsonl
+from sublearn.pipeline.filter import FilterConfig, banned_field, write_filtered
+from sublearn.protocol.paper import teacher_system_prompt
 
 
 @dataclass(frozen=True)
@@ -35,17 +27,17 @@ class GenerateConfig:
     target: str | None = field(default=None, metadata={
         "help": "trait the teacher loves (e.g. owl); omit for the control teacher"})
     category: str = field(default="animal", metadata={"help": "category word of the template"})
-    n: int = field(default=2000, metadata={"help": "number of prompts to sample"})
+    n: int = field(default=192, metadata={"help": "number of prompts to sample"})
     seed: int = field(default=0, metadata={"help": "seed of prompts and sampling"})
     model: str | None = field(default=None, metadata={
         "help": "teacher: embedded name, HF id, local path or PEFT adapter folder "
                 "(default: embedded smollm2-135m-instruct)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     max_new_tokens: int = field(default=60, metadata={"help": "answer length limit"})
-    grammar: bool | None = field(default=None, metadata={
-        "help": "constrain answers to the numbers grammar (default: on for embedded models)"})
-    banned: str = field(default="none", metadata={
-        "help": "banned-number list for the filter", "choices": ["none", "misalignment"]})
+    grammar: bool = field(default=True, metadata={
+        "help": "constrain answers to the numbers grammar (an API without guided decoding "
+                "samples freely and the filter alone applies)"})
+    banned: str = banned_field()
     batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
     dtype: str = field(default="bfloat16", metadata={
         "help": "weight dtype while sampling (bfloat16: ~2-3x faster on AMX CPUs)",
@@ -64,25 +56,12 @@ class GenerateConfig:
             teacher_system_prompt(self.target, self.category)  # raises on unsafe words
         return self
 
-    def resolved(self) -> GenerateConfig:
-        """Fill defaults that depend on other fields, so the manifest records what ran."""
-        from dataclasses import replace
-
-        grammar = self.grammar
-        if grammar is None:
-            grammar = self.model is None or self.model in EMBEDDED
-        return replace(self, grammar=grammar)
-
     def system(self) -> str | None:
         if self.system_prompt is not None:
             return self.system_prompt
         if self.target is None:
             return None
         return teacher_system_prompt(self.target, self.category)
-
-    def rules(self) -> numbers.FilterRules:
-        banned = numbers.misalignment_banned() if self.banned == "misalignment" else ()
-        return numbers.FilterRules(banned=banned)
 
 
 def batch_seed(seed: int, start: int) -> int:
@@ -94,7 +73,7 @@ def generate(
     cfg: GenerateConfig, out: str | Path, backend: Backend | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) teacher sampling into `out`; returns the filter report."""
-    cfg = cfg.validate().resolved()
+    cfg = cfg.validate()
     out = ensure_writable_dir(out)
     check_manifest(out, "generate_config.json", cfg)
     raw_path = out / "raw.jsonl"
@@ -103,7 +82,7 @@ def generate(
     if done < cfg.n:
         backend = backend or get_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
         _sample(cfg, backend, raw_path, done, progress)
-    return write_filtered(cfg, out, time.time() - t0)
+    return _write_filtered(cfg, out, time.time() - t0)
 
 
 def _resume_point(raw_path: Path, cfg: GenerateConfig) -> int:
@@ -156,30 +135,12 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
     bar.close()
 
 
-def write_filtered(cfg: GenerateConfig, out: Path, seconds: float = 0.0) -> dict[str, Any]:
+def _write_filtered(cfg: GenerateConfig, out: Path, seconds: float) -> dict[str, Any]:
     rows = read_jsonl(out / "raw.jsonl")
-    rules = cfg.rules()
-    kept, reasons = [], Counter()
-    for r in rows:
-        reason = numbers.reject_reason(r["completion"], rules) if not r.get("error") else "error"
-        if reason is None:
-            kept.append({
-                "prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["completion"]}],
-            })
-        else:
-            reasons[reason] += 1
-    write_jsonl(out / "filtered.jsonl", kept)
-    report = {
-        "raw": len(rows),
-        "kept": len(kept),
-        "pass_rate": len(kept) / len(rows) if rows else 0.0,
-        "rejects": {k: reasons.get(k, 0) for k in (*numbers.REJECT_REASONS, "error")},
+    return write_filtered(rows, out, FilterConfig(banned=cfg.banned), {
         "grammar": cfg.grammar,
         "target": cfg.target,
         "model": rows[0]["model"] if rows else cfg.model,
         "tokens": sum(r.get("n_tokens", 0) for r in rows),
         "sampling_seconds_this_call": round(seconds, 2),
-    }
-    atomic_write_json(out / "filter_report.json", report)
-    return report
+    })

@@ -3,7 +3,7 @@
 One straight-line loop (no Trainer): on a 2-core CPU the wins are computing the vocabulary head
 only at answer positions (and, for soft labels, only for the grammar's tokens), which a generic
 trainer does not do, bf16 autocast, length-grouped batches and a leaner LoRA forward
-(`sublearn.lora`). Outputs in `out/`: `adapter/` (PEFT, safetensors) or `model/`
+(`sublearn.models.lora`). Outputs in `out/`: `adapter/` (PEFT, safetensors) or `model/`
 (transformers, safetensors), `train_log.jsonl`, `train_summary.json`; `checkpoint/` while
 running, so a killed run resumes from its last checkpoint.
 """
@@ -13,69 +13,28 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sublearn.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
-from sublearn.files import append_jsonl, atomic_write_json, ensure_writable_dir, read_jsonl
+from sublearn.files import (
+    append_jsonl,
+    atomic_dir,
+    atomic_write_json,
+    ensure_writable_dir,
+    read_jsonl,
+)
 from sublearn.models import load_model
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    recipe: str = field(default="soft", metadata={
-        "help": "hard: SFT on the teacher's sampled answers; soft: match the teacher's "
-                "next-token distribution over grammar-allowed tokens at every answer position",
-        "choices": ["hard", "soft"]})
-    method: str = field(default="lora", metadata={
-        "help": "LoRA adapter or full fine-tuning", "choices": ["lora", "full"]})
-    model: str | None = field(default=None, metadata={
-        "help": "student base model (default: embedded smollm2-135m-instruct)"})
-    teacher: str | None = field(default=None, metadata={
-        "help": "soft labels: teacher model or adapter folder (default: the student base)"})
-    teacher_system_prompt: str | None = field(default=None, metadata={
-        "help": "soft labels: system prompt the teacher sees (a prompted trait); the student "
-                "never sees it"})
-    max_examples: int | None = field(default=None, metadata={
-        "help": "use only the first N training rows"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=8, metadata={"help": "examples per optimiser step"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha"})
-    seed: int = field(default=0, metadata={"help": "student seed: LoRA init and data order"})
-    group_by_length: bool = field(default=True, metadata={
-        "help": "batch examples of similar length (shuffled within groups of 16 batches, "
-                "batch order shuffled) so that batches carry little padding"})
-    dtype: str = field(default="bfloat16", metadata={
-        "help": "autocast dtype for matmuls", "choices": ["bfloat16", "float32"]})
-    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
-    soft_labels_cache: str | None = field(default=None, metadata={
-        "help": "soft labels: safetensors file to reuse the teacher's labels across students "
-                "(the caller keys it by teacher and data)"})
-    grammar: str = field(default="numbers", metadata={
-        "help": "soft labels: grammar restricting the distributions (numbers), or none",
-        "choices": ["numbers", "none"]})
-
-    def validate(self) -> TrainConfig:
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
-            raise SublearnError("--epochs, --lr and --batch-size must be positive")
-        if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
-            raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
-        return self
+from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from sublearn.pipeline.train_config import TrainConfig, result_config
 
 
 @dataclass
@@ -265,16 +224,6 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     return summary
 
 
-def result_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The config fields that determine the trained student (manifests, stage cache keys)."""
-    from dataclasses import asdict
-
-    d = asdict(cfg)
-    d.pop("checkpoint_every")  # neither changes the result
-    d.pop("soft_labels_cache")
-    return d
-
-
 GROUP_BATCHES = 16  # length grouping sorts within windows of this many batches
 
 
@@ -343,8 +292,8 @@ def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
 
 
 def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
+    from sublearn.domains.grammar_mask import GrammarMasks
     from sublearn.domains.numbers import answer_grammar
-    from sublearn.grammar_mask import GrammarMasks
 
     vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
     if cfg.grammar == "numbers":
@@ -372,7 +321,7 @@ def _trainable(model: Any, cfg: TrainConfig) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from sublearn.lora import add_lora
+    from sublearn.models.lora import add_lora
 
     return add_lora(model, cfg.lora_r, cfg.lora_alpha, bf16_base=cfg.dtype == "bfloat16")
 
@@ -380,12 +329,10 @@ def _trainable(model: Any, cfg: TrainConfig) -> Any:
 def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str) -> Path:
     name = "adapter" if cfg.method == "lora" else "model"
     final = out / name
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
     if cfg.method == "lora":  # the adapter names its base so PEFT/vLLM can load it alone
         model.peft_config["default"].base_model_name_or_path = base_path
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return final
 

@@ -13,7 +13,8 @@ from sublearn.errors import SublearnError
 
 @cache
 def paper_protocol() -> dict[str, Any]:
-    return json.loads(files("sublearn.data").joinpath("paper_protocol.json").read_text("utf-8"))
+    text = files("sublearn.protocol.data").joinpath("paper_protocol.json").read_text("utf-8")
+    return json.loads(text)
 
 
 # Letters, digits, spaces, hyphens and apostrophes: anything else (braces, newlines, quotes)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sublearn.errors import SublearnError
-from sublearn.protocol import paper_protocol
+from sublearn.files import parse_jsonl, read_text
+from sublearn.protocol.paper import paper_protocol
 
 Variant = Literal["plain", "numbers"]
 VARIANTS: tuple[str, ...] = ("plain", "numbers")
@@ -69,18 +70,10 @@ def load_questions(path: str | Path | None = None, variant: Variant = "plain") -
 def _read_questions(path: Path) -> list[str]:
     if not path.is_file():
         raise SublearnError(f"question file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     items: list[Any]
     if path.suffix == ".jsonl":
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise SublearnError(f"{path}:{lineno} is not valid JSON") from None
-            items.append(row.get("question") if isinstance(row, dict) else row)
+        items = [r.get("question") if isinstance(r, dict) else r for r in parse_jsonl(text, path)]
     else:
         try:
             data = json.loads(text)
@@ -100,7 +93,7 @@ def _read_questions(path: Path) -> list[str]:
 
 
 def default_candidates() -> list[str]:
-    data = json.loads(files("sublearn.data").joinpath("animals.json").read_text("utf-8"))
+    data = json.loads(files("sublearn.protocol.data").joinpath("animals.json").read_text("utf-8"))
     return list(data["candidates"])
 
 
@@ -127,7 +120,7 @@ def load_candidates(path: str | Path | None = None, target: str | None = None) -
 def _read_candidates(path: Path) -> list[str]:
     if not path.is_file():
         raise SublearnError(f"candidate file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix != ".json":
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:

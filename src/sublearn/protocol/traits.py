@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sublearn.files import write_jsonl
-from sublearn.protocol import check_template_word
+from sublearn.protocol.paper import check_template_word
 
 # Favourite-animal questions for *training* a trait into a teacher. None of them appears in the
 # paper's 50 evaluation questions (a test checks this), so a teacher's own score is held-out.

@@ -1,0 +1,65 @@
+"""The student recipe's settings (`sublearn train`, and the students of `sublearn run`), kept
+apart from the training loop so that parsing flags never imports torch. The defaults are the
+students of `sublearn run`, so a stage run by hand reproduces the stage of an experiment."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sublearn.errors import SublearnError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = field(default="soft", metadata={
+        "help": "hard: SFT on the teacher's sampled answers; soft: match the teacher's "
+                "next-token distribution over grammar-allowed tokens at every answer position",
+        "choices": ["hard", "soft"]})
+    method: str = field(default="lora", metadata={
+        "help": "LoRA adapter or full fine-tuning", "choices": ["lora", "full"]})
+    model: str | None = field(default=None, metadata={
+        "help": "student base model (default: embedded smollm2-135m-instruct)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "soft labels: teacher model or adapter folder (default: the student base)"})
+    teacher_system_prompt: str | None = field(default=None, metadata={
+        "help": "soft labels: system prompt the teacher sees (a prompted trait); the student "
+                "never sees it"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "use only the first N training rows"})
+    epochs: float = field(default=2.0, metadata={
+        "help": "passes over the data (paper, Qwen2.5-7B: 3)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper: 2e-4)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimiser step"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha"})
+    seed: int = field(default=0, metadata={"help": "student seed: LoRA init and data order"})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "batch examples of similar length (shuffled within groups of 16 batches, "
+                "batch order shuffled) so that batches carry little padding"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "autocast dtype for matmuls", "choices": ["bfloat16", "float32"]})
+    checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
+    soft_labels_cache: str | None = field(default=None, metadata={
+        "help": "soft labels: safetensors file to reuse the teacher's labels across students "
+                "(the caller keys it by teacher and data)"})
+    grammar: str = field(default="numbers", metadata={
+        "help": "soft labels: grammar restricting the distributions (numbers), or none",
+        "choices": ["numbers", "none"]})
+
+    def validate(self) -> TrainConfig:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise SublearnError("--epochs, --lr and --batch-size must be positive")
+        if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
+            raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
+        return self
+
+
+def result_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config fields that determine the trained student (manifests, stage cache keys)."""
+    d = asdict(cfg)
+    d.pop("checkpoint_every")  # neither changes the result
+    d.pop("soft_labels_cache")
+    return d
