@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from sublearn.bench.run import QUICK, markdown, padding_overhead, run_bench
+from sublearn.bench import QUICK, markdown, run_bench
+from sublearn.bench.generation import padding_overhead
 from sublearn.cli import main
 
 # tiny sizes: the schema is the same at any size

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import replace
 
-    from sublearn.bench.run import QUICK, STAGES, Sizes, markdown, run_bench
+    from sublearn.bench import QUICK, STAGES, Sizes, markdown, run_bench
     from sublearn.errors import SublearnError
     from sublearn.files import atomic_write_json, ensure_writable_dir
 

@@ -1,0 +1,83 @@
+"""Evaluation: packed forced-choice scoring vs one forward per (question, candidate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sublearn.bench.common import Arch, Sizes, clocked, throughput
+
+
+@torch.no_grad()
+def naive_scores(model: Any, tok: Any, questions: Sequence[str], candidates: Sequence[str],
+                 device: torch.device) -> torch.Tensor:
+    """Baseline: one fp32 forward per (question, candidate), full sequence, no cache."""
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
+
+    out = torch.empty(len(questions), len(candidates), dtype=torch.float64)
+    answers = [answer_ids(tok, c) for c in candidates]
+    for qi, q in enumerate(questions):
+        p = prompt_ids(tok, q)
+        for ci, a in enumerate(answers):
+            logits = model(input_ids=torch.tensor([p + a], device=device), use_cache=False).logits
+            logp = torch.log_softmax(logits[0, len(p) - 1 : -1].float(), dim=-1)
+            out[qi, ci] = float(logp.gather(1, torch.tensor(a, device=device)[:, None]).sum())
+    return out
+
+
+def eval_work(tok: Any, questions: Sequence[str], candidates: Sequence[str],
+              batch: int) -> dict[str, tuple[int, int]]:
+    """(body tokens, head rows) of score_candidates' packed layout and of the naive loop."""
+    from sublearn.models.kv import shared_prefix
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
+
+    ps = [prompt_ids(tok, q) for q in questions]
+    ans = [answer_ids(tok, c) for c in candidates]
+    block = sum(len(a) - 1 for a in ans)
+    n_pre = shared_prefix(ps)
+    lens = sorted(len(p) - n_pre for p in ps)
+    tokens = n_pre + sum((max(lens[s : s + batch]) + block) * len(lens[s : s + batch])
+                         for s in range(0, len(lens), batch))
+    naive = sum(len(p) + len(a) for p in ps for a in ans)
+    return {"ours": (tokens, len(ps) * (block + 1)), "baseline": (naive, naive)}
+
+
+def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any],
+                     device: torch.device) -> dict[str, Any]:
+    from sublearn.pipeline.evaluate import score_candidates
+    from sublearn.protocol.questions import load_candidates, load_questions
+
+    tok, model, arch = lm.tokenizer, lm.model, Arch.of(lm.model)
+    qs = load_questions(None, "plain")[: sizes.questions]
+    cands = load_candidates(None, target="owl")
+    work = eval_work(tok, qs, cands, 8)
+
+    def ours(**kw: Any) -> tuple[torch.Tensor, float, float]:
+        score_candidates(model, tok, qs[:1], cands, **kw)  # warm-up
+        return clocked(lambda: score_candidates(model, tok, qs, cands, **kw), device)
+
+    lp16, s16, c16 = ours(dtype="bfloat16")
+    lp32, s32, _ = ours(dtype="float32")
+    naive_scores(model, tok, qs[:1], cands[:1], device)  # warm-up
+    lpn, sn, cn = clocked(lambda: naive_scores(model, tok, qs, cands, device), device)
+    # one question shares its whole prompt with itself: the prefix lever needs two or more
+    s_noshare = ours(dtype="bfloat16", share_prefix=False)[1] if len(qs) > 1 else None
+    res: dict[str, Any] = {
+        "ours": throughput(len(qs), s16, arch.flops(2, *work["ours"]), peak, "questions", c16),
+        "baseline": throughput(len(qs), sn, arch.flops(2, *work["baseline"]), peak,
+                               "questions", cn),
+        "questions": len(qs), "candidates": len(cands),
+        "max_abs_logprob_diff_fp32_vs_baseline": float((lp32 - lpn).abs().max()),
+        "levers": {"bf16_autocast_speedup": s32 / s16,
+                   "prefix_kv_cache_speedup": s_noshare / s16 if s_noshare else None,
+                   "fp32_seconds": s32, "no_shared_prefix_seconds": s_noshare},
+    }
+    res["ratio"] = res["ours"]["per_s"] / res["baseline"]["per_s"]
+    res["ratio_cpu"] = cn / c16
+    ti = [c.lower() for c in cands].index("owl")
+    share16, share32 = torch.softmax(lp16, 1)[:, ti], torch.softmax(lp32, 1)[:, ti]
+    res["_target_share"] = {"max_abs_diff": float((share16 - share32).abs().max()),
+                            "mean_fp32": float(share32.mean()), "mean_bf16": float(share16.mean())}
+    return res

@@ -1,0 +1,294 @@
+"""Generation: HFBackend (bf16, grammar, our decoding loop) vs transformers `generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from sublearn.bench.common import (
+    MATMUL_SHAPES,
+    SEED,
+    Arch,
+    Sizes,
+    autocast,
+    clocked,
+    matmul_gflops,
+    throughput,
+    timed,
+)
+
+
+def threads_lever(lm: Any, texts: list[str], threads: int, device: torch.device,
+                  reps: int) -> dict[str, Any]:
+    """torch.set_num_threads: matmul rate and a bf16 prefill at 1 vs `threads` threads."""
+    before = torch.get_num_threads()
+    enc = _left_padded(lm.tokenizer, texts[:16], device)
+    out: dict[str, Any] = {}
+    try:
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            with torch.no_grad(), autocast(device, True):
+                lm.model(**enc, logits_to_keep=1)  # warm-up
+                _, s = timed(lambda: lm.model(**enc, logits_to_keep=1), device)
+            out[str(n)] = {"bf16_gflops": matmul_gflops(MATMUL_SHAPES[0], torch.bfloat16,
+                                                        device, reps),
+                           "fp32_gflops": matmul_gflops(MATMUL_SHAPES[0], torch.float32,
+                                                        device, reps),
+                           "prefill_s": s}
+    finally:
+        torch.set_num_threads(before)
+    one, many = out["1"], out[str(threads)]
+    out["prefill_speedup"] = one["prefill_s"] / many["prefill_s"]
+    out["helps"] = out["prefill_speedup"] > 1.1
+    return out
+
+
+
+
+def chat_texts(tok: Any, prompts: Sequence[str]) -> list[str]:
+    """Paper number prompts as the user turn, no system prompt (the template's default)."""
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                    add_generation_prompt=True) for p in prompts]
+
+
+def _left_padded(tok: Any, texts: list[str], device: torch.device) -> dict[str, Any]:
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def hf_generate(model: Any, tok: Any, texts: list[str], *, seed: int, batch: int,
+                max_new_tokens: int, device: torch.device, bf16: bool = False,
+                grammar: Any = None) -> list[Any]:
+    """Plain `generate`, T=1 over the full distribution: the baseline (fp32, no grammar); with
+    bf16/grammar it mirrors HFBackend on devices HFBackend does not handle (CUDA)."""
+    from sublearn.backends.base import Completion
+
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    out = []
+    for s in range(0, len(texts), batch):
+        enc = _left_padded(tok, texts[s : s + batch], device)
+        procs = []
+        if grammar is not None:
+            from xgrammar.contrib.hf import LogitsProcessor
+
+            procs.append(LogitsProcessor(grammar))
+        torch.manual_seed(seed + s)
+        with autocast(device, bf16):
+            gen = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id, logits_processor=procs)
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            n = row.index(eos) if eos in row else len(row)
+            out.append(Completion(text=tok.decode(row[:n], skip_special_tokens=True),
+                                  n_tokens=n, finish_reason="stop" if n < len(row) else "length"))
+    return out
+
+
+def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
+              cols: int | None) -> tuple[int, int, int | None]:
+    """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
+    shared prefix runs once per batch, rows leave when their answer ends."""
+    from sublearn.models.kv import shared_prefix
+
+    tokens = rows = 0
+    for s in range(0, len(texts), batch):
+        ids = [tok(t, add_special_tokens=False).input_ids for t in texts[s : s + batch]]
+        chunk = comps[s : s + batch]
+        n_pre = shared_prefix(ids)
+        steps = [c.n_tokens + (c.finish_reason == "stop") for c in chunk]
+        tokens += n_pre + len(ids) * (max(map(len, ids)) - n_pre) + sum(steps) - len(steps)
+        rows += sum(steps)
+    return tokens, rows, cols
+
+
+def generation_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
+                    max_new_tokens: int) -> tuple[int, int]:
+    """(tokens through the body, LM-head rows) of batched `generate`: each batch runs until its
+    longest answer ends; prefill projects only the last position."""
+    tokens = rows = 0
+    for s in range(0, len(texts), batch):
+        chunk = comps[s : s + batch]
+        width = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts[s : s + batch])
+        steps = min(max_new_tokens, max(c.n_tokens + (c.finish_reason == "stop") for c in chunk))
+        tokens += len(chunk) * (width + steps - 1)
+        rows += len(chunk) * steps
+    return tokens, rows
+
+
+def _gen_summary(comps: list[Any], seconds: float, cpu: float, work: tuple[int, ...],
+                 arch: Arch, peak: dict[str, Any]) -> dict[str, Any]:
+    from sublearn.domains.numbers import reject_reason
+
+    n_tok = sum(c.n_tokens for c in comps)
+    passed = sum(reject_reason(c.text) is None for c in comps)
+    out = throughput(len(comps), seconds, arch.flops(2, *work), peak, "samples", cpu)
+    out.update(tokens=n_tok, tokens_per_s=n_tok / seconds, pass_rate=passed / len(comps),
+               passing_per_s=passed / seconds, mean_tokens=n_tok / len(comps),
+               body_tokens=work[0], head_rows=work[1], examples=[c.text for c in comps[:3]])
+    return out
+
+
+def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.device,
+                     levers: bool) -> dict[str, Any]:
+    from sublearn.backends.base import ChatRequest, SamplingParams
+    from sublearn.backends.hf import HFBackend
+    from sublearn.domains.numbers import answer_grammar, make_prompts
+
+    tok, arch = lm.tokenizer, Arch.of(lm.model)
+    prompts = make_prompts(sizes.prompts, SEED)
+    texts = chat_texts(tok, prompts)
+    reqs = [ChatRequest(p) for p in prompts]
+    grammar = answer_grammar()
+    kw = {"batch": sizes.batch, "max_new_tokens": sizes.max_new_tokens, "device": device}
+
+    backends: dict[bool, HFBackend] = {}
+
+    def backend(bf16: bool) -> HFBackend:
+        if bf16 not in backends:  # bf16: a bf16 copy of the weights, made once
+            backends[bf16] = HFBackend(None, dtype="bfloat16" if bf16 else "float32",
+                                       batch_size=sizes.batch, loaded=lm)
+        return backends[bf16]
+
+    def ours(bf16: bool = True, constrained: bool = True) -> Callable[[int, int], list[Any]]:
+        be = backend(bf16)  # the real code path
+        return lambda n, new: be.generate(reqs[:n], SamplingParams(
+            max_new_tokens=new, grammar=grammar if constrained else None), SEED)
+
+    def baseline(n: int, new: int) -> list[Any]:
+        return hf_generate(lm.model, tok, texts[:n], seed=SEED,
+                           **{**kw, "max_new_tokens": new})
+
+    def hf_bf16_grammar(n: int, new: int) -> list[Any]:
+        """transformers `generate` on our bf16 weights with xgrammar's logits processor:
+        what our own decoding loop replaces."""
+        # the backend's compiled grammar: compiling inside the timed call would bill it here
+        return hf_generate(backend(True).model, tok, texts[:n], seed=SEED,
+                           grammar=backend(True)._grammar(grammar),
+                           **{**kw, "max_new_tokens": new})
+
+    def run(fn: Callable[[int, int], list[Any]], n: int = len(texts), loop: bool = True,
+            constrained: bool = True) -> dict[str, Any]:
+        fn(2, 4)  # warm-up: kernels, grammar compilation
+        comps, s, cpu = clocked(lambda: fn(n, sizes.max_new_tokens), device)
+        if loop:  # our loop: rows leave the batch, the head covers the grammar's tokens
+            sub = backend(True)._subsets.get(grammar) if constrained else None
+            cols = len(sub.ids) if sub is not None else None
+            work = loop_work(tok, texts[:n], comps, sizes.batch, cols)
+        else:
+            work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
+        return _gen_summary(comps, s, cpu, work, arch, peak)
+
+    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(baseline, loop=False)}
+    o, b = res["ours"], res["baseline"]
+    res.update(ratio=o["per_s"] / b["per_s"], tokens_ratio=o["tokens_per_s"] / b["tokens_per_s"],
+               ratio_cpu=b["cpu_seconds"] / o["cpu_seconds"],
+               passing_ratio=o["passing_per_s"] / b["passing_per_s"] if b["passing_per_s"]
+               else None, prompts=len(texts), batch=sizes.batch,
+               max_new_tokens=sizes.max_new_tokens)
+    res["levers"] = {"length_batching": length_batching_gen(tok, o, sizes)}
+    if levers:
+        # on half a batch, against ours on the same prompts: the unconstrained variant
+        # variant runs all 60 steps and would otherwise dominate the default run's time
+        n = min(len(texts), max(2, sizes.batch // 2))
+        ref = o if n == len(texts) else run(ours(), n)
+        res["levers"].update(generation_levers(
+            ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False),
+            run(hf_bf16_grammar, n, loop=False)))
+        res["levers"]["prompts"] = n
+        res["levers"]["prefix_kv_cache"] = prefix_cache_lever(
+            replace(lm, model=backend(True).model), texts[:n], device, ref["seconds"])
+    return res
+
+
+def generation_levers(ref: dict[str, Any], fp32: dict[str, Any], free: dict[str, Any],
+                      hf: dict[str, Any]) -> dict[str, Any]:
+    """bf16 weights (vs fp32, both constrained), the grammar (vs unconstrained, both bf16;
+    also in strict-filter-passing samples/s) and our decoding loop (vs `generate` with the
+    same weights and grammar): speed-up in samples/s."""
+    keys = ("per_s", "tokens_per_s", "pass_rate", "passing_per_s", "mean_tokens", "gflops",
+            "seconds")
+    return {
+        "ours_on_these_prompts": {k: ref[k] for k in keys},
+        "fp32_with_grammar": {k: fp32[k] for k in keys},
+        "bf16_no_grammar": {k: free[k] for k in keys},
+        "hf_generate_bf16_grammar": {k: hf[k] for k in keys},
+        "bf16_speedup": ref["per_s"] / fp32["per_s"],
+        "grammar_speedup": ref["per_s"] / free["per_s"],
+        "grammar_passing_speedup": ref["passing_per_s"] / free["passing_per_s"]
+        if free["passing_per_s"] else None,
+        "decode_loop_speedup": ref["per_s"] / hf["per_s"],
+    }
+
+
+def length_batching_gen(tok: Any, ours: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+    """Counted, not timed: prefill padding of prompt batches in random vs length-sorted order
+    (a 2000-prompt run), and decode rows wasted waiting for a batch's longest answer."""
+    from sublearn.domains.numbers import make_prompts
+
+    lens = [len(tok(t, add_special_tokens=False).input_ids)
+            for t in chat_texts(tok, make_prompts(256, SEED + 1))]
+    rand, srt = padding_overhead(lens, sizes.batch)
+    return {"prefill_padding_random": rand, "prefill_padding_sorted": srt,
+            "decode_useful_fraction": ours["tokens"] / max(1, ours["head_rows"]),
+            "note": "padding = padded / real prompt tokens - 1 (batches of a 256-prompt run); "
+                    "decode fraction = generated tokens / row-steps decoded"}
+
+
+def padding_overhead(lens: list[int], batch: int) -> tuple[float, float]:
+    """Padded / real tokens - 1, for batches in the given order and sorted by length."""
+    def over(order: list[int]) -> float:
+        padded = sum(max(order[s : s + batch]) * len(order[s : s + batch])
+                     for s in range(0, len(order), batch))
+        return padded / sum(order) - 1
+
+    return over(lens), over(sorted(lens))
+
+
+@torch.no_grad()
+def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
+                       gen_seconds: float) -> dict[str, Any]:
+    """Prefill of one generation batch with and without reusing the KV cache of the prompts'
+    shared chat prefix (the default system turn), in bf16 as in HFBackend."""
+    from sublearn.models.kv import cache_kwarg, shared_prefix
+
+    tok, model = lm.tokenizer, lm.model
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    n_pre = shared_prefix(ids, min_len=1)
+    if n_pre < 1:
+        return {"skipped": "no shared prefix"}
+    full = _left_padded(tok, texts, device)
+    full["position_ids"] = (full["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    width = max(len(x) for x in ids) - n_pre
+    suf = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    smask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        suf[i, width - len(x) + n_pre :] = torch.tensor(x[n_pre:])
+        smask[i, width - len(x) + n_pre :] = 1
+    mask = torch.cat([torch.ones(len(ids), n_pre, dtype=torch.long), smask], 1).to(device)
+    pos = (n_pre + smask.cumsum(-1) - 1).clamp(min=n_pre).to(device)
+    kw = cache_kwarg()
+
+    def cached() -> Any:
+        pre = model(input_ids=torch.tensor([ids[0][:n_pre]], device=device), use_cache=True)
+        cache = getattr(pre, kw)
+        cache.batch_repeat_interleave(len(ids))
+        return model(input_ids=suf.to(device), attention_mask=mask, position_ids=pos,
+                     use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+
+    with autocast(device, next(model.parameters()).dtype == torch.float32):
+        ref = model(**full, use_cache=True, logits_to_keep=1).logits  # warm-up + reference
+        got = cached()
+        _, t_full = timed(lambda: model(**full, use_cache=True, logits_to_keep=1), device)
+        _, t_cached = timed(cached, device)
+    saved = t_full - t_cached
+    return {"prefix_tokens": n_pre, "mean_prompt_tokens": sum(map(len, ids)) / len(ids),
+            "prefill_s": t_full, "prefill_cached_s": t_cached, "prefill_speedup": t_full / t_cached,
+            "prefill_share_of_generation": t_full / gen_seconds,
+            "est_generation_speedup": gen_seconds / max(1e-9, gen_seconds - saved),
+            "max_abs_logit_diff": float((ref.float() - got.float()).abs().max()),
+            "helps": saved / gen_seconds > 0.05}

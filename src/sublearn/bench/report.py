@@ -1,0 +1,75 @@
+"""The bench report: lever speed-ups and the markdown table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def lever_summary(levers: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Speed-up of each lever per stage (>1: the lever helps; None: not measured)."""
+    g, t, e = (levers.get(k, {}) for k in ("generation", "training", "evaluation"))
+    pre = g.get("prefix_kv_cache", {})
+    lb_g, lb_t = g.get("length_batching", {}), t.get("length_batching", {})
+    return {
+        "bf16": {"generation": g.get("bf16_speedup"),
+                 "training": t.get("bf16_autocast_speedup"),
+                 "evaluation": e.get("bf16_autocast_speedup")},
+        "grammar": {"generation": g.get("grammar_speedup"),
+                    "generation_passing_samples": g.get("grammar_passing_speedup")},
+        "decode_loop": {"generation": g.get("decode_loop_speedup")},
+        "prefix_kv_cache": {"generation_prefill": pre.get("prefill_speedup"),
+                            "generation_est": pre.get("est_generation_speedup"),
+                            "evaluation": e.get("prefix_kv_cache_speedup")},
+        "threads": {"prefill": levers.get("threads", {}).get("prefill_speedup")},
+        "length_batching": {
+            "generation_prefill_est": (1 + lb_g["prefill_padding_random"])
+            / (1 + lb_g["prefill_padding_sorted"]) if lb_g else None,
+            "training": t.get("length_grouping_speedup"),
+            "training_est": lb_t.get("est_speedup")},
+        "lora_layer": {"training": t.get("lora_layer_speedup")},
+    }
+
+
+def _cpu_rate(r: dict[str, Any], key: str) -> float:
+    """A wall-clock rate re-expressed per CPU second (robust to a busy machine)."""
+    return r[key] * r["seconds"] / max(1e-9, r["cpu_seconds"] or r["seconds"])
+
+
+def markdown(res: dict[str, Any], command: str) -> str:
+    """Table for the README: ours vs baseline per stage, ratio, and share of bf16 peak."""
+    rows: list[tuple[str, dict[str, Any], dict[str, Any], str]] = []
+    g, t, e = res.get("generation"), res.get("training"), res.get("evaluation")
+    if g:
+        rows.append(("generation (samples/s)", g["ours"], g["baseline"], "per_s"))
+        rows.append(("generation (tokens/s)", g["ours"], g["baseline"], "tokens_per_s"))
+    if t:
+        rows.append(("training, soft-label LoRA (samples/s)", t["ours_soft"], t["baseline"],
+                     "per_s"))
+        rows.append(("training, hard-label LoRA (samples/s)", t["ours_hard"], t["baseline"],
+                     "per_s"))
+    if e:
+        rows.append(("evaluation, forced choice (questions/s)", e["ours"], e["baseline"],
+                     "per_s"))
+    pk, m = res["peak"], res["machine"]
+    lines = [f"`{command}` on {m['cpu']} ({m['torch_threads']} thread(s), load "
+             f"{m['loadavg_start'][0] if m.get('loadavg_start') else '?'}); peak matmul "
+             f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} GFLOP/s", "",
+             "| stage | ours | baseline | ratio | ratio by CPU time | ours % of bf16 peak "
+             "| baseline % of fp32 peak |", "|---|---|---|---|---|---|---|"]
+    for name, o, b, key in rows:
+        lines.append(f"| {name} | {_fmt(o[key])} | {_fmt(b[key])} | {o[key] / b[key]:.2f}x | "
+                     f"{_cpu_rate(o, key) / _cpu_rate(b, key):.2f}x | "
+                     f"{o['pct_bf16_peak']:.1f}% | {b['pct_fp32_peak']:.1f}% |")
+    if g:
+        lines.append(f"\nstrict-filter pass rate: ours {g['ours']['pass_rate']:.0%}, "
+                     f"baseline {g['baseline']['pass_rate']:.0%}")
+    summary = lever_summary(res.get("levers", {}))
+    lines += ["", "| lever | speed-up (x) per stage; - = not measured |", "|---|---|"]
+    for lever, per in summary.items():
+        cells = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v is not None)
+        lines.append(f"| {lever} | {cells or '-'} |")
+    return "\n".join(lines)
