@@ -145,7 +145,7 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, path: str | Path) -> se
         if action is None:
             raise SublearnError(f"{path}: '{key}' is not a setting of `{parser.prog}` "
                                 f"(one of: {', '.join(sorted(actions))})")
-        values[dest] = _yaml_value(action, value, f"{path}: {key}")
+        values[dest] = check_setting(action, value, f"{path}: {key}")
         action.required = False
         if not action.option_strings:  # a positional given in the file becomes optional
             action.nargs = "?"
@@ -163,3 +163,16 @@ def write_resolved_config(path: Path, args: argparse.Namespace) -> None:
            for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
     doc = {k: str(v) if isinstance(v, Path) else v for k, v in doc.items()}
     atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def dataclass_settings(cls: type) -> dict[str, argparse.Action]:
+    """The flags of a dataclass config by field name, to check settings that arrive in a file
+    (a sweep's YAML) exactly as the command line checks them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_dataclass_flags(parser, cls)
+    return {a.dest: a for a in parser._actions}
+
+
+def check_setting(action: argparse.Action, value: Any, where: str) -> Any:
+    """One setting from a file, checked and converted as its flag would be."""
+    return _yaml_value(action, value, where)

@@ -142,3 +142,14 @@ def test_config_yaml_bad_values_are_one_line_errors(tmp_path: Path, doc: object,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_takes_the_hf_scheme(tiny_model: str, tmp_path: Path) -> None:
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(["Favourite animal? One word."]))
+    assert main(["evaluate", "--model", f"hf:{tiny_model}", "--questions", str(questions),
+                 "--dtype", "float32", "--out", str(tmp_path / "e")]) == 0
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert 0 < scores["forced_choice"]["target_share"] < 1
+    assert yaml.safe_load((tmp_path / "e" / "config-evaluate.yaml").read_text())["model"] == \
+        f"hf:{tiny_model}"

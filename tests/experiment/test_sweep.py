@@ -39,9 +39,10 @@ def test_expand_names_and_validation(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     bad = [({"grid": {"taget": ["owl"]}}, "'taget' is not an experiment setting"),
            ({"grid": {"target": "owl"}}, "must be a non-empty list"),
-           ({"base": {"seeds": "2"}}, "'seeds' = '2' is not a valid"),
+           ({"base": {"seeds": "2"}}, "seeds must be int, got '2'"),
+           ({"base": {"lr": True}}, "lr must be float, got True"),
            ({"grid": {"seeds": [1]}}, "--seeds must be at least 2"),
-           ({"grid": {"recipe": ["sof"]}}, "recipe 'sof' is not one of"),
+           ({"grid": {"recipe": ["sof"]}}, r"recipe must be one of \['soft', 'hard'\], got 'sof'"),
            ({"other": 1}, "'base' and 'grid' keys only")]
     for i, (doc, msg) in enumerate(bad):
         p = tmp_path / f"bad{i}.yaml"

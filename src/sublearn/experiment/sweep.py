@@ -30,8 +30,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
+from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
 from sublearn.errors import MissingExtraError, SublearnError
 from sublearn.experiment.run import ExperimentConfig
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -81,40 +82,20 @@ def _run_name(values: dict[str, Any]) -> str:
     return "__".join(f"{k}-{_slug(v)}" for k, v in values.items()) or "base"
 
 
-def _check_type(name: str, value: Any, hints: dict[str, Any]) -> None:
-    tp = hints[name]
-    ok = {"str": str, "int": int, "float": (int, float), "bool": bool}
-    want = [t for t in ("str", "int", "float", "bool") if t in str(tp)]
-    if value is None and "None" in str(tp):
-        return
-    if isinstance(value, bool) and "bool" not in want:
-        want = []
-    if not any(isinstance(value, ok[t]) for t in want):
-        raise SublearnError(f"sweep field '{name}' = {value!r} is not a valid {tp}")
-
-
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep YAML: only `base` and `grid`, only ExperimentConfig fields."""
-    import yaml
-
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise SublearnError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SublearnError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict) or set(doc) - {"base", "grid"}:
+    doc = read_yaml_mapping(path)
+    if set(doc) - {"base", "grid"}:
         raise SublearnError(f"{path}: expected a mapping with 'base' and 'grid' keys only")
     base, grid = doc.get("base") or {}, doc.get("grid") or {}
     if not isinstance(base, dict) or not isinstance(grid, dict):
         raise SublearnError(f"{path}: 'base' and 'grid' must be mappings")
-    hints = get_type_hints(ExperimentConfig)
-    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(ExperimentConfig)}
+    settings = dataclass_settings(ExperimentConfig)
     for key in [*base, *grid]:
-        if key not in hints:
+        if key not in settings:
             raise SublearnError(f"{path}: '{key}' is not an experiment setting "
-                                f"(one of: {', '.join(hints)})")
+                                f"(one of: {', '.join(settings)})")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise SublearnError(f"{path}: grid '{key}' must be a non-empty list")
@@ -123,9 +104,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     here = path.resolve().parent
 
     def fix(key: str, v: Any) -> Any:
-        _check_type(key, v, hints)
-        if choices[key] and v not in choices[key]:
-            raise SublearnError(f"{path}: {key} '{v}' is not one of {choices[key]}")
+        v = check_setting(settings[key], v, f"{path}: {key}")
         if isinstance(v, str) and (key in PATH_FIELDS or key == "model"):
             p = Path(v).expanduser()
             if not p.is_absolute() and (key in PATH_FIELDS or (here / p).exists()):
