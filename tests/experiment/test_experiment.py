@@ -73,3 +73,24 @@ def test_cross_target_contrast(tiny_model: str, tmp_path: Path,
     assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "owl"), "--out",
                  str(tmp_path / "c2")]) == 2
     assert "pick two different targets" in capsys.readouterr().err
+
+
+def test_stages_by_hand_with_defaults_reproduce_run(tiny_model: str, tmp_path: Path) -> None:
+    """`sublearn generate` and `sublearn train` with their defaults (plus the sizes the run
+    was given) reproduce the data and student stages of `sublearn run` byte for byte."""
+    out = tmp_path / "exp"
+    assert _run(tiny_model, out) == 0
+    stages = out / "stages"
+    teacher = json.loads(next(stages.glob("teacher_trait-*/DONE.json")).read_text())
+    adapter = teacher["output"]["student"]
+    data_dir = next(stages.glob("data_trait-*"))
+    assert main(["generate", "--model", adapter, "--n", "8", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "raw.jsonl").read_bytes() == (data_dir / "raw.jsonl").read_bytes()
+    assert (tmp_path / "d" / "filtered.jsonl").read_bytes() == \
+        (data_dir / "filtered.jsonl").read_bytes()
+    assert main(["train", "--model", tiny_model, "--data", str(tmp_path / "d" / "filtered.jsonl"),
+                 "--teacher", adapter, "--epochs", "1", "--batch-size", "4", "--seed", "1",
+                 "--out", str(tmp_path / "s")]) == 0
+    student = next(stages.glob("student_trait_seed1-*"))
+    name = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "s" / name).read_bytes() == (student / name).read_bytes()
