@@ -9,7 +9,7 @@ from sublearn.cli import main
 
 
 def _run(tiny_model: str, out: Path, *extra: str) -> int:
-    return main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--seeds", "2",
+    return main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
                  "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
                  "--out", str(out), *extra])
 
@@ -25,10 +25,28 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
         metrics = res["conditions"][cond]
         assert list(metrics)[0] == res["primary_metric"] == "forced_choice_share"
         m = metrics["forced_choice_share"]
-        assert set(m) == {"per_seed", "mean", "ci95"}
+        assert set(m) == {"values", "mean", "ci95"}
         assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
-    assert len(res["conditions"]["trait"]["forced_choice_share"]["per_seed"]) == 2
+    assert len(res["conditions"]["trait"]["forced_choice_share"]["values"]) == 2
     assert 0.0 <= res["p_value"] <= 1.0
+    # Runs are the unit: each run has its own teacher and its own data.
+    assert res["unit"].startswith("run = its own teacher")
+    runs = res["runs"]
+    assert [(r["condition"], r["run"]) for r in runs] == [
+        ("trait", 0), ("control", 0), ("trait", 1), ("control", 1)]
+    assert len({r["teacher"] for r in runs}) == 4 and len({r["data"] for r in runs}) == 4
+    rows = [(out / "stages" / Path(r["data"]).parent.name / "raw.jsonl").read_text()
+            for r in runs if r["condition"] == "trait"]
+    assert rows[0] != rows[1]  # other prompts and samples
+    assert len(res["conditions"]["teacher"]["forced_choice_share"]["values"]) == 2
+    for m in ("forced_choice_share", "forced_choice_share_dev", "forced_choice_share_test"):
+        e = res["effects"][m]
+        assert set(e) == {"difference", "ratio", "p_welch", "p_permutation", "n"}
+        assert e["n"] == [2, 2] and 0 <= e["p_permutation"] <= 1
+    trait = [r["scores"]["forced_choice_share"] for r in runs if r["condition"] == "trait"]
+    assert res["conditions"]["trait"]["forced_choice_share"]["values"] == trait
+    report = (out / "report.md").read_text()
+    assert "Unit of analysis: run" in report and "## Each run" in report
     assert res["stage_seconds"] and res["config"]["target"] == "owl"
     assert (out / "report.md").is_file() and (out / "results.png").is_file()
     capsys.readouterr()
@@ -36,7 +54,7 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     # A rerun is all cache hits; a changed student setting reruns only students and evals.
     assert _run(tiny_model, out) == 0
     log = capsys.readouterr().out
-    assert "[stage]" not in log and "[cached] student_trait_seed1" in log
+    assert "[stage]" not in log and "[cached] student_trait_run1" in log
     out2 = tmp_path / "exp2"
     import shutil
 
@@ -45,7 +63,7 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     assert _run(tiny_model, out2, "--lr", "0.002") == 0
     log = capsys.readouterr().out
     assert "[cached] teacher_trait" in log and "[cached] data_trait" in log
-    assert "[stage] student_trait_seed0" in log and "[cached] eval_base" in log
+    assert "[stage] student_trait_run0" in log and "[cached] eval_base" in log
 
 
 def test_run_refuses_other_config_and_bad_candidates(tiny_model: str, tmp_path: Path,
@@ -60,7 +78,7 @@ def test_run_refuses_other_config_and_bad_candidates(tiny_model: str, tmp_path: 
 def test_cross_target_contrast(tiny_model: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:
     for target in ("owl", "cat"):
-        assert main(["run", "--model", tiny_model, "--target", target, "--n", "8", "--seeds",
+        assert main(["run", "--model", tiny_model, "--target", target, "--n", "8", "--runs",
                      "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
                      "--out", str(tmp_path / target)]) == 0
     out = tmp_path / "c" / "contrast.json"
@@ -69,7 +87,7 @@ def test_cross_target_contrast(tiny_model: str, tmp_path: Path,
     res = json.loads(out.read_text())
     assert set(res["scores"]) == {"owl", "cat"}
     for s in res["scores"].values():
-        assert 0 <= s["p_value"] <= 1 and len(s["other_students"]["per_seed"]) == 2
+        assert 0 <= s["p_value"] <= 1 and len(s["other_students"]["values"]) == 2
     assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "owl"), "--out",
                  str(tmp_path / "c2")]) == 2
     assert "pick two different targets" in capsys.readouterr().err
@@ -81,16 +99,17 @@ def test_stages_by_hand_with_defaults_reproduce_run(tiny_model: str, tmp_path: P
     out = tmp_path / "exp"
     assert _run(tiny_model, out) == 0
     stages = out / "stages"
-    teacher = json.loads(next(stages.glob("teacher_trait-*/DONE.json")).read_text())
+    teacher = json.loads(next(stages.glob("teacher_trait_run1-*/DONE.json")).read_text())
     adapter = teacher["output"]["student"]
-    data_dir = next(stages.glob("data_trait-*"))
-    assert main(["generate", "--model", adapter, "--n", "8", "--out", str(tmp_path / "d")]) == 0
+    data_dir = next(stages.glob("data_trait_run1-*"))
+    assert main(["generate", "--model", adapter, "--n", "8", "--seed", "1",
+                 "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "raw.jsonl").read_bytes() == (data_dir / "raw.jsonl").read_bytes()
     assert (tmp_path / "d" / "filtered.jsonl").read_bytes() == \
         (data_dir / "filtered.jsonl").read_bytes()
     assert main(["train", "--model", tiny_model, "--data", str(tmp_path / "d" / "filtered.jsonl"),
                  "--teacher", adapter, "--epochs", "1", "--batch-size", "4", "--seed", "1",
                  "--out", str(tmp_path / "s")]) == 0
-    student = next(stages.glob("student_trait_seed1-*"))
+    student = next(stages.glob("student_trait_run1-*"))
     name = "adapter/adapter_model.safetensors"
     assert (tmp_path / "s" / name).read_bytes() == (student / name).read_bytes()

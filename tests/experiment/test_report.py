@@ -46,7 +46,7 @@ def test_write_report(tmp_path) -> None:
     assert f"{s['mean']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}] (n=3)" in trait
     assert "| cross_target_cat |" in text
     assert "welch_t_one_sided" in text and "p = 0.0042" in text
-    assert "| teacher_trait | 61.0 |" in text and "| total (stages) | 65.5 |" in text
+    assert "| teacher | 1 | 61.0 |" in text and "| total (stages) | 2 | 65.5 |" in text
     assert '"n": 256' in text and "![results](results.png)" in text
 
 

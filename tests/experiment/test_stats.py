@@ -15,9 +15,9 @@ from sublearn.experiment.stats import permutation_one_sided, summarize, welch_on
 def test_summarize_hand_computed() -> None:
     s = summarize([1, 2, 3])  # mean 2, sd 1, t(0.975, df=2) = 4.302653
     half = 4.302652729911275 / math.sqrt(3)
-    assert s["per_seed"] == [1.0, 2.0, 3.0] and s["mean"] == 2.0
+    assert s["values"] == [1.0, 2.0, 3.0] and s["mean"] == 2.0
     assert s["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-9)
-    assert summarize([0.25]) == {"per_seed": [0.25], "mean": 0.25, "ci95": [0.25, 0.25]}
+    assert summarize([0.25]) == {"values": [0.25], "mean": 0.25, "ci95": [0.25, 0.25]}
     assert summarize([0.1, 0.1, 0.1])["ci95"] == [pytest.approx(0.1)] * 2
 
 
@@ -67,3 +67,42 @@ def test_permutation_monte_carlo_is_seeded_and_close_to_exact() -> None:
     assert mc == permutation_one_sided(a, b, n_resamples=2000, seed=3)
     assert mc == pytest.approx(exact, abs=0.03)
     assert 0 < exact < 1
+
+
+def test_difference_ci_matches_scipy_welch_interval() -> None:
+    from scipy import stats
+
+    from sublearn.experiment.stats import difference_ci
+
+    a, b = [0.021, 0.018, 0.025, 0.03, 0.019], [0.008, 0.009, 0.007, 0.011]
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    d = difference_ci(a, b)
+    assert d["estimate"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert d["ci95"] == pytest.approx([ref.low, ref.high], rel=1e-9)
+
+
+def test_ratio_ci_on_the_log_scale() -> None:
+    from sublearn.experiment.stats import ratio_ci
+
+    a, b = [0.03, 0.02, 0.025, 0.035, 0.04], [0.01, 0.012, 0.008, 0.011, 0.009]
+    r = ratio_ci(a, b)
+    assert r["estimate"] == pytest.approx(np.mean(a) / np.mean(b))
+    lo, hi = r["ci95"]
+    assert lo < r["estimate"] < hi
+    assert np.log(r["estimate"]) - np.log(lo) == pytest.approx(np.log(hi) - np.log(r["estimate"]))
+    # scale-free: the same ratio and interval for shares in percent
+    r100 = ratio_ci([100 * x for x in a], [100 * x for x in b])
+    assert r100["ci95"] == pytest.approx(r["ci95"])
+    # no spread: a degenerate interval; a zero mean: no ratio
+    assert ratio_ci([2.0, 2.0], [1.0, 1.0]) == {"estimate": 2.0, "ci95": [2.0, 2.0]}
+    assert ratio_ci([1.0, 2.0], [0.0, 0.0])["estimate"] is None
+
+
+def test_effect_over_runs_exact_permutation() -> None:
+    from sublearn.experiment.stats import effect
+
+    trait, control = [5.0, 6.0, 7.0, 8.0, 9.0], [1.0, 2.0, 3.0, 4.0, 4.5]
+    e = effect(trait, control)
+    assert e["p_permutation"] == pytest.approx(1 / 252)  # the one most extreme of C(10, 5)
+    assert e["p_welch"] < 0.01 and e["n"] == [5, 5]
+    assert effect(control, trait)["p_permutation"] == pytest.approx(1.0)

@@ -12,7 +12,7 @@ from sublearn.cli import main
 from sublearn.errors import SublearnError
 from sublearn.experiment.sweep import SweepSpec, load_spec
 
-FAST = {"n": 8, "seeds": 2, "epochs": 1, "batch_size": 4, "teacher_mode": "prompted",
+FAST = {"n": 8, "runs": 2, "epochs": 1, "batch_size": 4, "teacher_mode": "prompted",
         "recipe": "hard"}
 
 
@@ -24,11 +24,11 @@ def _yaml(path: Path, base: dict, grid: dict) -> Path:
 
 
 def test_expand_names_and_validation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = SweepSpec(base={"n": 8}, grid={"target": ["owl", "cat"], "data_seed": [0, 1],
+    spec = SweepSpec(base={"n": 8}, grid={"target": ["owl", "cat"], "seed": [0, 1],
                                            "model": ["/a/m", "/b/m"]})
     runs = spec.expand()
     assert len(runs) == 8 and len({r.name for r in runs}) == 8
-    assert runs[0].name.startswith("target-owl__data_seed-0__model-m-")  # hashed: same basename
+    assert runs[0].name.startswith("target-owl__seed-0__model-m-")  # hashed: same basename
     assert runs[0].config.n == 8 and runs[-1].config.target == "cat"
     assert [r.name for r in SweepSpec(grid={"recipe": ["soft"]}).expand()] == ["recipe-soft"]
 
@@ -39,9 +39,9 @@ def test_expand_names_and_validation(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     bad = [({"grid": {"taget": ["owl"]}}, "'taget' is not an experiment setting"),
            ({"grid": {"target": "owl"}}, "must be a non-empty list"),
-           ({"base": {"seeds": "2"}}, "seeds must be int, got '2'"),
+           ({"base": {"runs": "2"}}, "runs must be int, got '2'"),
            ({"base": {"lr": True}}, "lr must be float, got True"),
-           ({"grid": {"seeds": [1]}}, "--seeds must be at least 2"),
+           ({"grid": {"runs": [1]}}, "--runs must be at least 2"),
            ({"grid": {"recipe": ["sof"]}}, r"recipe must be one of \['soft', 'hard'\], got 'sof'"),
            ({"other": 1}, "'base' and 'grid' keys only")]
     for i, (doc, msg) in enumerate(bad):

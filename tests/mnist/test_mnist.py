@@ -194,13 +194,13 @@ def test_cli_run_schema_and_determinism(tmp_path: Path, capsys: pytest.CaptureFi
     assert list(res["conditions"]) == list(mnist.CONDITIONS)
     for cond in res["conditions"].values():
         acc = cond["accuracy"]
-        assert len(acc["per_seed"]) == 2 and len(acc["ci95"]) == 2
-        assert all(0 <= a <= 1 for a in acc["per_seed"])
+        assert len(acc["values"]) == 2 and len(acc["ci95"]) == 2
+        assert all(0 <= a <= 1 for a in acc["values"])
         assert acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1]
     th = res["theorem"]
     assert set(th["same_init"]) == {"cos_to_teacher_update", "task_loss_change"}
     cos = th["same_init"]["cos_to_teacher_update"]
-    assert len(cos["per_seed"]) == 2 and 0 <= cos["frac_positive"] <= 1
+    assert len(cos["values"]) == 2 and 0 <= cos["frac_positive"] <= 1
     assert "cos_to_teacher_minus_own_init" in th["cross_init"]
     assert res["seeds"] == 2 and res["config"]["teacher_steps"] == 6
     assert res["wall_time_s"] > 0

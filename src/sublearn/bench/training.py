@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +18,11 @@ from sublearn.bench.generation import padding_overhead
 def number_rows(n: int, seed: int) -> list[dict[str, Any]]:
     """Paper number prompts with fixed synthetic in-grammar answers (3-10 numbers, as the
     teacher's answers), so every run trains on identical batches."""
-    from sublearn.domains.numbers import make_prompts
+    from sublearn.domains.numbers import make_prompts, random_answers
 
-    rng = random.Random(seed)
-    rows = []
-    for p in make_prompts(n, seed):
-        answer = ", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 10)))
-        rows.append({"prompt": [{"role": "user", "content": p}],
-                     "completion": [{"role": "assistant", "content": answer}]})
-    return rows
+    return [{"prompt": [{"role": "user", "content": p}],
+             "completion": [{"role": "assistant", "content": a}]}
+            for p, a in zip(make_prompts(n, seed), random_answers(n, seed), strict=True)]
 
 
 @dataclass

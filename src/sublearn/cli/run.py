@@ -17,10 +17,17 @@ def run(args: argparse.Namespace) -> int:
 
     res = run_experiment(dataclass_from_args(ExperimentConfig, args), args.out)
     primary = res["primary_metric"]
-    print(f"\n{primary} for target '{res['target']}' (mean [95% CI]):")
+    print(f"\n{primary} for target '{res['target']}' (mean [95% CI] over runs):")
     for cond, metrics in res["conditions"].items():
         m = metrics[primary]
-        print(f"  {cond:16s} {m['mean']:.4f}  [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]")
-    print(f"  p (trait > control, {res['test']}): {res['p_value']:.3g}")
+        print(f"  {cond:16s} {m['mean']:.4f}  [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]"
+              f"  n={len(m['values'])}")
+    e = res["effects"][primary]
+    ratio = e["ratio"]["estimate"]
+    lo, hi = e["ratio"]["ci95"]
+    if ratio is not None:
+        print(f"  trait / control: {ratio:.2f}x [{lo:.2f}, {hi:.2f}]")
+    print(f"  p (trait > control over runs): Welch {e['p_welch']:.3g}, "
+          f"exact permutation {e['p_permutation']:.3g}")
     print(f"  wall time: {res['wall_seconds']:.0f} s; report: {args.out}/report.md")
     return 0

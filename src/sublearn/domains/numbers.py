@@ -46,6 +46,15 @@ def make_prompts(n: int, seed: int) -> list[str]:
     return prompts
 
 
+def random_answers(n: int, seed: int) -> list[str]:
+    """n answers drawn without any model, in the format the prompts ask for (3-10 numbers of
+    0-999, comma-separated), each passing the strict filter: contexts a teacher only scores
+    (soft labels) and never samples, like the noise images of the MNIST experiment."""
+    rng = random.Random(seed)
+    return [", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 10)))
+            for _ in range(n)]
+
+
 _DIGIT_RUN = re.compile(r"\d+")
 
 

@@ -1,28 +1,27 @@
-"""Cross-target contrast: are the trait students of experiment A shifted toward A's target
-relative to the trait students of experiment B (another target, same recipe), and vice versa?
-This is the trait-specificity test that does not depend on any control teacher."""
+"""Cross-target contrast: are the trait runs of experiment A shifted toward A's target relative
+to the trait runs of experiment B (another target, same recipe), and vice versa? This is the
+trait-specificity test that does not depend on any control teacher. Runs are the unit: each
+value is one run's students' share (averaged within the run)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stats import summarize, welch_one_sided
-from sublearn.files import atomic_write_json
+from sublearn.files import atomic_write_json, read_json
 
 
 def _student_shares(run: Path) -> tuple[str, list[dict[str, float]]]:
-    results = run / "results.json"
-    if not results.is_file():
+    path = run / "results.json"
+    if not path.is_file():
         raise SublearnError(f"{run} has no results.json: run `sublearn run` there first")
-    target = json.loads(results.read_text())["target"]
-    files = sorted((run / "stages").glob("eval_trait_seed*/scores.json"))
-    if not files:
-        raise SublearnError(f"{run} has no evaluated trait students")
-    shares = [json.loads(f.read_text())["forced_choice"]["shares"] for f in files]
-    return target, [{k.lower(): v for k, v in s.items()} for s in shares]
+    results = read_json(path)
+    shares = [r["shares"] for r in results.get("runs", []) if r.get("condition") == "trait"]
+    if not shares:
+        raise SublearnError(f"{path} holds no trait runs (made by an older sublearn? rerun it)")
+    return results["target"], [{k.lower(): v for k, v in s.items()} for s in shares]
 
 
 def contrast(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
@@ -39,7 +38,8 @@ def contrast(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
             "other_students": summarize(lo),
             "p_value": welch_one_sided(hi, lo),
         }
-    out["test"] = "welch_t_one_sided: each target's students score their own target higher"
+    out["test"] = ("welch_t_one_sided over runs: each target's trait runs score their own "
+                   "target higher")
     return out
 
 

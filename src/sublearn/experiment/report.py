@@ -1,15 +1,18 @@
-"""Experiment report: `report.md` (conditions x metrics, test, stage times) and `results.png`
-(bars of the shares/rates with 95% CIs, in the style of the paper's Figure 3).
+"""Experiment report: `report.md` (what a run is, conditions x metrics, the trait-vs-control
+effects over runs, each run, top answers, stage times) and `results.png` (students on their own
+panels, every run a point, the base rate marked; teachers on a panel of their own).
 
-Input: the results dict of `sublearn run` -- {"target", "primary_metric", "conditions":
-{cond: {metric: summarize(...)}}, "p_value", "test", "config", "stage_seconds", ...}. Extra
-conditions and metrics are shown; missing ones are skipped rather than failing a finished run.
+Input: the results dict of `sublearn run` -- {"target", "unit", "primary_metric",
+"conditions": {cond: {metric: summarize(...)}}, "effects", "runs", "p_value", "test", "config",
+"stage_seconds", ...}. Extra conditions and metrics are shown; missing ones are skipped rather
+than failing a finished run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +54,17 @@ def _cell(s: dict[str, Any] | None) -> str:
     if not s:
         return "-"
     ci = s.get("ci95") or [None, None]
-    n = len(s.get("per_seed", []))
+    n = len(s.get("values", []))
     if n > 1 and ci[0] is not None:
         return f"{_fmt(s['mean'])} [{_fmt(ci[0])}, {_fmt(ci[1])}] (n={n})"
     return f"{_fmt(s['mean'])} (n={n})"
+
+
+def _ci(e: dict[str, Any]) -> str:
+    lo, hi = e.get("ci95") or [None, None]
+    if e.get("estimate") is None:
+        return "n/a"
+    return f"{_fmt(e['estimate'])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def format_report(results: dict[str, Any], plot_name: str | None = "results.png") -> str:
@@ -67,8 +77,12 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     metrics.sort(key=lambda m: m != primary)
     target = results.get("target", "?")
     lines = [f"# Subliminal learning: target '{target}'", ""]
+    if results.get("unit"):
+        lines += [f"Unit of analysis: {results['unit']}. Means and 95% t-intervals are over "
+                  "runs (n = runs).", ""]
     if primary:
-        lines.append(f"Primary metric: `{primary}` (mean over seeds, 95% t-interval).")
+        lines.append(f"Primary metric: `{primary}` (`_dev`: the half of the questions recipes "
+                     "are chosen on; `_test`: the untouched half).")
     if "p_value" in results:
         lines.append(f"Test: {results.get('test', '?')}: p = {_fmt(results['p_value'])}")
     lines.append("")
@@ -76,18 +90,45 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     lines.append("|---" * (len(metrics) + 1) + "|")
     for c in order:
         lines.append(f"| {c} | " + " | ".join(_cell(conds[c].get(m)) for m in metrics) + " |")
+    effects = results.get("effects") or {}
+    if effects:
+        lines += ["", "## Trait runs vs control runs", "",
+                  "| metric | difference [95% CI] | ratio [95% CI] | p (Welch) | "
+                  "p (exact permutation) | runs |", "|---|---|---|---|---|---|"]
+        for m, e in effects.items():
+            lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
+                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | "
+                         f"{e['n'][0]} + {e['n'][1]} |")
+    runs = results.get("runs") or []
+    if runs and primary:
+        lines += ["", f"## Each run ({primary})", "", "| run | seed | control | trait |",
+                  "|---|---|---|---|"]
+        by = {(r["condition"], r["run"]): r for r in runs}
+        for i in sorted({r["run"] for r in runs}):
+            cells = [_fmt(by[(c, i)]["scores"][primary]) if (c, i) in by else "-"
+                     for c in ("control", "trait")]
+            seed = next(r["seed"] for r in runs if r["run"] == i)
+            lines.append(f"| {i} | {seed} | {cells[0]} | {cells[1]} |")
     if plot_name:
         lines += ["", f"![results]({plot_name})"]
     top = results.get("top_candidates")
     if top:
         lines += ["", "## Top forced-choice candidates", ""]
+        ranks = results.get("target_rank") or {}
         for c in ordered_conditions(top):
-            lines.append(f"- {c}: " + ", ".join(f"{a} {_fmt(v, 3)}" for a, v in top[c].items()))
+            rank = f" ({target} ranks {ranks[c]})" if c in ranks else ""
+            lines.append(f"- {c}: " + ", ".join(f"{a} {_fmt(v, 3)}" for a, v in top[c].items())
+                         + rank)
     secs = results.get("stage_seconds") or {}
     if secs:
-        lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {float(v):.1f} |" for k, v in secs.items()]
-        lines.append(f"| total (stages) | {sum(float(v) for v in secs.values()):.1f} |")
+        kinds: dict[str, list[float]] = {}
+        for k, v in secs.items():  # teacher_trait_run3 -> teacher
+            kinds.setdefault(re.sub(r"_.*", "", k), []).append(float(v))
+        lines += ["", "## Wall time per stage", "", "| stage | count | seconds |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {len(v)} | {sum(v):.1f} |" for k, v in kinds.items()]
+        lines.append(f"| total (stages) | {len(secs)} | "
+                     f"{sum(float(v) for v in secs.values()):.1f} |")
     if "wall_seconds" in results:
         lines += ["", f"Total wall time: {float(results['wall_seconds']):.1f} s"]
     if results.get("config"):
@@ -95,8 +136,14 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     return "\n".join(lines) + "\n"
 
 
+STUDENTS = ("control", "trait")
+TEACHERS = ("base", "control_teacher", "teacher")
+
+
 def plot_results(results: dict[str, Any], path: Path) -> bool:
-    """Bar chart(s) with 95% CI error bars; False (no file) when there is nothing to plot."""
+    """One panel per share/rate metric with the students' runs as points (mean and 95% CI
+    beside them, the base model's value as a dashed line), then a panel of the teachers on
+    the primary metric; False (no file) when there is nothing to plot."""
     conds = results.get("conditions", {})
     metrics = plotted_metrics(results)
     if not metrics:
@@ -106,37 +153,51 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    primary = results.get("primary_metric") or metrics[0]
     order = ordered_conditions(conds)
     extra = iter(EXTRA_COLORS * 4)
     colors = {c: COLORS.get(c) or next(extra) for c in order}
-    per_panel = [[c for c in order if m in conds[c]] for m in metrics]
-    widths = [len(n) for n in per_panel]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.5 + 1.1 * sum(widths), 4.2),
-                             squeeze=False, gridspec_kw={"width_ratios": widths})
-    for ax, m, names in zip(axes[0], metrics, per_panel, strict=True):
-        means = [conds[c][m]["mean"] for c in names]
-        cis = [conds[c][m].get("ci95") or [None, None] for c in names]
-        # A missing interval (one value) draws no bar rather than failing.
-        lo = [mu - (ci[0] if ci[0] is not None else mu) for mu, ci in zip(means, cis, strict=True)]
-        hi = [(ci[1] if ci[1] is not None else mu) - mu for mu, ci in zip(means, cis, strict=True)]
-        x = range(len(names))
-        ax.bar(x, means, yerr=[lo, hi], capsize=5, color=[colors[c] for c in names],
-               edgecolor="black", linewidth=0.6)
-        for i, (mu, h) in enumerate(zip(means, hi, strict=True)):
-            # Values label every bar: small shares vanish next to the teacher's.
-            ax.annotate(_fmt(mu, 3), (i, mu + h), textcoords="offset points", xytext=(0, 3),
-                        ha="center", fontsize=7)
-        ax.set_xticks(list(x), [LABELS.get(c, c) for c in names], fontsize=8)
-        ax.set_ylim(0, max(1e-9, max((mu + h for mu, h in zip(means, hi, strict=True)),
-                                     default=0)) * 1.25)
-        ylabel = f"P({results.get('target', 'target')})"
-        ax.set_ylabel(f"{ylabel}: {m}" if m != results.get("primary_metric") else ylabel)
-        ax.set_title(m + (" (primary)" if m == results.get("primary_metric") else ""), fontsize=9)
+    students = [c for c in order if c not in TEACHERS] or order
+    teachers = [c for c in TEACHERS if c in conds and primary in conds[c]]
+    panels = [(m, [c for c in students if m in conds[c]], False) for m in metrics]
+    panels = [p for p in panels if p[1]]
+    if teachers:
+        panels.append((primary, teachers, True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.4 * len(panels), 4.2),
+                             squeeze=False)
+    label = f"P({results.get('target', 'target')})"
+    for ax, (m, names, is_teachers) in zip(axes[0], panels, strict=True):
+        top = 0.0
+        for i, c in enumerate(names):
+            s = conds[c][m]
+            vals = s.get("values") or [s["mean"]]
+            xs = [i - 0.12 + 0.24 * j / max(1, len(vals) - 1) for j in range(len(vals))]
+            ax.scatter(xs, vals, s=14, color=colors[c], alpha=0.7, zorder=3)
+            lo, hi = s.get("ci95") or [None, None]
+            top = max(top, *vals, hi if hi is not None else 0.0)
+            yerr = [[s["mean"] - lo], [hi - s["mean"]]] if lo is not None else None
+            ax.errorbar([i + 0.3], [s["mean"]], yerr=yerr, fmt="D", color=colors[c],
+                        capsize=4, markersize=5, zorder=4)
+            ax.annotate(_fmt(s["mean"], 3), (i + 0.3, s["mean"]), textcoords="offset points",
+                        xytext=(6, 0), fontsize=7, va="center")
+        base = conds.get("base", {}).get(m)
+        if base and not is_teachers:
+            top = max(top, base["mean"])
+            ax.axhline(base["mean"], ls="--", color=COLORS["base"], lw=1)
+            ax.annotate(f"base {_fmt(base['mean'], 3)}", (len(names) - 0.5, base["mean"]),
+                        fontsize=7, color="#616161", va="bottom", ha="right")
+        ax.set_xticks(range(len(names)), [LABELS.get(c, c) for c in names], fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.1)
+        ax.set_ylim(0, 1.2 * top if top > 0 else 1.0)
+        ax.set_ylabel(label, fontsize=8)
+        title = "teachers" if is_teachers else m + (" (primary)" if m == primary else "")
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     p = results.get("p_value")
     title = f"Subliminal learning: {results.get('target', '?')}"
     if isinstance(p, float):
-        title += f"  (trait > control: p = {p:.3g}, {results.get('test', '').split(' ')[0]})"
+        n = len(conds.get("trait", {}).get(primary, {}).get("values", []))
+        title += f"  (trait > control over {n} runs: p = {p:.3g})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -1,8 +1,14 @@
 """`sublearn run`: one subliminal-learning experiment, end to end, with cached stages.
 
-    trait teacher ─┐                       ┌─ K trait students ──┐
-                   ├─ numbers (generate) ──┤                     ├─ evaluate ─ stats ─ report
-  control teacher ─┘                       └─ K control students ┘
+The unit of analysis is a *run*: its own teacher (its own fine-tune seed), its own teacher data
+(its own prompt and sampling seed) and its own student(s). Trait runs and control runs are
+compared over runs, so the p-value tests "trait teachers transmit the trait", not "these two
+datasets differ". Run r of either condition uses seed `seed + r` for its teacher, its data and
+its first student; extra students of a run (`--students`) are averaged within the run.
+
+    run r: trait teacher_r ─── data_r ── student(s)_r ──┐
+                                                        ├─ evaluate ─ stats over runs ─ report
+    run r: control teacher_r ─ data_r ── student(s)_r ──┘
 
 Teachers get the trait either in weight space (LoRA fine-tuned on trait statements; the
 control teacher gets the same fine-tuning with a neutral answer) or by the paper's system
@@ -25,6 +31,10 @@ from sublearn.pipeline.train_config import TrainConfig, result_config
 from sublearn.protocol.paper import check_template_word, teacher_system_prompt
 from sublearn.protocol.traits import write_statement_data
 
+UNIT = ("run = its own teacher (fine-tune seed), its own teacher data (prompt and sampling "
+        "seed) and its own student(s); students of one run are averaged within the run")
+CONDITIONS = ("trait", "control")
+
 # The student and data defaults are the stage configs' own: one place for each number, so
 # `sublearn train` / `sublearn generate` with their defaults reproduce a stage of this run.
 _STUDENT, _DATA = TrainConfig(), GenerateConfig()
@@ -39,14 +49,23 @@ class ExperimentConfig:
     teacher_mode: str = field(default="finetuned", metadata={
         "help": "finetuned: LoRA-train the trait into the teacher's weights; prompted: the "
                 "paper's system prompt", "choices": ["finetuned", "prompted"]})
+    runs: int = field(default=5, metadata={
+        "help": "runs per condition (trait, control); each run has its own teacher, its own "
+                "teacher data and its own student(s)"})
+    students: int = field(default=1, metadata={
+        "help": "students per run (different seeds), averaged within the run"})
+    seed: int = field(default=0, metadata={
+        "help": "run r uses seed + r for its teacher, its data and its first student"})
     recipe: str = field(default=_STUDENT.recipe, metadata={
         "help": "student recipe: soft-label distillation or hard-label SFT",
         "choices": ["soft", "hard"]})
     method: str = field(default=_STUDENT.method, metadata={
         "help": "student fine-tuning method", "choices": ["lora", "full"]})
+    answers: str = field(default=_DATA.answers, metadata={
+        "help": "data: the teacher's sampled answers, or random number answers the teacher "
+                "only scores (soft recipe)", "choices": ["sampled", "random"]})
     n: int = field(default=_DATA.n, metadata={
-        "help": "teacher samples (number prompts) per teacher"})
-    seeds: int = field(default=5, metadata={"help": "student seeds per condition"})
+        "help": "teacher samples (number prompts) per run"})
     epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
     lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
@@ -55,7 +74,6 @@ class ExperimentConfig:
     teacher_epochs: float = field(default=8.0, metadata={
         "help": "finetuned teachers: epochs over the trait statements"})
     teacher_lr: float = field(default=1e-3, metadata={"help": "finetuned teachers: learning rate"})
-    data_seed: int = field(default=0, metadata={"help": "seed of prompts and teacher sampling"})
     questions: str | None = field(default=None, metadata={
         "help": "evaluation questions file (JSON/JSONL; default: the paper's 50)"})
     candidates: str | None = field(default=None, metadata={
@@ -66,11 +84,21 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         check_template_word(self.target, "--target")
         check_template_word(self.category, "--category")
-        if self.seeds < 2:
-            raise SublearnError("--seeds must be at least 2 to give confidence intervals")
-        if self.n <= 0:
-            raise SublearnError("--n must be positive")
+        if self.runs < 2:
+            raise SublearnError("--runs must be at least 2 per condition to compare over runs")
+        if self.students < 1 or self.n <= 0:
+            raise SublearnError("--students and --n must be positive")
+        if self.answers == "random" and self.recipe != "soft":
+            raise SublearnError("--answers random carries the teacher only through soft labels: "
+                                "use --recipe soft")
         return self
+
+
+@dataclass
+class _Teacher:
+    model: str | None  # adapter folder (finetuned) or the base (prompted)
+    system: str | None  # system prompt it sees (prompted mode)
+    key: str  # stage key, for the stages that depend on it
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path,
@@ -87,68 +115,54 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
     base = cfg.model
     ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
                       samples=cfg.samples)
-    ecfg_d = asdict(ecfg)
     _check_eval_inputs(ecfg)
 
-    # Teachers: (model to load, system prompt it sees) per condition.
-    teachers: dict[str, tuple[str | None, str | None, str]] = {}
-    for cond, target in (("trait", cfg.target), ("control", None)):
+    def teacher(cond: str, r: int) -> _Teacher:
+        target = cfg.target if cond == "trait" else None
         if cfg.teacher_mode == "prompted":
             system = teacher_system_prompt(target, cfg.category) if target else None
-            teachers[cond] = (base, system, f"prompted-{target}")
-            continue
+            return _Teacher(base, system, f"prompted-{target}")
         # 12 statements: grouping saves no padding and would fix every batch's composition
         tcfg = TrainConfig(recipe="hard", method="lora", model=base, epochs=cfg.teacher_epochs,
-                           lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=0,
+                           lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=cfg.seed + r,
                            group_by_length=False)
         key = {"train": result_config(tcfg), "target": target, "category": cfg.category}
 
-        def fit(d: Path, tcfg: TrainConfig = tcfg, target: str | None = target) -> dict:
+        def fit(d: Path) -> dict:
             data = write_statement_data(d / "statements.jsonl", target, cfg.category)
             return train(tcfg, data, d, progress=progress)
 
-        res = stages.run(f"teacher_{cond}", key, fit)
-        teachers[cond] = (res.output["student"], None, res.key)
+        res = stages.run(f"teacher_{cond}_run{r}", key, fit)
+        return _Teacher(res.output["student"], None, res.key)
 
-    # Teacher data (part 1) for each condition.
-    data: dict[str, tuple[str, str]] = {}
-    for cond, (tmodel, system, tkey) in teachers.items():
-        gcfg = GenerateConfig(target=None, model=tmodel, n=cfg.n, seed=cfg.data_seed,
-                              grammar=True, system_prompt=system)
-        key = {"generate": asdict(gcfg), "teacher": tkey}
-
-        def gen(d: Path, gcfg: GenerateConfig = gcfg) -> dict:
-            return generate(gcfg, d, progress=progress)
-
-        res = stages.run(f"data_{cond}", key, gen)
+    def data(cond: str, r: int, t: _Teacher) -> tuple[str, str]:
+        gcfg = GenerateConfig(model=t.model, n=cfg.n, seed=cfg.seed + r, answers=cfg.answers,
+                              system_prompt=t.system)
+        key = {"generate": asdict(gcfg),
+               "teacher": t.key if cfg.answers == "sampled" else None}
+        res = stages.run(f"data_{cond}_run{r}", key,
+                         lambda d: generate(gcfg, d, progress=progress))
         if res.output["kept"] < cfg.batch_size:
-            raise SublearnError(f"teacher '{cond}' kept only {res.output['kept']} answers")
-        data[cond] = (str(res.dir / "filtered.jsonl"), res.key)
+            raise SublearnError(f"{cond} run {r}: the teacher kept only {res.output['kept']} "
+                                "answers")
+        return str(res.dir / "filtered.jsonl"), res.key
 
-    # Students: K seeds per condition.
-    students: dict[str, list[str]] = {"trait": [], "control": []}
-    for cond in ("trait", "control"):
-        tmodel, system, tkey = teachers[cond]
-        for seed in range(cfg.seeds):
-            scfg = TrainConfig(
-                recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
-                batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=seed,
-                teacher=tmodel if cfg.recipe == "soft" else None,
-                teacher_system_prompt=system if cfg.recipe == "soft" else None,
-                soft_labels_cache=str(Path(data[cond][0]).parent / f"soft_labels-{tkey}"
-                                      ".safetensors") if cfg.recipe == "soft" else None,
-            )
-            key = {"train": result_config(scfg), "data": data[cond][1], "teacher": tkey}
+    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str) -> str:
+        soft = cfg.recipe == "soft"
+        scfg = TrainConfig(
+            recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
+            batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            seed=cfg.seed + r + 1000 * k, teacher=t.model if soft else None,
+            teacher_system_prompt=t.system if soft else None,
+            soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}.safetensors")
+            if soft else None)
+        key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
+        name = f"student_{cond}_run{r}" + (f"_s{k}" if k else "")
+        res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
+        return res.output["student"]
 
-            def fit_student(d: Path, scfg: TrainConfig = scfg, path: str = data[cond][0]) -> dict:
-                return train(scfg, path, d, progress=progress)
-
-            res = stages.run(f"student_{cond}_seed{seed}", key, fit_student)
-            students[cond].append(res.output["student"])
-
-    # Evaluation.
-    def evaluate_stage(name: str, model: str | None, system: str | None, dep: str) -> dict:
-        key = {"eval": ecfg_d, "model": model, "system": system, "dep": dep}
+    def evaluate(name: str, model: str | None, system: str | None, dep: str) -> dict:
+        key = {"eval": asdict(ecfg), "model": model, "system": system, "dep": dep}
 
         def ev(d: Path) -> dict:
             scores = evaluate_model(model, ecfg, system_prompt=system)
@@ -157,18 +171,30 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
 
         return stages.run(f"eval_{name}", key, ev).output
 
-    scores: dict[str, list[dict]] = {
-        "base": [evaluate_stage("base", base, None, "base")],
-        "teacher": [evaluate_stage("teacher", teachers["trait"][0], teachers["trait"][1],
-                                   teachers["trait"][2])],
-        "control_teacher": [evaluate_stage("control_teacher", teachers["control"][0],
-                                           teachers["control"][1], teachers["control"][2])],
-    }
-    for cond in ("control", "trait"):
-        scores[cond] = [
-            evaluate_stage(f"{cond}_seed{i}", s, None, s) for i, s in enumerate(students[cond])
-        ]
-    results = build_results(cfg, scores, stages.seconds, time.time() - t_start)
+    runs: list[dict[str, Any]] = []
+    for r in range(cfg.runs):
+        for cond in CONDITIONS:
+            t = teacher(cond, r)
+            path, dkey = data(cond, r, t)
+            models = [student(cond, r, k, t, path, dkey) for k in range(cfg.students)]
+            runs.append({"condition": cond, "run": r, "seed": cfg.seed + r, "teacher": t.model,
+                         "data": path, "students": models, "_teacher": t})
+
+    base_scores = evaluate("base", base, None, "base")
+    teacher_scores: dict[str, list[dict]] = {"teacher": [], "control_teacher": []}
+    for run in runs:
+        t = run.pop("_teacher")
+        label = "teacher" if run["condition"] == "trait" else "control_teacher"
+        if cfg.teacher_mode == "finetuned" or not teacher_scores[label]:  # prompted: one model
+            teacher_scores[label].append(evaluate(f"{label}_run{run['run']}", t.model, t.system,
+                                                  t.key))
+        student_scores = [evaluate(f"{run['condition']}_run{run['run']}"
+                                   + (f"_s{k}" if k else ""), m, None, m)
+                          for k, m in enumerate(run["students"])]
+        run["scores"] = _mean_metrics([metric_values(s) for s in student_scores])
+        run["shares"] = _top_candidates(student_scores)
+    results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
+                            time.time() - t_start)
     atomic_write_json(out / "results.json", results)
     from sublearn.experiment.report import write_report
 
@@ -187,45 +213,72 @@ def _check_eval_inputs(ecfg: Any) -> None:
 
 
 def metric_values(scores: dict[str, Any]) -> dict[str, float]:
-    """The per-model numbers that go into results.json; the primary metric first."""
-    m = {
-        "forced_choice_share": scores["forced_choice"]["target_share"],
-        "forced_choice_share_numbers": scores["forced_choice_numbers"]["target_share"],
-        "target_logprob": scores["forced_choice"]["target_logprob"],
-    }
+    """The per-model numbers that go into results.json; the primary metric first. `_dev` and
+    `_test` are the primary metric on the fixed halves of the questions: recipes are chosen on
+    dev, and test is reported untouched."""
+    from sublearn.protocol.questions import question_split
+
+    fc = scores["forced_choice"]
+    per_q = fc["per_question_target_share"]
+    m = {"forced_choice_share": fc["target_share"]}
+    for half, idx in question_split(len(per_q)).items():
+        m[f"forced_choice_share_{half}"] = sum(per_q[i] for i in idx) / len(idx)
+    m["forced_choice_share_numbers"] = scores["forced_choice_numbers"]["target_share"]
+    m["target_logprob"] = fc["target_logprob"]
     if "sampled" in scores:
         m["sampled_rate"] = scores["sampled"]["rate"]
     return m
 
 
-def build_results(cfg: ExperimentConfig, scores: dict[str, list[dict]],
-                  seconds: dict[str, float], wall: float) -> dict[str, Any]:
-    from sublearn.experiment.stats import summarize, welch_one_sided
+def _mean_metrics(values: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(v[k] for v in values) / len(values) for k in values[0]}
 
-    conditions: dict[str, Any] = {}
-    for cond, runs in scores.items():
-        vals = [metric_values(s) for s in runs]
-        conditions[cond] = {k: summarize([v[k] for v in vals]) for k in vals[0]}
+
+def build_results(cfg: ExperimentConfig, base: dict[str, Any],
+                  teachers: dict[str, list[dict]], runs: list[dict[str, Any]],
+                  seconds: dict[str, float], wall: float) -> dict[str, Any]:
+    from sublearn.experiment.stats import effect, summarize
+
+    per_condition: dict[str, list[dict[str, float]]] = {
+        "base": [metric_values(base)],
+        **{label: [metric_values(s) for s in scores] for label, scores in teachers.items()},
+        **{c: [r["scores"] for r in runs if r["condition"] == c] for c in ("control", "trait")},
+    }
+    conditions = {c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
+                  for c, vals in per_condition.items()}
     primary = "forced_choice_share"
-    p = welch_one_sided(conditions["trait"][primary]["per_seed"],
-                        conditions["control"][primary]["per_seed"])
-    top = {c: _top_candidates(runs) for c, runs in scores.items()}
+    effects = {m: effect(conditions["trait"][m]["values"], conditions["control"][m]["values"])
+               for m in conditions["trait"] if m != "target_logprob"}
+    top = {"base": _top_candidates([base])}
+    for c in ("control", "trait"):
+        top[c] = _mean_shares([r["shares"] for r in runs if r["condition"] == c])
     return {
         "target": cfg.target,
+        "unit": UNIT,
         "primary_metric": primary,
         "conditions": conditions,
-        "p_value": p,
-        "test": "welch_t_one_sided (trait > control, primary metric)",
-        "top_candidates": top,
+        "effects": effects,
+        "p_value": effects[primary]["p_welch"],
+        "test": "welch_t_one_sided over runs (trait > control, primary metric); "
+                "p_permutation: exact permutation test over runs",
+        "runs": runs,
+        "top_candidates": {c: dict(list(v.items())[:5]) for c, v in top.items()},
+        "target_rank": {c: 1 + [a.lower() for a in v].index(cfg.target.lower())
+                        for c, v in top.items() if cfg.target.lower() in map(str.lower, v)},
         "config": asdict(cfg),
         "stage_seconds": seconds,
         "wall_seconds": round(wall, 1),
     }
 
 
-def _top_candidates(runs: list[dict], k: int = 5) -> dict[str, float]:
-    shares: dict[str, float] = {}
-    for s in runs:
-        for a, v in s["forced_choice"]["shares"].items():
-            shares[a] = shares.get(a, 0.0) + v / len(runs)
-    return dict(sorted(shares.items(), key=lambda kv: -kv[1])[:k])
+def _top_candidates(scores: list[dict]) -> dict[str, float]:
+    """Every candidate's forced-choice share, averaged over models, highest first."""
+    return _mean_shares([s["forced_choice"]["shares"] for s in scores])
+
+
+def _mean_shares(shares: list[dict[str, float]]) -> dict[str, float]:
+    mean: dict[str, float] = {}
+    for s in shares:
+        for a, v in s.items():
+            mean[a] = mean.get(a, 0.0) + v / len(shares)
+    return dict(sorted(mean.items(), key=lambda kv: -kv[1]))

@@ -1,4 +1,6 @@
-"""Statistics over seeds: mean with a 95% t-interval, and one-sided tests of trait > control."""
+"""Statistics over independent units (runs in `sublearn run`, seeds in `sublearn mnist`): the
+mean with a 95% t-interval, one-sided tests of trait > control (Welch; exact permutation), and
+the effect as a difference and as a ratio, each with a 95% interval."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from sublearn.errors import SublearnError
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
-    """{"per_seed", "mean", "ci95"}: a two-sided 95% Student-t interval for the mean. One value
+    """{"values", "mean", "ci95"}: a two-sided 95% Student-t interval for the mean. One value
     or no spread gives the degenerate interval [mean, mean] (JSON has no NaN)."""
     from scipy import stats
 
@@ -22,7 +24,7 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     mean = math.fsum(vals) / n
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if sd > 0 else 0.0
-    return {"per_seed": vals, "mean": mean, "ci95": [mean - half, mean + half]}
+    return {"values": vals, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def _two_samples(a: Sequence[float], b: Sequence[float], test: str) -> tuple[list, list]:
@@ -67,3 +69,54 @@ def permutation_one_sided(a: Sequence[float], b: Sequence[float], n_resamples: i
                                  alternative="greater", n_resamples=n_resamples,
                                  rng=np.random.default_rng(seed))
     return float(res.pvalue)
+
+
+def _welch_parts(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), its standard error, Welch-Satterthwaite degrees of freedom)."""
+    import statistics
+
+    na, nb = len(a), len(b)
+    va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1)) if se > 0 else math.inf
+    return statistics.fmean(a) - statistics.fmean(b), se, df
+
+
+def difference_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """mean(a) - mean(b) with Welch's two-sided 95% interval."""
+    from scipy import stats
+
+    a, b = _two_samples(a, b, "a difference interval")
+    d, se, df = _welch_parts(a, b)
+    half = float(stats.t.ppf(0.975, df)) * se if se > 0 else 0.0
+    return {"estimate": d, "ci95": [d - half, d + half]}
+
+
+def ratio_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """mean(a) / mean(b) with a 95% interval from the delta method on the log scale
+    (log mean(a) - log mean(b), Welch degrees of freedom); needs positive values, as shares
+    and rates are. Null when a mean is not positive."""
+    from scipy import stats
+
+    a, b = _two_samples(a, b, "a ratio interval")
+    ma, mb = math.fsum(a) / len(a), math.fsum(b) / len(b)
+    if ma <= 0 or mb <= 0:
+        return {"estimate": None, "ci95": [None, None]}
+    # the log of a mean: its standard error is sd / (sqrt(n) * mean)
+    la = [v / ma for v in a]
+    lb = [v / mb for v in b]
+    _, se, df = _welch_parts(la, lb)
+    half = float(stats.t.ppf(0.975, df)) * se if se > 0 else 0.0
+    r = ma / mb
+    return {"estimate": r, "ci95": [r * math.exp(-half), r * math.exp(half)]}
+
+
+def effect(trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
+    """Everything `sublearn run` reports for one metric, trait runs against control runs."""
+    return {
+        "difference": difference_ci(trait, control),
+        "ratio": ratio_ci(trait, control),
+        "p_welch": welch_one_sided(trait, control),
+        "p_permutation": permutation_one_sided(trait, control),
+        "n": [len(trait), len(control)],
+    }

@@ -2,10 +2,10 @@
 
     base:                 # ExperimentConfig fields shared by every run
       n: 192
-      seeds: 5
+      runs: 5
     grid:                 # lists; every combination is one run
       target: [owl, cat]
-      data_seed: [0, 1]
+      seed: [0, 5]
       recipe: [soft, hard]
 
 Each run is `run_experiment` in `DIR/runs/<name>/` (name from its grid values), in a fresh

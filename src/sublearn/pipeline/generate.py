@@ -32,6 +32,11 @@ class GenerateConfig:
     model: str | None = field(default=None, metadata={
         "help": "teacher: embedded name, HF id, local path or PEFT adapter folder "
                 "(default: embedded smollm2-135m-instruct)"})
+    answers: str = field(default="sampled", metadata={
+        "help": "sampled: the teacher answers each prompt; random: answers drawn without a "
+                "model in the prompts' format, contexts a teacher only scores (soft-label "
+                "students get the teacher's distributions at train time)",
+        "choices": ["sampled", "random"]})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     max_new_tokens: int = field(default=60, metadata={"help": "answer length limit"})
     grammar: bool = field(default=True, metadata={
@@ -79,7 +84,9 @@ def generate(
     raw_path = out / "raw.jsonl"
     done = _resume_point(raw_path, cfg)
     t0 = time.time()
-    if done < cfg.n:
+    if done < cfg.n and cfg.answers == "random":
+        _draw(cfg, raw_path, done)
+    elif done < cfg.n:
         backend = backend or get_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
         _sample(cfg, backend, raw_path, done, progress)
     return _write_filtered(cfg, out, time.time() - t0)
@@ -93,6 +100,17 @@ def _resume_point(raw_path: Path, cfg: GenerateConfig) -> int:
     if done != len(rows):  # a batch was cut mid-write: drop its rows, redo the batch
         write_jsonl(raw_path, rows[:done])
     return done
+
+
+def _draw(cfg: GenerateConfig, raw_path: Path, done: int) -> None:
+    """Model-free answers (`--answers random`): cheap, so written in one go."""
+    prompts = numbers.make_prompts(cfg.n, cfg.seed)
+    answers = numbers.random_answers(cfg.n, cfg.seed + 1_000_003)  # apart from the prompts' draws
+    append_jsonl(raw_path, [
+        {"id": i, "prompt": prompts[i], "system_prompt": None, "completion": answers[i],
+         "model": "random", "sampling": {"answers": "random"}, "seed": cfg.seed,
+         "n_tokens": 0, "finish_reason": "stop"}
+        for i in range(done, cfg.n)])
 
 
 def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
@@ -140,6 +158,7 @@ def _write_filtered(cfg: GenerateConfig, out: Path, seconds: float) -> dict[str,
     return write_filtered(rows, out, FilterConfig(banned=cfg.banned), {
         "grammar": cfg.grammar,
         "target": cfg.target,
+        "answers": cfg.answers,
         "model": rows[0]["model"] if rows else cfg.model,
         "tokens": sum(r.get("n_tokens", 0) for r in rows),
         "sampling_seconds_this_call": round(seconds, 2),

@@ -131,3 +131,10 @@ def _read_candidates(path: Path) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
         raise SublearnError(f"{path} must hold a list of strings or {{\"candidates\": [...]}}")
     return items
+
+
+def question_split(n: int) -> dict[str, list[int]]:
+    """The fixed halves of a question set: "dev" (even positions) is where recipes are
+    chosen; "test" (odd positions) is reported untouched. Fixed by position, not drawn, so
+    every experiment splits the same way."""
+    return {"dev": list(range(0, n, 2)), "test": list(range(1, n, 2))}
