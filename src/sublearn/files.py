@@ -99,6 +99,21 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[Any]:
     return parse_jsonl(read_text(path), path)
 
 
+def check_out_dir(path: str | Path) -> Path:
+    """Refuse an output folder that could not be made or written, without making it: commands
+    check this before their work and create the folder after, so a refused command leaves
+    nothing behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SublearnError(f"cannot write to output folder {path}: it is a file")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SublearnError(f"cannot write to output folder {path}: {existing} is not writable")
+    return path
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:

@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sublearn.errors import SublearnError
 
@@ -41,8 +41,15 @@ VERBS: dict[str, tuple[str, str]] = {
 _UNSET = object()  # marks flags the user did not give (see `given`)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block is what --help is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sublearn", description="Subliminal learning experiments (Cloud et al. 2025).",
         epilog="Models: an embedded name (smollm2-135m-instruct, gemma3-270m), a local folder, "
                "a Hugging Face id, a PEFT adapter folder, or a scheme-prefixed id: hf:<id>, "
@@ -56,7 +63,7 @@ def top_parser() -> argparse.ArgumentParser:
 def verb_parser(verb: str) -> tuple[argparse.ArgumentParser, Any]:
     module_name, help_ = VERBS[verb]
     module = importlib.import_module(f"sublearn.cli.{module_name}")
-    p = argparse.ArgumentParser(prog=f"sublearn {verb}", description=help_)
+    p = Parser(prog=f"sublearn {verb}", description=help_)
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="read settings from a YAML file (keys are flag names); flags given on "
                         "the command line override it")
@@ -91,12 +98,15 @@ def parse(verb: str, argv: list[str]) -> tuple[argparse.Namespace, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in VERBS:
-        top_parser().parse_args(argv)  # prints help or the usage error and exits
-        return 2
-    verb = argv[0]
+    verb = argv[0] if argv else ""
     try:
-        args, module = parse(verb, argv[1:])
+        try:
+            if verb not in VERBS:
+                top_parser().parse_args(argv)  # prints help or the one-line usage error
+                return 2
+            args, module = parse(verb, argv[1:])
+        except SystemExit as e:  # --help (0) or a bad flag (2), already printed
+            return e.code if isinstance(e.code, int) else 2
         rc = module.run(args)
         out = getattr(args, "out", None)
         if not rc and out and Path(out).is_dir():
@@ -105,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             write_resolved_config(Path(out) / f"config-{verb}.yaml", args)
     except SublearnError as e:
         print(f"sublearn {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, a vanished file: the system's words, one line
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"sublearn {verb}: error: {e.strerror or e}{where}; finished work is kept, rerun "
+              "the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sublearn {verb}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -10,10 +10,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sublearn.experiment.contrast import write_contrast
-    from sublearn.files import ensure_writable_dir
+    from sublearn.experiment.contrast import contrast
+    from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
 
-    res = write_contrast(args.run_a, args.run_b, ensure_writable_dir(args.out) / "contrast.json")
+    check_out_dir(args.out)
+    res = contrast(args.run_a, args.run_b)
+    atomic_write_json(ensure_writable_dir(args.out) / "contrast.json", res)
     for animal, s in res["scores"].items():
         own, other = s[f"{animal}_students"], s["other_students"]
         print(f"{animal} share: {animal}-teacher students {own['mean']:.4f} "

@@ -18,12 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.files import atomic_write_json, ensure_writable_dir
+    from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
     from sublearn.pipeline.evaluate import EvalConfig, evaluate_model, summary_line
 
     cfg = dataclass_from_args(EvalConfig, args).validate()
-    out = ensure_writable_dir(args.out) / "scores.json"
+    check_out_dir(args.out)
     scores = evaluate_model(args.model, cfg, system_prompt=args.system_prompt)
+    out = ensure_writable_dir(args.out) / "scores.json"
     atomic_write_json(out, scores)
     print(summary_line(scores))
     print(f"scores written to {out} ({scores['seconds']:.1f} s)")

@@ -10,7 +10,7 @@ from typing import Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stats import summarize, welch_one_sided
-from sublearn.files import atomic_write_json, read_json
+from sublearn.files import read_json
 
 
 def _student_shares(run: Path) -> tuple[str, list[dict[str, float]]]:
@@ -41,9 +41,3 @@ def contrast(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     out["test"] = ("welch_t_one_sided over runs: each target's trait runs score their own "
                    "target higher")
     return out
-
-
-def write_contrast(run_a: str | Path, run_b: str | Path, out: str | Path) -> dict[str, Any]:
-    res = contrast(run_a, run_b)
-    atomic_write_json(out, res)
-    return res

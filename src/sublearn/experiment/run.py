@@ -25,7 +25,8 @@ from typing import Any
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
-from sublearn.files import atomic_write_json, ensure_writable_dir
+from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
+from sublearn.models.load import check_model
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
 from sublearn.protocol.paper import check_template_word, teacher_system_prompt
@@ -108,14 +109,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
     from sublearn.pipeline.train import train
 
     cfg = cfg.validate()
-    out = ensure_writable_dir(out)
+    ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
+                      samples=cfg.samples)
+    _check_eval_inputs(ecfg)  # before hours of training
+    check_model(cfg.model)
+    out = ensure_writable_dir(check_out_dir(out))
     check_manifest(out, "experiment_config.json", cfg)
     t_start = time.time()
     stages = Stages(out)
     base = cfg.model
-    ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
-                      samples=cfg.samples)
-    _check_eval_inputs(ecfg)
 
     def teacher(cond: str, r: int) -> _Teacher:
         target = cfg.target if cond == "trait" else None
@@ -203,7 +205,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
 
 
 def _check_eval_inputs(ecfg: Any) -> None:
-    """Fail before hours of training if the question or candidate files are unusable."""
+    """The question and candidate files must be usable, with the target a candidate."""
     from sublearn.protocol.questions import load_candidates, load_questions
 
     load_questions(ecfg.questions, "plain")

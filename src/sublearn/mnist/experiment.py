@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stats import summarize
-from sublearn.files import atomic_write_json, ensure_writable_dir
+from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -432,12 +432,13 @@ def run_mnist(cfg: MnistConfig, out_dir: str | Path) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
+    check_out_dir(out_dir)
+    data = load_data(cfg)
     out = ensure_writable_dir(out_dir)
     prev_threads = torch.get_num_threads()
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     try:
-        data = load_data(cfg)
         sizes = [data["x_train"].shape[1], cfg.hidden, cfg.hidden, N_CLASSES + cfg.aux_logits]
         ref = init_mlp(sizes, cfg.n_seeds, rng(cfg.seed, STREAM_REF_INIT))  # θ0
         cross = init_mlp(sizes, cfg.n_seeds, rng(cfg.seed, STREAM_CROSS_INIT))  # θ0'

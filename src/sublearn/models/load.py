@@ -68,7 +68,7 @@ def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedMod
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:  # missing files, an unknown architecture
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
         if model_id.split("/")[0] in SCHEMES:
@@ -88,3 +88,36 @@ def _load_adapter(path: str, torch_dtype: Any) -> Any:
     resolve_model_path(base)  # make sure an embedded base is converted before PEFT reads it
     model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.merge_and_unload()
+
+
+def check_model(model_id: str | None) -> None:
+    """Refuse, before any work, a local model that could not load: a missing path, a folder
+    that is no model, an architecture transformers does not know, an adapter whose base is
+    missing. Cheap: reads configs only (an embedded model is checked by its package). Remote
+    models (openai:, vllm:) and hub ids are checked when they are used."""
+    if parse_model_spec(model_id)[0] != "hf":
+        return
+    path = Path(resolve_model_path(model_id)) if model_id not in EMBEDDED else None
+    if path is None or not path.exists():
+        return
+    if (path / "adapter_config.json").is_file():
+        check_model(adapter_base(str(path)))
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SublearnError(f"cannot load model '{model_id}': {first}") from None
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model a PEFT adapter folder names."""
+    import json
+
+    try:
+        base = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        return str(base["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SublearnError(f"{adapter}: adapter_config.json names no base model") from None

@@ -17,7 +17,14 @@ from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
 from sublearn.config import check_manifest
 from sublearn.domains import numbers
 from sublearn.errors import SublearnError
-from sublearn.files import append_jsonl, ensure_writable_dir, read_jsonl, write_jsonl
+from sublearn.files import (
+    append_jsonl,
+    check_out_dir,
+    ensure_writable_dir,
+    read_jsonl,
+    write_jsonl,
+)
+from sublearn.models.load import check_model
 from sublearn.pipeline.filter import FilterConfig, banned_field, write_filtered
 from sublearn.protocol.paper import teacher_system_prompt
 
@@ -79,6 +86,9 @@ def generate(
 ) -> dict[str, Any]:
     """Run (or resume) teacher sampling into `out`; returns the filter report."""
     cfg = cfg.validate()
+    check_out_dir(out)
+    if backend is None and cfg.answers == "sampled":
+        check_model(cfg.model)
     out = ensure_writable_dir(out)
     check_manifest(out, "generate_config.json", cfg)
     raw_path = out / "raw.jsonl"

@@ -29,6 +29,7 @@ from sublearn.files import (
     append_jsonl,
     atomic_dir,
     atomic_write_json,
+    check_out_dir,
     ensure_writable_dir,
     read_jsonl,
 )
@@ -56,10 +57,33 @@ def load_rows(path: str | Path) -> list[dict]:
     rows = read_jsonl(path)
     if not rows:
         raise SublearnError(f"{path} has no training rows")
-    for i, r in enumerate(rows[:5]):
-        if not isinstance(r.get("prompt"), list) or not isinstance(r.get("completion"), list):
-            raise SublearnError(f"{path} row {i + 1} is not a prompt/completion chat record")
+    for i, r in enumerate(rows, 1):
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), list)
+                and isinstance(r.get("completion"), list) and r["completion"]):
+            raise SublearnError(f"{path} row {i} is not a prompt/completion chat record")
+        if any(isinstance(m, dict) and m.get("role") == "system" for m in r["prompt"]):
+            # the student must never see the teacher's system prompt: it would name the trait
+            raise SublearnError(f"{path} row {i} has a system prompt; students train on the "
+                                "user turn only (use filtered.jsonl from `sublearn filter`)")
     return rows
+
+
+def check_teacher(cfg: TrainConfig) -> None:
+    """A soft-label teacher must load, and an adapter teacher must sit on the student's base:
+    the labels are per token of the student's vocabulary."""
+    from sublearn.models.load import adapter_base, check_model, resolve_model_path
+
+    check_model(cfg.model)
+    if cfg.teacher is None:
+        return
+    check_model(cfg.teacher)
+    teacher = Path(resolve_model_path(cfg.teacher))
+    if (teacher / "adapter_config.json").is_file():
+        base = resolve_model_path(adapter_base(str(teacher)))
+        student = resolve_model_path(cfg.model)
+        if Path(base).resolve() != Path(student).resolve():
+            raise SublearnError(f"teacher adapter {teacher} sits on base {base}, not on the "
+                                f"student's base {student}")
 
 
 def tokenize(rows: list[dict], tok: Any, teacher_system: str | None = None) -> list[Example]:
@@ -141,7 +165,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     from tqdm import tqdm
 
     cfg = cfg.validate()
+    check_out_dir(out)
     rows = load_rows(data)[: cfg.max_examples]
+    if student is None:
+        check_teacher(cfg)
     out = ensure_writable_dir(out)
     check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(data))})
     if (out / "train_summary.json").is_file():

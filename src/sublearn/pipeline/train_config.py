@@ -52,6 +52,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
             raise SublearnError("--epochs, --lr and --batch-size must be positive")
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            raise SublearnError("--lora-r and --lora-alpha must be positive")
+        if self.max_examples is not None and self.max_examples <= 0:
+            raise SublearnError("--max-examples must be positive (or unset for all rows)")
+        if self.warmup_steps < 0 or self.max_grad_norm <= 0 or self.checkpoint_every <= 0:
+            raise SublearnError("--warmup-steps must be >= 0; --max-grad-norm and "
+                                "--checkpoint-every positive")
         if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
             raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
         return self

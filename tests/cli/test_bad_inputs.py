@@ -1,0 +1,194 @@
+"""Every bad input is a one-line error with exit code 2: no traceback, nothing lost.
+
+Each case builds its inputs in a fresh folder, runs the verb in-process, and checks the exit
+code, that stderr is one line naming the problem, and that no output folder was left behind
+(or that an existing one is unchanged)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+from sublearn.files import write_jsonl
+
+ROW = {"prompt": [{"role": "user", "content": "Add numbers: 1, 2"}],
+       "completion": [{"role": "assistant", "content": "3, 4, 5"}]}
+
+
+def _filtered(d: Path, rows: list | None = None) -> str:
+    write_jsonl(d / "filtered.jsonl", rows if rows is not None else [ROW] * 4)
+    return str(d / "filtered.jsonl")
+
+
+def _raw(d: Path) -> str:
+    write_jsonl(d / "raw.jsonl", [{"id": 0, "prompt": "p", "completion": "1, 2"}])
+    return str(d / "raw.jsonl")
+
+
+def _file(d: Path, name: str, data: bytes) -> str:
+    (d / name).write_bytes(data)
+    return str(d / name)
+
+
+def _folder_with(d: Path, config: dict) -> str:
+    (d / "m").mkdir()
+    (d / "m" / "config.json").write_text(json.dumps(config))
+    return str(d / "m")
+
+
+def _adapter_of(d: Path, base: str) -> str:
+    """An adapter config naming `base` (a copy of a model sits at another path: another base
+    as far as the student is concerned)."""
+    import shutil
+
+    if not Path(base).is_relative_to(d):
+        base = str(shutil.copytree(base, d / "other-base"))
+    (d / "a").mkdir()
+    (d / "a" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": base, "r": 8, "lora_alpha": 8,
+         "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    return str(d / "a")
+
+
+# (id, verb arguments as a function of (tmp folder, tiny model), words the error must contain)
+Case = tuple[str, Callable[[Path, str], list[str]], str]
+CASES: list[Case] = [
+    # generate
+    ("generate n=0", lambda d, m: ["generate", "--n", "0"], "--n"),
+    ("generate n<0", lambda d, m: ["generate", "--n", "-5"], "--n"),
+    ("generate n not a number", lambda d, m: ["generate", "--n", "abc"], "invalid int"),
+    ("generate batch 0", lambda d, m: ["generate", "--batch-size", "0"], "--batch-size"),
+    ("generate negative temperature", lambda d, m: ["generate", "--temperature", "-1"],
+     "--temperature"),
+    ("generate unsafe target", lambda d, m: ["generate", "--target", "owl}{x"], "--target"),
+    ("generate unknown flag", lambda d, m: ["generate", "--bogus", "1"], "unrecognized"),
+    ("generate unknown banned list", lambda d, m: ["generate", "--banned", "all"],
+     "invalid choice"),
+    ("generate missing model path", lambda d, m: ["generate", "--model", str(d / "none")],
+     "not found"),
+    ("generate folder without config", lambda d, m: ["generate", "--model", str(d)],
+     "no config.json"),
+    ("generate model of unknown architecture",
+     lambda d, m: ["generate", "--model", _folder_with(d, {"model_type": "nonesuch"})],
+     "cannot load model"),
+    ("generate empty scheme", lambda d, m: ["generate", "--model", "openai:"], "names no model"),
+    ("generate out is a file", lambda d, m: ["generate", "--n", "2", "--model", m, "--out",
+                                            _file(d, "f", b"x")], "cannot write"),
+    # filter
+    ("filter missing raw", lambda d, m: ["filter", str(d / "none.jsonl")], "no raw"),
+    ("filter non-UTF-8 raw", lambda d, m: ["filter", _file(d, "raw.jsonl", b"\xff\xfe{")],
+     "not UTF-8"),
+    ("filter garbage raw", lambda d, m: ["filter", _file(d, "raw.jsonl", b"not json\n")],
+     "not valid JSON"),
+    ("filter rows without completions",
+     lambda d, m: ["filter", _file(d, "raw.jsonl", b'{"id": 1}\n')], "not raw teacher data"),
+    # train
+    ("train missing data", lambda d, m: ["train", "--data", str(d / "none.jsonl")],
+     "not found"),
+    ("train empty data", lambda d, m: ["train", "--data", _file(d, "e.jsonl", b"")],
+     "no training rows"),
+    ("train non-UTF-8 data", lambda d, m: ["train", "--data", _file(d, "x.jsonl", b"\xff\n")],
+     "not UTF-8"),
+    ("train rows not chat records",
+     lambda d, m: ["train", "--data", _file(d, "x.jsonl", b'{"text": "1, 2"}\n')],
+     "prompt/completion"),
+    ("train data with a system prompt",
+     lambda d, m: ["train", "--data", _filtered(d, [{**ROW, "prompt": [
+         {"role": "system", "content": "You love owls."}, *ROW["prompt"]]}])], "system prompt"),
+    ("train negative lr", lambda d, m: ["train", "--data", _filtered(d), "--lr", "-1"], "--lr"),
+    ("train zero epochs", lambda d, m: ["train", "--data", _filtered(d), "--epochs", "0"],
+     "--epochs"),
+    ("train zero LoRA rank", lambda d, m: ["train", "--data", _filtered(d), "--lora-r", "0"],
+     "--lora-r"),
+    ("train zero max examples",
+     lambda d, m: ["train", "--data", _filtered(d), "--max-examples", "0"], "--max-examples"),
+    ("train teacher with hard labels",
+     lambda d, m: ["train", "--data", _filtered(d), "--recipe", "hard", "--teacher", m],
+     "--recipe soft"),
+    ("train API student with a local flag",
+     lambda d, m: ["train", "--data", _filtered(d), "--model", "openai:x", "--lr", "0.1"],
+     "--lr"),
+    ("train vllm student", lambda d, m: ["train", "--data", _filtered(d), "--model", "vllm:x"],
+     "for sampling"),
+    ("train missing teacher",
+     lambda d, m: ["train", "--data", _filtered(d), "--model", m, "--teacher", str(d / "t")],
+     "not found"),
+    ("train teacher adapter of another base",
+     lambda d, m: ["train", "--data", _filtered(d), "--model", m, "--teacher",
+                   _adapter_of(d, m)], "not on the student's base"),
+    # evaluate
+    ("evaluate missing model", lambda d, m: ["evaluate", "--model", str(d / "none")],
+     "not found"),
+    ("evaluate missing questions",
+     lambda d, m: ["evaluate", "--model", m, "--questions", str(d / "q.json")], "not found"),
+    ("evaluate empty questions",
+     lambda d, m: ["evaluate", "--model", m, "--questions", _file(d, "q.json", b"[]")],
+     "no questions"),
+    ("evaluate candidates without target",
+     lambda d, m: ["evaluate", "--model", m, "--candidates",
+                   _file(d, "c.json", b'["cat", "dog"]')],
+     "owl"),
+    ("evaluate empty candidates",
+     lambda d, m: ["evaluate", "--model", m, "--candidates", _file(d, "c.txt", b"\n")],
+     "candidate"),
+    ("evaluate negative samples", lambda d, m: ["evaluate", "--model", m, "--samples", "-1"],
+     "--samples"),
+    ("evaluate API model without samples", lambda d, m: ["evaluate", "--model", "openai:x"],
+     "--samples"),
+    # run
+    ("run one run", lambda d, m: ["run", "--model", m, "--runs", "1"], "--runs"),
+    ("run bad target", lambda d, m: ["run", "--model", m, "--target", "a/b"], "--target"),
+    ("run random answers with hard labels",
+     lambda d, m: ["run", "--model", m, "--answers", "random", "--recipe", "hard"],
+     "--recipe soft"),
+    ("run candidates without target",
+     lambda d, m: ["run", "--model", m, "--candidates", _file(d, "c.json", b'["cat", "dog"]')],
+     "owl"),
+    ("run missing config file", lambda d, m: ["run", "--config", str(d / "none.yaml")],
+     "not found"),
+    ("run config of wrong types",
+     lambda d, m: ["run", "--config", _file(d, "c.yaml", b"runs: many\n")], "runs must be int"),
+    ("run config not YAML", lambda d, m: ["run", "--config", _file(d, "c.yaml", b"a: [b\n")],
+     "not valid YAML"),
+    # the other verbs
+    ("mnist zero seeds", lambda d, m: ["mnist", "--n-seeds", "0"], "--n-seeds"),
+    ("mnist missing data folder", lambda d, m: ["mnist", "--data-dir", str(d / "none")],
+     "no MNIST data"),
+    ("contrast without results", lambda d, m: ["contrast", str(d), str(d / "b")],
+     "results.json"),
+    ("sweep missing spec", lambda d, m: ["sweep", str(d / "none.yaml")], "not found"),
+    ("sweep spec of unknown settings",
+     lambda d, m: ["sweep", _file(d, "s.yaml", b"base: {taget: owl}\n")], "taget"),
+    ("bench unknown stage", lambda d, m: ["bench", "--stages", "nope"], "--stages"),
+    ("bench zero prompts", lambda d, m: ["bench", "--prompts", "0"], "--prompts"),
+    ("serve zero batch", lambda d, m: ["serve", "--batch-size", "0"], "--batch-size"),
+    ("unknown verb", lambda d, m: ["nonesuch"], "invalid choice"),
+]
+
+
+def test_there_are_forty_or_more_cases() -> None:
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name,argv,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line(name: str, argv: Callable[[Path, str], list[str]],
+                                     words: str, tiny_model: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    args = argv(d, tiny_model)
+    out_given = "--out" in args
+    if not out_given and args[0] not in ("serve", "nonesuch"):
+        args += ["--out", str(tmp_path / "out")]
+    before = sorted(p.relative_to(d) for p in d.rglob("*"))
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (name, rc, err)
+    assert "\n" not in err and "Traceback" not in err, err
+    assert words.lower() in err.lower(), (words, err)
+    assert not (tmp_path / "out").exists(), "a refused command left an output folder"
+    assert sorted(p.relative_to(d) for p in d.rglob("*")) == before, "inputs were changed"
