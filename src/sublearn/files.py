@@ -99,6 +99,16 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[Any]:
     return parse_jsonl(read_text(path), path)
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_out_dir(path: str | Path) -> Path:
     """Refuse an output folder that could not be made or written, without making it: commands
     check this before their work and create the folder after, so a refused command leaves
@@ -139,3 +149,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def folder_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder while a command writes into it: a second
+    command on the same folder gets a one-line error instead of corrupting the first. The
+    lock is the kernel's (flock), so it goes with its process, even after kill -9."""
+    import fcntl
+
+    path = Path(path)
+    f = open(path / ".sublearn.lock", "a+", encoding="utf-8")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SublearnError(f"{path} is in use by another sublearn command ({holder}); wait for "
+                            "it to finish or use another --out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()

@@ -25,7 +25,8 @@ from typing import Any
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
-from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
+from sublearn.faults import point as fault_point
+from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir, folder_lock
 from sublearn.models.load import check_model
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
@@ -104,9 +105,7 @@ class _Teacher:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path,
                    progress: bool = True) -> dict[str, Any]:
-    from sublearn.pipeline.evaluate import EvalConfig, evaluate_model
-    from sublearn.pipeline.generate import generate
-    from sublearn.pipeline.train import train
+    from sublearn.pipeline.evaluate import EvalConfig
 
     cfg = cfg.validate()
     ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
@@ -114,6 +113,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
     _check_eval_inputs(ecfg)  # before hours of training
     check_model(cfg.model)
     out = ensure_writable_dir(check_out_dir(out))
+    with folder_lock(out):  # a second `sublearn run` on this folder gets a one-line error
+        return _run(cfg, ecfg, out, progress)
+
+
+def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[str, Any]:
+    from sublearn.pipeline.evaluate import evaluate_model
+    from sublearn.pipeline.generate import generate
+    from sublearn.pipeline.train import train
+
     check_manifest(out, "experiment_config.json", cfg)
     t_start = time.time()
     stages = Stages(out)
@@ -168,6 +176,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
 
         def ev(d: Path) -> dict:
             scores = evaluate_model(model, ecfg, system_prompt=system)
+            fault_point("evaluate.scored")
             atomic_write_json(d / "scores.json", scores)
             return scores
 

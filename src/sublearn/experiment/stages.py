@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.config import config_hash
+from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json
 
 
@@ -48,6 +49,7 @@ class Stages:
         t0 = time.time()
         output = fn(d)
         seconds = round(time.time() - t0, 2)
+        fault_point("stage.done")
         atomic_write_json(done, {"output": output, "seconds": seconds, "config": cfg})
         self.seconds[name] = seconds
         return StageResult(name, d, key, output, seconds, False)

@@ -12,12 +12,13 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sublearn.errors import SublearnError
-from sublearn.files import atomic_dir, atomic_write_json
+from sublearn.files import atomic_dir, atomic_write_json, file_sha256
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,39 @@ def cache_root() -> Path:
     return Path(user_cache_dir("sublearn", appauthor=False))
 
 
+MANIFEST = "sublearn-cache.json"  # the weights' SHA-256, written after a conversion
+_verified: set[Path] = set()  # caches whose hash this process has checked
+
+
 def embedded_path(name: str) -> Path:
-    """Path of a safetensors copy of embedded model `name`, converting it on first use."""
+    """Path of a safetensors copy of embedded model `name`, converting it on first use. The
+    copy's hash is checked once per process; a damaged copy is rebuilt from the GGUF."""
     model = EMBEDDED[name]
     target = cache_root() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         _drop_quantization_config(target / "config.json")  # caches written before this fix
-        return target
+        if target in _verified or _intact(target):
+            _verified.add(target)
+            return target
+        print(f"sublearn: the cached {name} is damaged (hash mismatch); rebuilding it",
+              file=sys.stderr, flush=True)
     gguf = model.locate(model)
     _convert(gguf, target)
+    _verified.add(target)
     return target
+
+
+def _intact(target: Path) -> bool:
+    weights = target / "model.safetensors"
+    manifest = target / MANIFEST
+    if not manifest.is_file():  # a cache from before manifests: record what it holds now
+        atomic_write_json(manifest, {"model.safetensors": file_sha256(weights)})
+        return True
+    try:
+        want = json.loads(manifest.read_text())["model.safetensors"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return file_sha256(weights) == want
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -111,6 +135,8 @@ def _convert(gguf: Path, target: Path) -> None:
     with atomic_dir(target) as tmp:  # a killed conversion never leaves a half cache
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST,
+                          {"model.safetensors": file_sha256(tmp / "model.safetensors")})
 
 
 def _drop_quantization_config(path: Path) -> None:

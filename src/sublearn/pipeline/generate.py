@@ -17,10 +17,12 @@ from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
 from sublearn.config import check_manifest
 from sublearn.domains import numbers
 from sublearn.errors import SublearnError
+from sublearn.faults import point as fault_point
 from sublearn.files import (
     append_jsonl,
     check_out_dir,
     ensure_writable_dir,
+    folder_lock,
     read_jsonl,
     write_jsonl,
 )
@@ -90,6 +92,12 @@ def generate(
     if backend is None and cfg.answers == "sampled":
         check_model(cfg.model)
     out = ensure_writable_dir(out)
+    with folder_lock(out):
+        return _generate(cfg, out, backend, progress)
+
+
+def _generate(cfg: GenerateConfig, out: Path, backend: Backend | None,
+              progress: bool) -> dict[str, Any]:
     check_manifest(out, "generate_config.json", cfg)
     raw_path = out / "raw.jsonl"
     done = _resume_point(raw_path, cfg)
@@ -139,28 +147,31 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
         sampling["grammar"] = "numbers (filter only)"  # e.g. an API without guided decoding
     bar = tqdm(total=cfg.n, initial=done, unit="sample", desc="teacher", disable=not progress,
                dynamic_ncols=True)
-    for start in range(done, cfg.n, cfg.batch_size):
-        batch = prompts[start : start + cfg.batch_size]
-        seed = batch_seed(cfg.seed, start)
-        results = backend.generate([ChatRequest(p, system) for p in batch], params, seed)
-        append_jsonl(raw_path, [
-            {
-                "id": start + i,
-                "prompt": p,
-                "system_prompt": system,
-                "completion": r.text,
-                "model": backend.model_id,
-                "sampling": sampling,
-                "seed": cfg.seed,
-                "batch_seed": seed,
-                "n_tokens": r.n_tokens,
-                "finish_reason": r.finish_reason,
-                **({"error": r.error} if r.error else {}),
-            }
-            for i, (p, r) in enumerate(zip(batch, results, strict=True))
-        ])
-        bar.update(len(batch))
-    bar.close()
+    try:  # closed on any exit, so an error message is not followed by a stale bar
+        for start in range(done, cfg.n, cfg.batch_size):
+            batch = prompts[start : start + cfg.batch_size]
+            seed = batch_seed(cfg.seed, start)
+            results = backend.generate([ChatRequest(p, system) for p in batch], params, seed)
+            append_jsonl(raw_path, [
+                {
+                    "id": start + i,
+                    "prompt": p,
+                    "system_prompt": system,
+                    "completion": r.text,
+                    "model": backend.model_id,
+                    "sampling": sampling,
+                    "seed": cfg.seed,
+                    "batch_seed": seed,
+                    "n_tokens": r.n_tokens,
+                    "finish_reason": r.finish_reason,
+                    **({"error": r.error} if r.error else {}),
+                }
+                for i, (p, r) in enumerate(zip(batch, results, strict=True))
+            ])
+            fault_point("generate.batch")
+            bar.update(len(batch))
+    finally:
+        bar.close()
 
 
 def _write_filtered(cfg: GenerateConfig, out: Path, seconds: float) -> dict[str, Any]:

@@ -25,13 +25,16 @@ import torch.nn.functional as F
 
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
+from sublearn.faults import point as fault_point
 from sublearn.files import (
     append_jsonl,
     atomic_dir,
     atomic_write_json,
     check_out_dir,
     ensure_writable_dir,
+    folder_lock,
     read_jsonl,
+    write_jsonl,
 )
 from sublearn.models import load_model
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
@@ -162,7 +165,6 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def train(cfg: TrainConfig, data: str | Path, out: str | Path,
           progress: bool = True, student: Any = None) -> dict[str, Any]:
     """Train one student on `data` (filtered.jsonl) into `out`; resumes from a checkpoint."""
-    from tqdm import tqdm
 
     cfg = cfg.validate()
     check_out_dir(out)
@@ -170,6 +172,14 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     if student is None:
         check_teacher(cfg)
     out = ensure_writable_dir(out)
+    with folder_lock(out):
+        return _train(cfg, rows, str(data), out, progress, student)
+
+
+def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: bool,
+           student: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+
     check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(data))})
     if (out / "train_summary.json").is_file():
         return json.loads((out / "train_summary.json").read_text())  # already trained
@@ -196,6 +206,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     total = max(1, round(cfg.epochs * steps_per_epoch))
     ckpt = out / "checkpoint"
     state = load_checkpoint(ckpt, params, opt) or {"step": 0}
+    _truncate_log(out / "train_log.jsonl", state["step"])  # steps after the checkpoint rerun
     head = _core(model).get_output_embeddings().weight
 
     model.train()
@@ -204,44 +215,48 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     lengths = [e.length for e in examples]
     norm = answer_tokens_per_batch(examples, cfg)
     plan: list[list[int]] = []
-    for step in range(state["step"], total):
-        epoch, k = divmod(step, steps_per_epoch)
-        if not plan or k == 0:  # one shuffle and sort per epoch, not per step
-            plan = epoch_plan(lengths, epoch, cfg)
-        batch = plan[k]
-        seqs = [(examples[i].prompt_ids, examples[i].answer_ids) for i in batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            h = answer_hidden(model, seqs, pad)
-            if soft is None:
-                targets = torch.tensor([t for i in batch for t in examples[i].answer_ids])
-                ce = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
-                loss = ce.mean() if norm is None else ce.sum() / norm
-            else:
-                vocab_ids, masks, labels = soft
-                logits = (h @ head[vocab_ids].T).float()
-                mask = torch.cat([masks[i] for i in batch])
-                logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
-                logp = torch.cat([labels[i] for i in batch])
-                # KL(teacher || student) over allowed tokens, mean over answer positions
-                kl = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
-                loss = kl.mean() if norm is None else kl.sum() / norm
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-        lr = _lr_at(step, total, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss_value, 6),
-                                                 "lr": lr}])
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}",
-                        samples_s=f"{bar.format_dict['rate'] * cfg.batch_size:.1f}"
-                        if bar.format_dict.get("rate") else "")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt, params, opt, {"step": step + 1})
-    bar.close()
+    try:  # closed on any exit, so an error message is not followed by a stale bar
+        for step in range(state["step"], total):
+            epoch, k = divmod(step, steps_per_epoch)
+            if not plan or k == 0:  # one shuffle and sort per epoch, not per step
+                plan = epoch_plan(lengths, epoch, cfg)
+            batch = plan[k]
+            seqs = [(examples[i].prompt_ids, examples[i].answer_ids) for i in batch]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                h = answer_hidden(model, seqs, pad)
+                if soft is None:
+                    targets = torch.tensor([t for i in batch for t in examples[i].answer_ids])
+                    ce = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
+                    loss = ce.mean() if norm is None else ce.sum() / norm
+                else:
+                    vocab_ids, masks, labels = soft
+                    logits = (h @ head[vocab_ids].T).float()
+                    mask = torch.cat([masks[i] for i in batch])
+                    logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+                    logp = torch.cat([labels[i] for i in batch])
+                    # KL(teacher || student) over allowed tokens, mean over answer positions
+                    kl = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
+                    loss = kl.mean() if norm is None else kl.sum() / norm
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+            lr = _lr_at(step, total, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss_value, 6),
+                                                     "lr": lr}])
+            fault_point("train.step")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}",
+                            samples_s=f"{bar.format_dict['rate'] * cfg.batch_size:.1f}"
+                            if bar.format_dict.get("rate") else "")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                save_checkpoint(ckpt, params, opt, {"step": step + 1})
+                fault_point("train.checkpoint")
+    finally:
+        bar.close()
     model.eval()
     saved = _save(model, tok, cfg, out, lm.path)
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -309,6 +324,7 @@ def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
         if len(lens) == len(examples):
             return t["vocab_ids"], list(t["masks"].split(lens)), list(t["labels"].split(lens))
     vocab_ids, masks, labels = _compute_soft(cfg, lm, examples)
+    fault_point("train.soft_labels")
     if cache:
         tmp = cache.with_suffix(".tmp")
         save_file({"vocab_ids": vocab_ids, "masks": torch.cat(masks).contiguous(),
@@ -363,3 +379,11 @@ def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str) -> 
         tok.save_pretrained(tmp)
     return final
 
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log rows up to `step`: the steps after it are about to run again."""
+    if path.is_file():
+        rows = read_jsonl(path, repair=True)
+        if any(r["step"] > step for r in rows):
+            write_jsonl(path, [r for r in rows if r["step"] <= step])

@@ -7,6 +7,7 @@ code, that stderr is one line naming the problem, and that no output folder was 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def test_there_are_forty_or_more_cases() -> None:
 @pytest.mark.parametrize("name,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clean_line(name: str, argv: Callable[[Path, str], list[str]],
                                      words: str, tiny_model: str, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture) -> None:
+                                     capsys: pytest.CaptureFixture, tally: Counter) -> None:
     d = tmp_path / "in"
     d.mkdir()
     args = argv(d, tiny_model)
@@ -185,6 +186,7 @@ def test_bad_input_is_one_clean_line(name: str, argv: Callable[[Path, str], list
     if not out_given and args[0] not in ("serve", "nonesuch"):
         args += ["--out", str(tmp_path / "out")]
     before = sorted(p.relative_to(d) for p in d.rglob("*"))
+    tally["bad inputs tried"] += 1
     rc = main(args)
     err = capsys.readouterr().err.strip()
     assert rc == 2, (name, rc, err)
@@ -192,3 +194,4 @@ def test_bad_input_is_one_clean_line(name: str, argv: Callable[[Path, str], list
     assert words.lower() in err.lower(), (words, err)
     assert not (tmp_path / "out").exists(), "a refused command left an output folder"
     assert sorted(p.relative_to(d) for p in d.rglob("*")) == before, "inputs were changed"
+    tally["bad inputs with a clean one-line error"] += 1

@@ -1,0 +1,254 @@
+"""Faults: kill -9 at injected points then resume, torn and damaged files, two commands on one
+folder, a full disk and a read-only folder. Each must end in the same results as a run that
+met no fault, or in a one-line error that loses nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+from sublearn.files import folder_lock, write_jsonl
+
+RUN = ["run", "--target", "owl", "--runs", "2", "--n", "8", "--epochs", "1", "--batch-size",
+       "4", "--teacher-epochs", "1"]
+TIMING = ("stage_seconds", "wall_seconds")
+
+
+def _cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SUBLEARN_KILL_AT": kill_at or ""}
+    return subprocess.run([sys.executable, "-m", "sublearn", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _results(folder: Path) -> dict:
+    """results.json without timings, with the folder's own path taken out."""
+    text = (folder / "results.json").read_text().replace(str(folder), "<out>")
+    res = json.loads(text)
+    for k in TIMING:
+        res.pop(k)
+    return res
+
+
+def _done_stages_complete(folder: Path) -> None:
+    """No stage is marked done without its outputs."""
+    for done in (folder / "stages").glob("*/DONE.json"):
+        d = done.parent
+        kind = d.name.split("_")[0]
+        need = {"teacher": "adapter/adapter_model.safetensors",
+                "student": "adapter/adapter_model.safetensors",
+                "data": "filtered.jsonl", "eval": "scores.json"}[kind]
+        assert (d / need).is_file(), f"{d.name} is marked done without {need}"
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_point_then_resume_gives_the_same_results(
+        tiny_model: str, tmp_path: Path, tally: Counter) -> None:
+    points = ["train.step", "stage.done", "generate.batch", "train.soft_labels",
+              "evaluate.scored", "stage.done"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert _cli([*RUN, "--model", tiny_model, "--out", str(ref)]).returncode == 0
+    kills, hit = 0, Counter()
+    for attempt in range(80):
+        point = points[attempt % len(points)]
+        n = 1 + (attempt // len(points)) % 2
+        proc = _cli([*RUN, "--model", tiny_model, "--out", str(out)], f"{point}:{n}")
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        kills += 1
+        hit[point] += 1
+        _done_stages_complete(out)
+    else:
+        pytest.fail("the killed run never finished")
+    assert kills >= 20 and set(hit) == set(points), hit
+    assert _results(out) == _results(ref)
+    _done_stages_complete(out)
+    tally["kill -9 injected (sublearn run)"] += kills
+    tally["kill -9 survived (sublearn run)"] += kills
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_resumes_from_checkpoints(tiny_model: str, tmp_path: Path,
+                                                          tally: Counter) -> None:
+    data = tmp_path / "filtered.jsonl"
+    write_jsonl(data, [{"prompt": [{"role": "user", "content": f"Numbers {i}?"}],
+                        "completion": [{"role": "assistant", "content": f"{i}, {i + 1}, 7"}]}
+                       for i in range(16)])
+    args = ["train", "--model", tiny_model, "--data", str(data), "--recipe", "hard",
+            "--epochs", "3", "--batch-size", "4", "--checkpoint-every", "2"]
+    assert _cli([*args, "--out", str(tmp_path / "ref")]).returncode == 0
+    kills = 0
+    for point in ["train.checkpoint:1", "train.step:1", "train.checkpoint:2", "train.step:3",
+                  "train.checkpoint:1"]:
+        proc = _cli([*args, "--out", str(tmp_path / "k")], point)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        kills += 1
+    assert _cli([*args, "--out", str(tmp_path / "k")]).returncode == 0
+    name = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "k" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    log = [json.loads(x) for x in (tmp_path / "k" / "train_log.jsonl").read_text().split()]
+    assert [r["step"] for r in log] == list(range(1, 13))  # every step once
+    tally["kill -9 injected (sublearn train)"] += kills
+    tally["kill -9 survived (sublearn train)"] += kills
+
+
+def _train_args(tiny_model: str, tmp_path: Path) -> list[str]:
+    data = tmp_path / "filtered.jsonl"
+    write_jsonl(data, [{"prompt": [{"role": "user", "content": f"Numbers {i}?"}],
+                        "completion": [{"role": "assistant", "content": f"{i}, 5"}]}
+                       for i in range(8)])
+    return ["train", "--model", tiny_model, "--data", str(data), "--recipe", "hard",
+            "--epochs", "2", "--batch-size", "2", "--checkpoint-every", "2"]
+
+
+def test_damaged_checkpoint_is_dropped_and_training_restarts(
+        tiny_model: str, tmp_path: Path, tally: Counter,
+        capsys: pytest.CaptureFixture) -> None:
+    from sublearn.pipeline import checkpoint
+
+    args = _train_args(tiny_model, tmp_path)
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    # A checkpoint as a killed run leaves it, then one byte of its weights flipped on disk.
+    saved: list[Path] = []
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(path: Path, *a: object) -> None:
+        real(path, *a)
+        saved.append(path)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sublearn.pipeline.train.save_checkpoint", save_then_stop)
+        assert main([*args, "--out", str(tmp_path / "k")]) == 130
+    weights = saved[0] / "params.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "k")]) == 0
+    assert "dropping damaged checkpoint" in capsys.readouterr().err
+    name = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "k" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    tally["damaged files injected"] += 1
+    tally["damaged files detected and recovered"] += 1
+
+
+def test_damaged_model_cache_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        tally: Counter) -> None:
+    from sublearn.files import file_sha256
+    from sublearn.models import embedded
+
+    monkeypatch.setenv("SUBLEARN_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / embedded.MANIFEST).write_text(json.dumps(
+        {"model.safetensors": file_sha256(folder / "model.safetensors")}))
+    rebuilt: list[Path] = []
+    monkeypatch.setattr(embedded, "_convert", lambda gguf, target: rebuilt.append(target))
+    monkeypatch.setattr(embedded, "_verified", set())
+    assert embedded.embedded_path("smollm2-135m-instruct") == folder and not rebuilt
+    (folder / "model.safetensors").write_bytes(b"weightz")  # one byte changed on disk
+    monkeypatch.setattr(embedded, "_verified", set())  # a new process
+    embedded.embedded_path("smollm2-135m-instruct")
+    assert rebuilt == [folder]
+    tally["damaged files injected"] += 1
+    tally["damaged files detected and recovered"] += 1
+
+
+def test_torn_jsonl_and_half_written_stage_are_redone(tiny_model: str, tmp_path: Path,
+                                                       tally: Counter) -> None:
+    out = tmp_path / "exp"
+    args = [*RUN, "--model", tiny_model, "--teacher-mode", "prompted", "--recipe", "hard"]
+    assert main([*args, "--out", str(out)]) == 0
+    ref = _results(out)
+    data = next((out / "stages").glob("data_trait_run0-*"))
+    raw = (data / "raw.jsonl").read_bytes()
+    (data / "DONE.json").unlink()  # a stage killed before it was marked done ...
+    (data / "raw.jsonl").write_bytes(raw[: len(raw) // 2])  # ... with a torn last line
+    (data / "filtered.jsonl").write_bytes(b'{"prompt": [')  # and half a file
+    (out / "results.json").unlink()
+    assert main([*args, "--out", str(out)]) == 0
+    assert (data / "raw.jsonl").read_bytes() == raw and _results(out) == ref
+    tally["damaged files injected"] += 2
+    tally["damaged files detected and recovered"] += 2
+
+
+def test_second_command_on_a_folder_in_use_is_refused(tiny_model: str, tmp_path: Path,
+                                                      tally: Counter,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "exp"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sublearn.files import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for verb in (["run", *RUN[1:]], ["generate", "--n", "4"]):
+            rc = main([*verb, "--model", tiny_model, "--out", str(out)])
+            (err,) = _error_lines(capsys.readouterr().err)
+            assert rc == 2 and "in use by another sublearn command" in err
+            assert f"pid {holder.pid}" in err
+        assert sorted(p.name for p in out.iterdir()) == [".sublearn.lock"]  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(out):  # the kernel released the dead holder's lock
+        pass
+    tally["concurrent commands refused cleanly"] += 2
+
+
+def _error_lines(err: str) -> list[str]:
+    """The command's own error lines (progress bars share stderr)."""
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("sublearn ")]
+
+
+def _enospc(*args: object, **kw: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "raw.jsonl")
+
+
+def test_disk_full_and_read_only_folder_are_one_line_errors_that_lose_nothing(
+        tiny_model: str, tmp_path: Path, tally: Counter, capsys: pytest.CaptureFixture) -> None:
+    from sublearn.pipeline import generate as gen
+
+    args = ["generate", "--model", tiny_model, "--n", "8", "--batch-size", "4",
+            "--max-new-tokens", "8"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    real, calls = gen.append_jsonl, []
+
+    def full_on_second_batch(path: Path, rows: list) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            _enospc()
+        real(path, rows)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gen, "append_jsonl", full_on_second_batch)
+        assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert "No space left on device" in err and "rerun the same command" in err
+    kept = (tmp_path / "o" / "raw.jsonl").read_bytes()
+    assert kept and (tmp_path / "ref" / "raw.jsonl").read_bytes().startswith(kept)
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0  # space again: it resumes
+    assert (tmp_path / "o" / "raw.jsonl").read_bytes() == \
+        (tmp_path / "ref" / "raw.jsonl").read_bytes()
+
+    # A read-only folder (root ignores permission bits, so the refusal is simulated).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sublearn.files.os.access", lambda *a, **k: False)
+        assert main([*args, "--out", str(tmp_path / "ro")]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert "not writable" in err and not (tmp_path / "ro").exists()
+    tally["disk and permission faults injected"] += 2
+    tally["disk and permission faults: one-line error, nothing lost"] += 2
