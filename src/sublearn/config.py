@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from sublearn.errors import SublearnError
+from sublearn.errors import SublearnError, first_line
 from sublearn.files import atomic_write_json, atomic_write_text
 
 
@@ -84,6 +84,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **override: Any) ->
 def _yaml_value(action: argparse.Action, value: Any, where: str) -> Any:
     """A YAML value for one flag, checked as the command line would check it."""
     if action.nargs == 0:  # store_true / --flag/--no-flag
+        if value is None and action.default is None:  # "unset", as a resolved config says
+            return None
         if not isinstance(value, bool):
             raise SublearnError(f"{where} must be true or false, got {value!r}")
         return value
@@ -124,7 +126,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise SublearnError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SublearnError(f"{path} is not valid YAML: {first}") from None
     if doc is None:
         return {}

@@ -136,12 +136,28 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+STALE_SECONDS = 600  # a temp folder untouched this long was left by a killed process
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp folders of `path` that a kill -9 left behind (the `finally` never ran)."""
+    import time
+
+    for old in path.parent.glob(f".{path.name}.*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Fill a temp folder beside `path`; on success it replaces `path` in one rename, so a kill
     never leaves half a folder under the final name. On an error the temp folder goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
@@ -176,3 +192,12 @@ def folder_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         f.close()
+
+
+@contextmanager
+def locked_out_dir(path: str | Path) -> Iterator[Path]:
+    """Make the output folder and hold its lock while the command writes into it (call
+    `check_out_dir` first, before the command's checks, so a refusal leaves nothing)."""
+    path = ensure_writable_dir(path)
+    with folder_lock(path):
+        yield path

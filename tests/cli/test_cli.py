@@ -153,3 +153,26 @@ def test_evaluate_takes_the_hf_scheme(tiny_model: str, tmp_path: Path) -> None:
     assert 0 < scores["forced_choice"]["target_share"] < 1
     assert yaml.safe_load((tmp_path / "e" / "config-evaluate.yaml").read_text())["model"] == \
         f"hf:{tiny_model}"
+
+
+def test_api_student_reads_a_resolved_config_but_refuses_its_changes(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolved config holds every setting at its default: an API student may read it,
+    and is refused only for a setting the file changes."""
+    from sublearn.cli import parse
+
+    data = tmp_path / "filtered.jsonl"
+    write_jsonl(data, [{"prompt": [{"role": "user", "content": "x"}],
+                        "completion": [{"role": "assistant", "content": "1, 2"}]}])
+    base = vars(parse("train", ["--data", str(data), "--out", str(tmp_path / "s")])[0])
+    resolved = {k: v for k, v in base.items() if not k.startswith("_") and k not in
+                ("verb", "config")}
+    calls = []
+    monkeypatch.setattr("sublearn.pipeline.finetune_api.finetune_api",
+                        lambda api, d, out: calls.append(api) or {"job": "fake"})
+    cfg = tmp_path / "config-train.yaml"
+    cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano"}))
+    assert main(["train", "--config", str(cfg)]) == 0 and calls[0].model == "gpt-4.1-nano"
+    cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano", "lr": 0.5}))
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--lr" in capsys.readouterr().err

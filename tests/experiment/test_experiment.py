@@ -41,7 +41,9 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     assert len(res["conditions"]["teacher"]["forced_choice_share"]["values"]) == 2
     for m in ("forced_choice_share", "forced_choice_share_dev", "forced_choice_share_test"):
         e = res["effects"][m]
-        assert set(e) == {"difference", "ratio", "p_welch", "p_permutation", "n"}
+        assert set(e) == {"difference", "ratio", "p_welch", "p_permutation",
+                          "permutation_exact", "n"}
+        assert e["permutation_exact"] is True
         assert e["n"] == [2, 2] and 0 <= e["p_permutation"] <= 1
     trait = [r["scores"]["forced_choice_share"] for r in runs if r["condition"] == "trait"]
     assert res["conditions"]["trait"]["forced_choice_share"]["values"] == trait

@@ -71,7 +71,7 @@ def test_sweep_failure_reported_and_rerun_skips(tiny_model: str, tmp_path: Path,
     assert 0 <= good["p_value"] <= 1
     assert (out / good["dir"] / "results.json").is_file()
     assert bad["status"] == "failed" and bad["attempts"] == 2 and bad["trait_mean"] is None
-    assert "candidate list does not include the target 'owl'" in bad["error"]
+    assert "does not include the target 'owl'" in bad["error"]
     assert "Traceback" in (out / bad["dir"] / "error.txt").read_text()
     md = (out / "summary.md").read_text()
     assert "| candidates-bad.json | owl |" in md and "1 failed" in md

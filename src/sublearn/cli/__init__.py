@@ -63,7 +63,7 @@ def top_parser() -> argparse.ArgumentParser:
 def verb_parser(verb: str) -> tuple[argparse.ArgumentParser, Any]:
     module_name, help_ = VERBS[verb]
     module = importlib.import_module(f"sublearn.cli.{module_name}")
-    p = Parser(prog=f"sublearn {verb}", description=help_)
+    p = Parser(prog=f"sublearn {verb}", description=help_, allow_abbrev=False)
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="read settings from a YAML file (keys are flag names); flags given on "
                         "the command line override it")
@@ -77,21 +77,21 @@ def parse(verb: str, argv: list[str]) -> tuple[argparse.Namespace, Any]:
     from sublearn.config import apply_yaml_defaults
 
     p, module = verb_parser(verb)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = Parser(prog=f"sublearn {verb}", add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     config_file = pre.parse_known_args(argv)[0].config
     from_yaml = apply_yaml_defaults(p, config_file) if config_file else set()
-    dests = {a.dest for a in p._actions if a.dest != "help" and a.dest not in from_yaml}
-    ns = argparse.Namespace(**{d: _UNSET for d in dests})
-    args = p.parse_args(argv, ns)
-    given = set(from_yaml)
+    dests = {a.dest for a in p._actions if a.dest != "help"}
+    args = p.parse_args(argv, argparse.Namespace(**{d: _UNSET for d in dests}))
+    on_command_line = set()
     for a in p._actions:
         if a.dest in dests:
             if getattr(args, a.dest) is _UNSET:
-                setattr(args, a.dest, a.default)
+                setattr(args, a.dest, a.default)  # a file's value or the flag's default
             else:
-                given.add(a.dest)
-    args._given = given
+                on_command_line.add(a.dest)
+    args._given = on_command_line | from_yaml
+    args._from_config = from_yaml - on_command_line  # set by the file alone
     args.verb = verb
     return args, module
 

@@ -28,7 +28,13 @@ def run(args: argparse.Namespace) -> int:
         # Same verb, remote student: an OpenAI fine-tuning job (epochs and seed carry over).
         from sublearn.pipeline.finetune_api import APITrainConfig, finetune_api
 
-        if ignored := sorted(args._given - API_SETTINGS):
+        # A flag typed for an API student is refused; a config file (a resolved one holds every
+        # setting) is refused only where it asks for something other than the default.
+        defaults = TrainConfig()
+        ignored = sorted(k for k in args._given - API_SETTINGS
+                         if k not in args._from_config
+                         or getattr(args, k) != getattr(defaults, k, None))
+        if ignored:
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise SublearnError(f"{flags}: not used by an API fine-tuning job (openai: students "
                                 "take only --epochs and --seed)")

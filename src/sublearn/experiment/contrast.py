@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.errors import SublearnError
-from sublearn.experiment.stats import summarize, welch_one_sided
+from sublearn.experiment.stats import effect, summarize
 from sublearn.files import read_json
 
 
@@ -26,17 +26,22 @@ def _student_shares(run: Path) -> tuple[str, list[dict[str, float]]]:
 
 def contrast(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
     (ta, sa), (tb, sb) = _student_shares(Path(run_a)), _student_shares(Path(run_b))
-    if ta == tb:
+    if ta.lower() == tb.lower():
         raise SublearnError(f"both experiments have target '{ta}': pick two different targets")
     out: dict[str, Any] = {"a": {"run": str(run_a), "target": ta},
                            "b": {"run": str(run_b), "target": tb}, "scores": {}}
     for animal, higher, lower in ((ta, sa, sb), (tb, sb, sa)):
+        if any(animal.lower() not in s for s in higher + lower):
+            raise SublearnError(f"'{animal}' is not a candidate in both experiments: contrast "
+                                "experiments evaluated on the same candidates")
         hi = [s[animal.lower()] for s in higher]
         lo = [s[animal.lower()] for s in lower]
+        e = effect(hi, lo)
         out["scores"][animal] = {
             f"{animal}_students": summarize(hi),
             "other_students": summarize(lo),
-            "p_value": welch_one_sided(hi, lo),
+            **e,
+            "p_value": e["p_welch"],
         }
     out["test"] = ("welch_t_one_sided over runs: each target's trait runs score their own "
                    "target higher")

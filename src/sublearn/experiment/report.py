@@ -94,10 +94,11 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     if effects:
         lines += ["", "## Trait runs vs control runs", "",
                   "| metric | difference [95% CI] | ratio [95% CI] | p (Welch) | "
-                  "p (exact permutation) | runs |", "|---|---|---|---|---|---|"]
+                  "p (permutation) | runs |", "|---|---|---|---|---|---|"]
         for m, e in effects.items():
+            how = "exact" if e.get("permutation_exact", True) else "Monte Carlo"
             lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
-                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | "
+                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} ({how}) | "
                          f"{e['n'][0]} + {e['n'][1]} |")
     runs = results.get("runs") or []
     if runs and primary:

@@ -26,8 +26,8 @@ from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.faults import point as fault_point
-from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir, folder_lock
-from sublearn.models.load import check_model
+from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir
+from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
 from sublearn.protocol.paper import check_template_word, teacher_system_prompt
@@ -90,6 +90,9 @@ class ExperimentConfig:
             raise SublearnError("--runs must be at least 2 per condition to compare over runs")
         if self.students < 1 or self.n <= 0:
             raise SublearnError("--students and --n must be positive")
+        if parse_model_spec(self.model)[0] != "hf":
+            raise SublearnError("--model: teachers and students are trained here, so they "
+                                "need local weights (an embedded name, a folder, a hub id)")
         if self.answers == "random" and self.recipe != "soft":
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
@@ -112,8 +115,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
                       samples=cfg.samples)
     _check_eval_inputs(ecfg)  # before hours of training
     check_model(cfg.model)
-    out = ensure_writable_dir(check_out_dir(out))
-    with folder_lock(out):  # a second `sublearn run` on this folder gets a one-line error
+    with locked_out_dir(check_out_dir(out)) as out:  # a second run here: a one-line error
         return _run(cfg, ecfg, out, progress)
 
 
@@ -217,10 +219,9 @@ def _check_eval_inputs(ecfg: Any) -> None:
     """The question and candidate files must be usable, with the target a candidate."""
     from sublearn.protocol.questions import load_candidates, load_questions
 
-    load_questions(ecfg.questions, "plain")
-    cands = load_candidates(ecfg.candidates)
-    if ecfg.target.lower() not in {c.lower() for c in cands}:
-        raise SublearnError(f"candidate list does not include the target '{ecfg.target}'")
+    if len(load_questions(ecfg.questions, "plain")) < 2:
+        raise SublearnError("an experiment needs at least 2 questions (its dev and test halves)")
+    load_candidates(ecfg.candidates, target=ecfg.target)
 
 
 def metric_values(scores: dict[str, Any]) -> dict[str, float]:
@@ -271,7 +272,7 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "effects": effects,
         "p_value": effects[primary]["p_welch"],
         "test": "welch_t_one_sided over runs (trait > control, primary metric); "
-                "p_permutation: exact permutation test over runs",
+                "p_permutation: permutation test over runs (exact up to 100,000 splits)",
         "runs": runs,
         "top_candidates": {c: dict(list(v.items())[:5]) for c, v in top.items()},
         "target_rank": {c: 1 + [a.lower() for a in v].index(cfg.target.lower())

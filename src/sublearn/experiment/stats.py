@@ -15,7 +15,6 @@ from sublearn.errors import SublearnError
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """{"values", "mean", "ci95"}: a two-sided 95% Student-t interval for the mean. One value
     or no spread gives the degenerate interval [mean, mean] (JSON has no NaN)."""
-    from scipy import stats
 
     vals = [float(v) for v in values]
     if not vals:
@@ -23,8 +22,15 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     n = len(vals)
     mean = math.fsum(vals) / n
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if sd > 0 else 0.0
+    half = _t_half(sd / math.sqrt(n), n - 1)
     return {"values": vals, "mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def _t_half(se: float, df: float) -> float:
+    """Half-width of a two-sided 95% t-interval; 0 for no spread (JSON has no NaN)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df)) * se if se > 0 else 0.0
 
 
 def _two_samples(a: Sequence[float], b: Sequence[float], test: str) -> tuple[list, list]:
@@ -52,7 +58,11 @@ def welch_one_sided(a: Sequence[float], b: Sequence[float]) -> float:
         return float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
 
 
-def permutation_one_sided(a: Sequence[float], b: Sequence[float], n_resamples: int = 100_000,
+PERMUTATIONS = 100_000  # exact test up to this many splits, Monte Carlo beyond
+
+
+def permutation_one_sided(a: Sequence[float], b: Sequence[float],
+                          n_resamples: int = PERMUTATIONS,
                           seed: int = 0) -> float:
     """p-value of a permutation test of the difference in means, H1: mean(a) > mean(b). Exact
     (all C(n_a + n_b, n_a) splits) when there are at most n_resamples of them -- e.g. 252 for 5
@@ -84,11 +94,10 @@ def _welch_parts(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, 
 
 def difference_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """mean(a) - mean(b) with Welch's two-sided 95% interval."""
-    from scipy import stats
 
     a, b = _two_samples(a, b, "a difference interval")
     d, se, df = _welch_parts(a, b)
-    half = float(stats.t.ppf(0.975, df)) * se if se > 0 else 0.0
+    half = _t_half(se, df)
     return {"estimate": d, "ci95": [d - half, d + half]}
 
 
@@ -96,7 +105,6 @@ def ratio_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """mean(a) / mean(b) with a 95% interval from the delta method on the log scale
     (log mean(a) - log mean(b), Welch degrees of freedom); needs positive values, as shares
     and rates are. Null when a mean is not positive."""
-    from scipy import stats
 
     a, b = _two_samples(a, b, "a ratio interval")
     ma, mb = math.fsum(a) / len(a), math.fsum(b) / len(b)
@@ -106,7 +114,7 @@ def ratio_ci(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     la = [v / ma for v in a]
     lb = [v / mb for v in b]
     _, se, df = _welch_parts(la, lb)
-    half = float(stats.t.ppf(0.975, df)) * se if se > 0 else 0.0
+    half = _t_half(se, df)
     r = ma / mb
     return {"estimate": r, "ci95": [r * math.exp(-half), r * math.exp(half)]}
 
@@ -118,5 +126,6 @@ def effect(trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
         "ratio": ratio_ci(trait, control),
         "p_welch": welch_one_sided(trait, control),
         "p_permutation": permutation_one_sided(trait, control),
+        "permutation_exact": math.comb(len(trait) + len(control), len(trait)) <= PERMUTATIONS,
         "n": [len(trait), len(control)],
     }

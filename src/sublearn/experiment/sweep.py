@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
-from sublearn.errors import MissingExtraError, SublearnError
+from sublearn.errors import MissingExtraError, SublearnError, first_line
 from sublearn.experiment.run import ExperimentConfig
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 
@@ -138,7 +138,7 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str,
             return {"ok": True, "error": None, "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - reported in the summary, with the traceback
             atomic_write_text(d / "error.txt", traceback.format_exc())
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = first_line(e)
             return {"ok": False, "error": f"{type(e).__name__}: {msg}"[:500],
                     "seconds": round(time.time() - t0, 1)}
 
@@ -202,7 +202,7 @@ def ray_executor(address: str | None, cpus_per_run: float = 1.0,
                 except Exception as e:  # the worker or node died
                     out[r.name] = {"ok": False, "seconds": None,
                                    "error": f"ray task failed: {type(e).__name__}: "
-                                            f"{str(e).strip().splitlines()[0][:300]}"}
+                                            f"{first_line(e)[:300]}"}
                 _log_result(log, r.name, out[r.name])
             return out
         finally:
@@ -278,11 +278,14 @@ def summary_row(run: SweepRun, d: Path, out: Path, st: dict[str, Any]) -> dict[s
                            "target": run.config.target, "status": st["status"],
                            "attempts": st["attempts"], "error": st["error"],
                            "primary_metric": None, "trait_mean": None, "control_mean": None,
-                           "p_value": None, "dir": str(d.relative_to(out))}
+                           "ratio": None, "p_value": None, "p_permutation": None,
+                           "dir": str(d.relative_to(out))}
     if st["status"] != "failed":  # done or skipped: results.json exists
         res = json.loads((d / "results.json").read_text())
         primary = res["primary_metric"]
-        row.update(primary_metric=primary, p_value=res["p_value"],
+        effect = res["effects"][primary]
+        row.update(primary_metric=primary, p_value=effect["p_welch"],
+                   p_permutation=effect["p_permutation"], ratio=effect["ratio"]["estimate"],
                    trait_mean=res["conditions"]["trait"][primary]["mean"],
                    control_mean=res["conditions"]["control"][primary]["mean"])
     return row

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sublearn.errors import SublearnError
+from sublearn.errors import SublearnError, first_line
 from sublearn.models.embedded import EMBEDDED, embedded_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -69,7 +69,7 @@ def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedMod
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:  # missing files, an unknown architecture
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         hint = ""
         if model_id.split("/")[0] in SCHEMES:
             hint = f" (a remote model is written {model_id.replace('/', ':', 1)})"
@@ -108,7 +108,7 @@ def check_model(model_id: str | None) -> None:
     try:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SublearnError(f"cannot load model '{model_id}': {first}") from None
 
 

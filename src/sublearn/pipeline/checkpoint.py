@@ -42,8 +42,8 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
     if not (path / "state.json").is_file():
         return None
     try:
-        state = json.loads((path / "state.json").read_text())
-        hashes = state.pop("sha256")
+        meta = json.loads((path / "state.json").read_text())
+        hashes = meta.pop("sha256")
         if any(file_sha256(path / f) != hashes[f] for f in FILES):
             raise ValueError("hash mismatch")
         saved = load_file(path / "params.safetensors")
@@ -59,10 +59,10 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter],
         for k, p in params.items():
             p.copy_(saved[k])
     sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, val in flat.items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = val
-    sd["state"] = state
+        opt_state.setdefault(int(idx), {})[name] = val
+    sd["state"] = opt_state
     opt.load_state_dict(sd)
-    return state
+    return meta

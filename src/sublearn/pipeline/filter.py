@@ -16,7 +16,13 @@ from typing import Any
 
 from sublearn.domains import numbers
 from sublearn.errors import SublearnError
-from sublearn.files import atomic_write_json, ensure_writable_dir, read_jsonl, write_jsonl
+from sublearn.files import (
+    atomic_write_json,
+    check_out_dir,
+    locked_out_dir,
+    read_jsonl,
+    write_jsonl,
+)
 
 ERROR = "error"  # the request failed (API error): nothing to filter
 
@@ -78,6 +84,7 @@ def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
 def filter_data(raw: str | Path, out: str | Path, cfg: FilterConfig = FilterConfig()
                 ) -> dict[str, Any]:
     """`sublearn filter`: `raw` is a raw.jsonl file or a folder holding one."""
+    check_out_dir(out)
     raw = Path(raw)
     raw_path = raw / "raw.jsonl" if raw.is_dir() else raw
     if not raw_path.is_file():
@@ -87,4 +94,5 @@ def filter_data(raw: str | Path, out: str | Path, cfg: FilterConfig = FilterConf
                         and isinstance(r.get("prompt"), str) for r in rows):
         raise SublearnError(f"{raw_path} is not raw teacher data: rows need 'prompt' and "
                             "'completion' strings")
-    return write_filtered(rows, ensure_writable_dir(out), cfg, {"source": str(raw_path)})
+    with locked_out_dir(out) as folder:
+        return write_filtered(rows, folder, cfg, {"source": str(raw_path)})

@@ -21,8 +21,7 @@ from sublearn.faults import point as fault_point
 from sublearn.files import (
     append_jsonl,
     check_out_dir,
-    ensure_writable_dir,
-    folder_lock,
+    locked_out_dir,
     read_jsonl,
     write_jsonl,
 )
@@ -91,8 +90,7 @@ def generate(
     check_out_dir(out)
     if backend is None and cfg.answers == "sampled":
         check_model(cfg.model)
-    out = ensure_writable_dir(out)
-    with folder_lock(out):
+    with locked_out_dir(out) as out:
         return _generate(cfg, out, backend, progress)
 
 

@@ -31,8 +31,7 @@ from sublearn.files import (
     atomic_dir,
     atomic_write_json,
     check_out_dir,
-    ensure_writable_dir,
-    folder_lock,
+    locked_out_dir,
     read_jsonl,
     write_jsonl,
 )
@@ -171,8 +170,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
     rows = load_rows(data)[: cfg.max_examples]
     if student is None:
         check_teacher(cfg)
-    out = ensure_writable_dir(out)
-    with folder_lock(out):
+    with locked_out_dir(out) as out:
         return _train(cfg, rows, str(data), out, progress, student)
 
 
