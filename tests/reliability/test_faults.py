@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -29,8 +30,10 @@ def _cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedPro
 
 
 def _results(folder: Path) -> dict:
-    """results.json without timings, with the folder's own path taken out."""
+    """results.json without timings, with the folder's own path taken out (and the stage
+    hashes in paths: stage keys hold the paths of the models they depend on)."""
     text = (folder / "results.json").read_text().replace(str(folder), "<out>")
+    text = re.sub(r"-[0-9a-f]{12}/", "-<hash>/", text)
     res = json.loads(text)
     for k in TIMING:
         res.pop(k)
