@@ -47,7 +47,7 @@ SEED = 0
 
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -55,10 +55,10 @@ def _sync(device: torch.device) -> None:
 def clocked(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
     """(result, wall seconds, process CPU seconds): on a shared machine the CPU share tells
     how much of the wall time this process actually ran."""
-    _sync(device)
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 

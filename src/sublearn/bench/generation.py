@@ -1,4 +1,5 @@
-"""Generation: HFBackend (bf16, grammar, our decoding loop) vs transformers `generate`."""
+"""Generation: HFBackend (bf16, grammar, our decoding loop) vs transformers `generate` with the
+same bf16 weights and xgrammar grammar."""
 
 from __future__ import annotations
 
@@ -183,45 +184,46 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
             work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
         return _gen_summary(comps, s, cpu, work, arch, peak)
 
-    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(baseline, loop=False)}
+    # the baseline: `generate` with the same bf16 weights and grammar; fp32 unconstrained
+    # `generate` (the old baseline) stays as an extra line
+    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(hf_bf16_grammar, loop=False),
+                           "fp32_unconstrained": run(baseline, loop=False)}
     o, b = res["ours"], res["baseline"]
     res.update(ratio=o["per_s"] / b["per_s"], tokens_ratio=o["tokens_per_s"] / b["tokens_per_s"],
                ratio_cpu=b["cpu_seconds"] / o["cpu_seconds"],
-               passing_ratio=o["passing_per_s"] / b["passing_per_s"] if b["passing_per_s"]
-               else None, prompts=len(texts), batch=sizes.batch,
-               max_new_tokens=sizes.max_new_tokens)
+               tokens_ratio_fp32_unconstrained=o["tokens_per_s"]
+               / res["fp32_unconstrained"]["tokens_per_s"],
+               prompts=len(texts), batch=sizes.batch, max_new_tokens=sizes.max_new_tokens)
     res["levers"] = {"length_batching": length_batching_gen(tok, o, sizes)}
     if levers:
         # on half a batch, against ours on the same prompts: the unconstrained variant
-        # variant runs all 60 steps and would otherwise dominate the default run's time
+        # runs all 60 steps and would otherwise dominate the default run's time
         n = min(len(texts), max(2, sizes.batch // 2))
         ref = o if n == len(texts) else run(ours(), n)
         res["levers"].update(generation_levers(
-            ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False),
-            run(hf_bf16_grammar, n, loop=False)))
+            ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False)))
+        res["levers"]["decode_loop_speedup"] = o["per_s"] / b["per_s"]
         res["levers"]["prompts"] = n
         res["levers"]["prefix_kv_cache"] = prefix_cache_lever(
             replace(lm, model=backend(True).model), texts[:n], device, ref["seconds"])
     return res
 
 
-def generation_levers(ref: dict[str, Any], fp32: dict[str, Any], free: dict[str, Any],
-                      hf: dict[str, Any]) -> dict[str, Any]:
-    """bf16 weights (vs fp32, both constrained), the grammar (vs unconstrained, both bf16;
-    also in strict-filter-passing samples/s) and our decoding loop (vs `generate` with the
-    same weights and grammar): speed-up in samples/s."""
+def generation_levers(ref: dict[str, Any], fp32: dict[str, Any],
+                      free: dict[str, Any]) -> dict[str, Any]:
+    """bf16 weights (vs fp32, both constrained) and the grammar (vs unconstrained, both bf16;
+    also in strict-filter-passing samples/s): speed-up in samples/s. Our decoding loop vs
+    `generate` with the same weights and grammar is the stage's main ratio."""
     keys = ("per_s", "tokens_per_s", "pass_rate", "passing_per_s", "mean_tokens", "gflops",
             "seconds")
     return {
         "ours_on_these_prompts": {k: ref[k] for k in keys},
         "fp32_with_grammar": {k: fp32[k] for k in keys},
         "bf16_no_grammar": {k: free[k] for k in keys},
-        "hf_generate_bf16_grammar": {k: hf[k] for k in keys},
         "bf16_speedup": ref["per_s"] / fp32["per_s"],
         "grammar_speedup": ref["per_s"] / free["per_s"],
         "grammar_passing_speedup": ref["passing_per_s"] / free["passing_per_s"]
         if free["passing_per_s"] else None,
-        "decode_loop_speedup": ref["per_s"] / hf["per_s"],
     }
 
 

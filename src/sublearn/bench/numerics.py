@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sublearn.bench.common import SEED, autocast
-from sublearn.bench.training import TrainData, _answer_hidden, _lora_student, lora_step
+from sublearn.bench.training import TrainData, _lora_student
 
 
 @torch.no_grad()
@@ -18,15 +18,15 @@ def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> di
     under autocast, full vocabulary with the head in bf16 and over the grammar's tokens with
     the head in fp32 (the soft labels, as teacher_soft_labels); with bf16 weights (what
     generation samples from), full vocabulary and grammar tokens."""
-    from sublearn.pipeline.train import _core
+    from sublearn.pipeline.train import _core, answer_hidden
 
     ex = data.examples[:n]
     seqs = [(e.prompt_ids, e.answer_ids) for e in ex]
     head = _core(lm.model).get_output_embeddings().weight
     pad = data.pad
-    h32 = _answer_hidden(lm.model, seqs, pad, device).float()
+    h32 = answer_hidden(lm.model, seqs, pad).float()
     with autocast(device, True):
-        h16 = _answer_hidden(lm.model, seqs, pad, device)
+        h16 = answer_hidden(lm.model, seqs, pad)
         gen16 = (h16 @ head.T).float()
     logp32 = torch.log_softmax(h32 @ head.T, -1)
     full = _kl(logp32, torch.log_softmax(gen16, -1))
@@ -39,7 +39,7 @@ def bench_numerics(lm: Any, data: TrainData, n: int, device: torch.device) -> di
     soft = _kl(restricted(h32), restricted(h16.float()), mask)
     # generation samples from a bf16 copy of the weights (HFBackend), not from autocast
     bf16 = copy.deepcopy(_core(lm.model)).to(torch.bfloat16)
-    hb, head16 = _answer_hidden(bf16, seqs, pad, device), bf16.get_output_embeddings().weight
+    hb, head16 = answer_hidden(bf16, seqs, pad), bf16.get_output_embeddings().weight
     weights = _kl(logp32, torch.log_softmax((hb @ head16.T).float(), -1))
     gen_grammar = _kl(restricted(h32), restricted(hb, head16), mask)
     del bf16, head16
@@ -58,6 +58,8 @@ def lora_grad_errors(lm: Any, data: TrainData, n: int, device: torch.device
     random nonzero B) under bf16 autocast: our LoRA layer and PEFT's stock one, against the
     same student in fp32. Hard labels: the bench's soft labels come from the student's own
     base model, so their gradient is mostly bf16 noise whatever the layer."""
+    from sublearn.pipeline.train import batch_loss
+
     idx = list(range(min(n, len(data.examples))))
 
     def grad(stock: bool, bf16: bool) -> torch.Tensor:
@@ -70,7 +72,8 @@ def lora_grad_errors(lm: Any, data: TrainData, n: int, device: torch.device
                 if "lora_B" in name:  # at B = 0 only B gets a gradient
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         with torch.enable_grad():  # the numerics stage runs under no_grad
-            lora_step(student, None, data, idx, False, bf16, device)
+            batch_loss(student, [data.examples[i] for i in idx], None, pad=data.pad,
+                       norm=None, bf16=bf16).backward()
         return torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
 
     ref = grad(False, False)

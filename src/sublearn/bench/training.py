@@ -1,17 +1,19 @@
-"""Training: our LoRA student steps vs the baselines, on the same examples."""
+"""Training: `sublearn train`'s step vs TRL `SFTTrainer` + PEFT (hard labels) and a plain PEFT
+KL loop (soft labels), on the same examples."""
 
 from __future__ import annotations
 
 import copy
 import math
+import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from sublearn.bench.common import SEED, Arch, Sizes, autocast, clocked, throughput
+from sublearn.bench.common import SEED, Arch, Sizes, autocast, clocked, sync, throughput
 from sublearn.bench.generation import padding_overhead
 
 
@@ -32,69 +34,71 @@ class TrainData:
     masks: list[torch.Tensor]
     labels: list[torch.Tensor]  # teacher log-probs (bf16 autocast, as train.py computes them)
     pad: int
+    rows: list[dict[str, Any]]  # the same examples as chat records (the TRL baseline's input)
+    teacher: Any  # the model the soft labels come from (the base: only the cost matters)
 
     @staticmethod
     def build(lm: Any, n: int) -> TrainData:
         from sublearn.pipeline.train import TrainConfig, _compute_soft, tokenize
 
-        examples = tokenize(number_rows(n, SEED), lm.tokenizer)
+        rows = number_rows(n, SEED)
+        examples = tokenize(rows, lm.tokenizer)
         vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft"), lm, examples)
-        return TrainData(examples, vocab_ids, masks, labels, lm.tokenizer.pad_token_id)
+        return TrainData(examples, vocab_ids, masks, labels, lm.tokenizer.pad_token_id, rows,
+                         lm.model)
+
+    @property
+    def mean_answer_tokens(self) -> float:
+        return sum(len(e.answer_ids) for e in self.examples) / len(self.examples)
 
 
-def _answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
-                   device: torch.device) -> torch.Tensor:
-    from sublearn.pipeline.train import _batch, _core, answer_hidden
+def _soft(data: TrainData, idx: list[int]) -> list[Any]:
+    from sublearn.pipeline.train import soft_rows
 
-    if device.type == "cpu":
-        return answer_hidden(model, seqs, pad)
-    ids, mask, rows, cols = _batch(seqs, pad)  # answer_hidden builds CPU tensors
-    h = _core(model).model(input_ids=ids.to(device), attention_mask=mask.to(device))
-    return h.last_hidden_state[rows.to(device), cols.to(device)]
+    return [soft_rows((data.vocab_ids, data.masks, data.labels), i) for i in idx]
 
 
-def lora_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool, bf16: bool,
-              device: torch.device) -> float:
-    """One optimiser step as train.py's loop (answer positions only; soft: KL over the
-    grammar's tokens; hard: cross-entropy); the loss is a per-batch mean where train.py
-    divides grouped batches by a dataset constant, a scalar that costs no time."""
-    from sublearn.pipeline.train import _core
+def ours_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool,
+              cfg: Any) -> float:
+    """`sublearn train`'s own optimiser step (imported, not copied). Soft labels: the
+    teacher's distributions for the batch are computed inside the timing, as the baseline's
+    are (train.py computes them once per dataset, so an epoch of ours costs less than this)."""
+    from sublearn.pipeline.train import teacher_soft_labels, train_step
 
-    ex, pad = data.examples, data.pad
-    head = _core(model).get_output_embeddings().weight
-    seqs = [(ex[i].prompt_ids, ex[i].answer_ids) for i in idx]
-    with autocast(device, bf16):
-        h = _answer_hidden(model, seqs, pad, device)
-        if not soft:
-            targets = torch.tensor([t for i in idx for t in ex[i].answer_ids], device=device)
-            loss = F.cross_entropy((h @ head.T).float(), targets)
-        else:
-            vocab_ids = data.vocab_ids.to(device)
-            logits = (h @ head[vocab_ids].T).float()
-            mask = torch.cat([data.masks[i] for i in idx]).to(device)
-            logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
-            logp = torch.cat([data.labels[i] for i in idx]).to(device)
-            loss = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1).mean()
-    loss.backward()
-    if opt is None:  # gradients only (numerics)
-        return float(loss.detach())
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    batch = [data.examples[i] for i in idx]
+    labels = None
+    if soft:
+        masks = [data.masks[i] for i in idx]
+        logp = teacher_soft_labels(data.teacher, batch, masks, data.vocab_ids, data.pad,
+                                   cfg.dtype, batch_size=len(batch))
+        labels = [(data.vocab_ids, m, lp) for m, lp in zip(masks, logp, strict=True)]
+    norm = cfg.batch_size * data.mean_answer_tokens
+    return train_step(model, opt, batch, labels, pad=data.pad, norm=norm, lr=cfg.lr, cfg=cfg)
 
 
-def full_step(model: Any, opt: Any, data: TrainData, idx: list[int],
-              device: torch.device) -> float:
-    """Baseline: plain fp32 full fine-tuning, loss over full-vocabulary logits everywhere."""
+def peft_kl_step(model: Any, opt: Any, data: TrainData, idx: list[int],
+                 device: torch.device) -> float:
+    """Baseline, soft labels: a stock PEFT LoRA model in a plain loop, bf16 autocast. The
+    teacher and the student each run one ordinary forward with full-vocabulary logits at
+    every position; the KL is then restricted to the answer positions and the grammar's
+    tokens (renormalised), the same loss as ours."""
     from sublearn.pipeline.train import _batch
 
     seqs = [(data.examples[i].prompt_ids, data.examples[i].answer_ids) for i in idx]
-    ids, mask, _, _ = _batch(seqs, data.pad)
-    labels = ids.masked_fill(mask == 0, -100)
-    loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                 labels=labels.to(device)).loss
+    ids, mask, rows, cols = (t.to(device) for t in _batch(seqs, data.pad))
+    vocab_ids = data.vocab_ids.to(device)
+    allowed = torch.cat([data.masks[i] for i in idx]).to(device)
+    with autocast(device, True):
+        with torch.no_grad():
+            t_logits = data.teacher(input_ids=ids, attention_mask=mask).logits
+        s_logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = torch.log_softmax(t_logits[rows, cols][:, vocab_ids].float()
+                             .masked_fill(~allowed, -math.inf), dim=-1)
+    logq = torch.log_softmax(s_logits[rows, cols][:, vocab_ids].float()
+                             .masked_fill(~allowed, -math.inf), dim=-1)
+    loss = torch.where(allowed, logp.exp() * (logp - logq), 0.0).sum(-1).mean()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
@@ -110,49 +114,118 @@ def training_work(data: TrainData, batches: list[list[int]]) -> tuple[int, int]:
     return tokens, answers
 
 
+class _StepClock:
+    """Times a Trainer's steps end to end (from one step's end to the next's: collation,
+    forward, backward, optimiser); the first step is left out as a warm-up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.last, self.cpu_last = device, 0.0, 0.0
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, *a: Any, **kw: Any) -> None:
+                clock.tick()
+
+        return Clock()
+
+    def tick(self) -> None:
+        sync(self.device)
+        now, cpu = time.perf_counter(), time.process_time()
+        if self.last:
+            self.wall.append(now - self.last)
+            self.cpu.append(cpu - self.cpu_last)
+        self.last, self.cpu_last = now, cpu
+
+
+def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
+            device: torch.device) -> dict[str, Any]:
+    """Baseline, hard labels: TRL `SFTTrainer` with a PEFT LoRA config (r=8, alpha=8, every
+    projection, no dropout), completion-only loss, otherwise TRL's defaults, on the same
+    examples; `bf16` sets SFTConfig(bf16=True) (autocast over fp32 weights)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from sublearn.models.lora import TARGETS
+
+    clock = _StepClock(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=n_rows // batch,
+            learning_rate=2e-4, bf16=bf16, completion_only_loss=True, report_to=[],
+            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=SEED,
+            use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        trainer = SFTTrainer(
+            model=copy.deepcopy(lm.model), args=args,
+            train_dataset=Dataset.from_list(data.rows[:n_rows]),
+            processing_class=lm.tokenizer, callbacks=[clock.callback()],
+            peft_config=LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
+                                   target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+        clock.tick()
+        trainer.train()
+    # the first interval holds trainer start-up and the warm-up step
+    return {"wall": sum(clock.wall[1:]), "cpu": sum(clock.cpu[1:]), "steps": len(clock.wall) - 1}
+
+
 def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
                    device: torch.device, levers: bool) -> dict[str, Any]:
-    """Our LoRA steps and the baseline's, interleaved step by step so that a busy machine
-    slows every variant alike. All variants train on the same examples: the baseline on
-    random batches, ours on the length-grouped batches train.py makes of them. Each variant
-    first takes an untimed step on a full batch: a smaller warm-up leaves the first
-    full-size step 20-100% slower (measured)."""
-    from sublearn.pipeline.train import epoch_batches
+    """Our training step (imported from `sublearn.pipeline.train`) against what a user would
+    run instead, on the same examples: hard labels, TRL `SFTTrainer` + PEFT (fp32 defaults and
+    bf16); soft labels, a stock PEFT model in a plain full-vocabulary KL loop. Ours and the
+    KL loop are interleaved step by step so that a busy machine slows both alike; the TRL
+    runs sit between the two halves of those steps. Each variant first takes an untimed
+    step on a full batch."""
+    from sublearn.pipeline.train import TrainConfig, epoch_batches
 
+    data = replace(data, teacher=lm.model)  # the teacher on this stage's device
     arch = Arch.of(lm.model)
     bs = sizes.train_batch
     warm, *plain = [list(range(s * bs, (s + 1) * bs)) for s in range(sizes.steps + 1)]
     pool = [i for b in plain for i in b]
     lengths = [data.examples[i].length for i in pool]
     grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
+    cfg = TrainConfig(batch_size=bs, lr=2e-4)
     student, s_opt = _lora_student(lm)
-    base, b_opt = _full_model(lm)
-    # (step function, batches); the levers reuse our student or a stock PEFT one
+    peft, p_opt = _lora_student(lm, stock=True)
     steps: dict[str, tuple[Callable[[list[int]], float], list[list[int]]]] = {
-        "ours_soft": (lambda b: lora_step(student, s_opt, data, b, True, True, device),
-                      grouped),
-        "ours_hard": (lambda b: lora_step(student, s_opt, data, b, False, True, device),
-                      grouped),
-        "baseline": (lambda b: full_step(base, b_opt, data, b, device), plain),
+        "ours_soft": (lambda b: ours_step(student, s_opt, data, b, True, cfg), grouped),
+        "ours_hard": (lambda b: ours_step(student, s_opt, data, b, False, cfg), grouped),
+        "peft_kl_loop": (lambda b: peft_kl_step(peft, p_opt, data, b, device), plain),
     }
     if levers:
-        peft, p_opt = _lora_student(lm, stock=True)
         fp32, f_opt = _lora_student(lm, bf16=False)
-        steps["lora_soft_fp32"] = (
-            lambda b: lora_step(fp32, f_opt, data, b, True, False, device), grouped)
+        cfg32 = TrainConfig(batch_size=bs, lr=2e-4, dtype="float32")
+        steps["lora_soft_fp32"] = (lambda b: ours_step(fp32, f_opt, data, b, True, cfg32),
+                                   grouped)
         steps["lora_soft_ungrouped"] = (
-            lambda b: lora_step(student, s_opt, data, b, True, True, device), plain)
+            lambda b: ours_step(student, s_opt, data, b, True, cfg), plain)
         steps["lora_soft_stock_peft"] = (
-            lambda b: lora_step(peft, p_opt, data, b, True, True, device), grouped)
+            lambda b: ours_step(peft, p_opt, data, b, True, cfg), grouped)
     work = {name: training_work(data, batches) for name, (_, batches) in steps.items()}
-    flops = {name: arch.flops(6, tokens, tokens) if name == "baseline" else
-             arch.flops(4, tokens, answers, None if name == "ours_hard" else len(data.vocab_ids))
-             for name, (tokens, answers) in work.items()}
+    n_vocab = len(data.vocab_ids)
+
+    def flop(name: str, tokens: int, answers: int) -> float:
+        if name == "peft_kl_loop":  # teacher forward + student step, full vocabulary everywhere
+            return arch.flops(2, tokens, tokens) + arch.flops(4, tokens, tokens)
+        if name == "ours_hard":
+            return arch.flops(4, tokens, answers)
+        return arch.flops(2, tokens, answers, n_vocab) + arch.flops(4, tokens, answers, n_vocab)
+
+    flops = {name: flop(name, *w) for name, w in work.items()}
     for name, (step, _) in steps.items():
-        # the hard step reuses the student and shapes the soft warm-up primed (measured warm)
         step(warm[:1] if name in ("ours_hard", "lora_soft_ungrouped") else warm)
     wall, cpu, loss = dict.fromkeys(steps, 0.0), dict.fromkeys(steps, 0.0), {}
+    trl: dict[str, dict[str, Any]] = {}
     for k in range(sizes.steps):
+        if k == sizes.steps // 2:  # TRL between the halves: a drifting machine hits both
+            for tag, bf16 in (("trl_sft_fp32", False), ("trl_sft_bf16", True)):
+                trl[tag] = trl_sft(lm, data, len(pool) + bs, bs, bf16, device)
         for name, (step, batches) in steps.items():
             loss[name], w, c = clocked(lambda st=step, bb=batches[k]: st(bb), device)
             wall[name] += w
@@ -161,7 +234,11 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     res: dict[str, Any] = {
         name: {**throughput(n, wall[name], flops[name], peak, "samples", cpu[name]),
                "loss": loss[name]} for name in steps}
-    b = res["baseline"]
+    tokens_plain = training_work(data, plain)[0]
+    for tag, r in trl.items():  # TRL: full-vocabulary logits at every position
+        items = r["steps"] * bs
+        res[tag] = {**throughput(items, r["wall"], arch.flops(4, tokens_plain, tokens_plain)
+                                 * items / n, peak, "samples", r["cpu"]), "steps": r["steps"]}
     lev: dict[str, Any] = {"length_batching": length_batching_train(lm.tokenizer, sizes)}
     for name, key in (("lora_soft_fp32", "bf16_autocast_speedup"),
                       ("lora_soft_ungrouped", "length_grouping_speedup"),
@@ -170,11 +247,19 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
             other = res.pop(name)
             lev[name] = {k: other[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
             lev[key] = res["ours_soft"]["per_s"] / other["per_s"]
-    res.update(ratio=res["ours_soft"]["per_s"] / b["per_s"],
-               ratio_hard=res["ours_hard"]["per_s"] / b["per_s"],
-               ratio_cpu=cpu["baseline"] / cpu["ours_soft"], steps=sizes.steps,
-               batch=bs, tokens_per_step={name: tokens / sizes.steps
-                                          for name, (tokens, _) in work.items()}, levers=lev)
+
+    def cpu_rate(r: dict[str, Any]) -> float:
+        return r["items"] / r["cpu_seconds"]
+
+    res.update(
+        ratio_hard=res["ours_hard"]["per_s"] / res["trl_sft_bf16"]["per_s"],
+        ratio_hard_fp32=res["ours_hard"]["per_s"] / res["trl_sft_fp32"]["per_s"],
+        ratio_soft=res["ours_soft"]["per_s"] / res["peft_kl_loop"]["per_s"],
+        ratio_cpu_hard=cpu_rate(res["ours_hard"]) / cpu_rate(res["trl_sft_bf16"]),
+        ratio_cpu_soft=cpu_rate(res["ours_soft"]) / cpu_rate(res["peft_kl_loop"]),
+        steps=sizes.steps, batch=bs,
+        tokens_per_step={name: tokens / sizes.steps for name, (tokens, _) in work.items()},
+        levers=lev)
     return res
 
 
@@ -194,14 +279,6 @@ def _lora_student(lm: Any, stock: bool = False, bf16: bool = True) -> tuple[Any,
     student.train()
     return student, torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=2e-4)
-
-
-def _full_model(lm: Any) -> tuple[Any, Any]:
-    model = copy.deepcopy(lm.model)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
 def length_batching_train(tok: Any, sizes: Sizes) -> dict[str, Any]:

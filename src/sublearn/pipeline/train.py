@@ -131,8 +131,9 @@ def _core(model: Any) -> Any:
 def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
     """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d]."""
     ids, mask, rows, cols = _batch(seqs, pad)
-    hidden = _core(model).model(input_ids=ids, attention_mask=mask).last_hidden_state
-    return hidden[rows, cols]
+    dev = next(model.parameters()).device
+    hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+    return hidden.last_hidden_state[rows.to(dev), cols.to(dev)]
 
 
 @torch.no_grad()  # not inference_mode: it disables autocast's weight-cast cache
@@ -141,14 +142,15 @@ def teacher_soft_labels(teacher: Any, examples: list[Example], masks: list[torch
                         batch_size: int = 16) -> list[torch.Tensor]:
     """Teacher log-probs over `vocab_ids` at each answer position, renormalised over the
     tokens the grammar allows there (mask): one [n_answer, len(vocab_ids)] tensor per example."""
-    head = _core(teacher).get_output_embeddings().weight[vocab_ids]
+    head = _core(teacher).get_output_embeddings().weight
+    head = head[vocab_ids.to(head.device)]
     out: list[torch.Tensor] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         seqs = [(e.teacher_prompt_ids or e.prompt_ids, e.answer_ids) for e in chunk]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             h = answer_hidden(teacher, seqs, pad)
-        logits = h.float() @ head.float().T
+        logits = (h.float() @ head.float().T).cpu()
         mask = torch.cat(masks[s : s + batch_size])
         logp = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
         out += list(logp.split([len(e.answer_ids) for e in chunk]))
@@ -159,6 +161,57 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr * max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+
+
+SoftRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (vocab_ids, mask, teacher logp)
+
+
+def soft_rows(soft: tuple[Any, ...], i: int) -> SoftRows:
+    """Example i's soft labels: the grammar's vocabulary ids, its masks and teacher log-probs."""
+    vocab_ids, masks, labels = soft
+    return vocab_ids, masks[i], labels[i]
+
+
+def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+
+def batch_loss(model: Any, batch: list[Example], soft: list[SoftRows] | None, *, pad: int,
+               norm: float | None, bf16: bool) -> torch.Tensor:
+    """The student's loss on one batch: cross-entropy on the answer tokens (hard), or
+    KL(teacher || student) over the grammar's tokens at each answer position (soft); summed
+    over tokens and divided by `norm`, or a mean over the batch's tokens when norm is None."""
+    head = _core(model).get_output_embeddings().weight
+    dev = head.device
+    seqs = [(e.prompt_ids, e.answer_ids) for e in batch]
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        h = answer_hidden(model, seqs, pad)
+        if soft is None:
+            targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
+            per_token = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
+        else:
+            vocab_ids = soft[0][0].to(dev)
+            logits = (h @ head[vocab_ids].T).float()
+            mask = torch.cat([m for _, m, _ in soft]).to(dev)
+            logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+            logp = torch.cat([lp for _, _, lp in soft]).to(dev)
+            per_token = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
+    return per_token.mean() if norm is None else per_token.sum() / norm
+
+
+def train_step(model: Any, opt: torch.optim.Optimizer, batch: list[Example],
+               soft: list[SoftRows] | None, *, pad: int, norm: float | None, lr: float,
+               cfg: TrainConfig) -> float:
+    """One optimiser step of `sublearn train` (the loop below and `sublearn bench` call this)."""
+    loss = batch_loss(model, batch, soft, pad=pad, norm=norm, bf16=cfg.dtype == "bfloat16")
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path,
@@ -199,14 +252,12 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(params.values(), cfg)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = max(1, round(cfg.epochs * steps_per_epoch))
     ckpt = out / "checkpoint"
     state = load_checkpoint(ckpt, params, opt) or {"step": 0}
     _truncate_log(out / "train_log.jsonl", state["step"])  # steps after the checkpoint rerun
-    head = _core(model).get_output_embeddings().weight
-
     model.train()
     bar = tqdm(total=total, initial=state["step"], unit="step", desc=f"train seed {cfg.seed}",
                disable=not progress, dynamic_ncols=True)
@@ -219,30 +270,10 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
             if not plan or k == 0:  # one shuffle and sort per epoch, not per step
                 plan = epoch_plan(lengths, epoch, cfg)
             batch = plan[k]
-            seqs = [(examples[i].prompt_ids, examples[i].answer_ids) for i in batch]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                h = answer_hidden(model, seqs, pad)
-                if soft is None:
-                    targets = torch.tensor([t for i in batch for t in examples[i].answer_ids])
-                    ce = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
-                    loss = ce.mean() if norm is None else ce.sum() / norm
-                else:
-                    vocab_ids, masks, labels = soft
-                    logits = (h @ head[vocab_ids].T).float()
-                    mask = torch.cat([masks[i] for i in batch])
-                    logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
-                    logp = torch.cat([labels[i] for i in batch])
-                    # KL(teacher || student) over allowed tokens, mean over answer positions
-                    kl = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
-                    loss = kl.mean() if norm is None else kl.sum() / norm
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
             lr = _lr_at(step, total, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_value = loss.item()
+            loss_value = train_step(model, opt, [examples[i] for i in batch],
+                                    [soft_rows(soft, i) for i in batch] if soft else None,
+                                    pad=pad, norm=norm, lr=lr, cfg=cfg)
             append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss_value, 6),
                                                      "lr": lr}])
             fault_point("train.step")
