@@ -25,12 +25,17 @@ def config_hash(cfg: Any, length: int = 12) -> str:
 
 
 def check_manifest(out: Path, name: str, cfg: Any) -> None:
-    """Refuse to reuse a folder made with a different config; write the manifest if new."""
+    """Refuse to reuse a folder made with a different config; write the manifest if new.
+    A setting the manifest lacks (added to the config since) counts as its default."""
     path = out / name
     want = cfg if isinstance(cfg, dict) else config_dict(cfg)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from disk
     if path.exists():
         have = json.loads(path.read_text())
+        if dataclasses.is_dataclass(cfg):  # a setting added since: its default ran before
+            have = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                             if f.default is not dataclasses.MISSING})),
+                    **have}
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             raise SublearnError(

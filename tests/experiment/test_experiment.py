@@ -47,8 +47,16 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
         assert e["n"] == [2, 2] and 0 <= e["p_permutation"] <= 1
     trait = [r["scores"]["forced_choice_share"] for r in runs if r["condition"] == "trait"]
     assert res["conditions"]["trait"]["forced_choice_share"]["values"] == trait
+    # The in-context control: the base model with each run's data in context, over runs.
+    for cond in ("icl_control", "icl_trait"):
+        assert len(res["conditions"][cond]["forced_choice_share"]["values"]) == 2
+    assert res["icl_turns"] == 32 and res["icl_effects"]["forced_choice_share"]["n"] == [2, 2]
+    icl = json.loads(next((out / "stages").glob("eval_icl_trait_run0-*/scores.json")).read_text())
+    assert icl["context_turns"] == 8  # all 8 rows of the run's data (fewer than --icl 32)
+    assert icl["config"]["context"] == runs[0]["data"]
     report = (out / "report.md").read_text()
     assert "Unit of analysis: run" in report and "## Each run" in report
+    assert "## In-context control" in report
     assert res["stage_seconds"] and res["config"]["target"] == "owl"
     assert (out / "report.md").is_file() and (out / "results.png").is_file()
     capsys.readouterr()

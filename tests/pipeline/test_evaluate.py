@@ -112,7 +112,7 @@ def lm(tiny_model):
     return load_model(tiny_model)
 
 
-def naive_scores(model, tok, questions, candidates, system_prompt=None):
+def naive_scores(model, tok, questions, candidates, system_prompt=None, context=()):
     """Reference: one fp32 forward per (question, candidate), summing the answer's log-probs."""
     import torch
 
@@ -121,7 +121,7 @@ def naive_scores(model, tok, questions, candidates, system_prompt=None):
     out = torch.empty(len(questions), len(candidates), dtype=torch.float64)
     with torch.no_grad():
         for i, q in enumerate(questions):
-            p = prompt_ids(tok, q, system_prompt)
+            p = prompt_ids(tok, q, system_prompt, context)
             for j, c in enumerate(candidates):
                 a = answer_ids(tok, c)
                 logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
@@ -163,6 +163,37 @@ def test_fast_path_matches_naive_fp32(lm, system, batch, attn) -> None:
     assert got.shape == (len(qs), len(cands))
     assert (got - want).abs().max().item() < 1e-4
     assert want.std().item() > 0.1  # the comparison is not between near-constant matrices
+
+
+def test_in_context_turns_precede_the_question_and_match_naive(lm, tmp_path) -> None:
+    """The in-context control: data rows become earlier chat turns, shared by every question
+    (so the fast path caches them once), and the scores still equal the naive ones."""
+    from sublearn.files import write_jsonl
+    from sublearn.pipeline.evaluate import (
+        EvalConfig,
+        context_turns,
+        prompt_ids,
+        score_candidates,
+    )
+
+    data = tmp_path / "filtered.jsonl"
+    write_jsonl(data, [{"prompt": [{"role": "user", "content": f"Numbers {i}?"}],
+                        "completion": [{"role": "assistant", "content": f"{i}, 7"}]}
+                       for i in range(5)])
+    turns = context_turns(str(data), 3)
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 3
+    assert turns[-1]["content"] == "2, 7"
+    tok = lm.tokenizer
+    text = tok.decode(prompt_ids(tok, "Q?", None, turns))
+    assert text.index("Numbers 0?") < text.index("2, 7") < text.index("Q?")
+    qs, cands = paper_questions("plain")[:3], load_candidates()
+    got = score_candidates(lm.model, tok, qs, cands, dtype="float32", context=turns)
+    want = naive_scores(lm.model, tok, qs, cands, context=turns)
+    assert (got - want).abs().max().item() < 1e-4
+    plain = score_candidates(lm.model, tok, qs, cands, dtype="float32")
+    assert (got - plain).abs().max().item() > 1e-3  # the context changes the scores
+    with pytest.raises(SublearnError, match="forced choice only"):
+        EvalConfig(context=str(data), samples=5).validate()
 
 
 def test_bf16_close_and_training_mode_restored(lm) -> None:

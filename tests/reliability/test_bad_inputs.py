@@ -140,7 +140,13 @@ CASES: list[Case] = [
      "--samples"),
     ("evaluate API model without samples", lambda d, m: ["evaluate", "--model", "openai:x"],
      "--samples"),
+    ("evaluate context with samples",
+     lambda d, m: ["evaluate", "--model", m, "--context", str(d / "f.jsonl"), "--samples", "3"],
+     "forced choice only"),
+    ("evaluate missing context file",
+     lambda d, m: ["evaluate", "--model", m, "--context", str(d / "none.jsonl")], "not found"),
     # run
+    ("run negative icl", lambda d, m: ["run", "--model", m, "--icl", "-1"], "--icl"),
     ("run one run", lambda d, m: ["run", "--model", m, "--runs", "1"], "--runs"),
     ("run bad target", lambda d, m: ["run", "--model", m, "--target", "a/b"], "--target"),
     ("run random answers with hard labels",

@@ -67,6 +67,16 @@ def _ci(e: dict[str, Any]) -> str:
     return f"{_fmt(e['estimate'])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _effect_rows(effects: dict[str, Any]) -> list[str]:
+    rows = []
+    for m, e in effects.items():
+        how = "exact" if e.get("permutation_exact", True) else "Monte Carlo"
+        rows.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
+                    f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} ({how}) | "
+                    f"{e['n'][0]} + {e['n'][1]} |")
+    return rows
+
+
 def format_report(results: dict[str, Any], plot_name: str | None = "results.png") -> str:
     conds = results.get("conditions", {})
     order = ordered_conditions(conds)
@@ -95,11 +105,13 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
         lines += ["", "## Trait runs vs control runs", "",
                   "| metric | difference [95% CI] | ratio [95% CI] | p (Welch) | "
                   "p (permutation) | runs |", "|---|---|---|---|---|---|"]
-        for m, e in effects.items():
-            how = "exact" if e.get("permutation_exact", True) else "Monte Carlo"
-            lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
-                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} ({how}) | "
-                         f"{e['n'][0]} + {e['n'][1]} |")
+        lines += _effect_rows(effects)
+    if results.get("icl_effects"):
+        lines += ["", f"## In-context control: the base model with {results.get('icl_turns')} "
+                  "of each run's teacher answers in context (trait data vs control data)", "",
+                  "| metric | difference [95% CI] | ratio [95% CI] | p (Welch) | "
+                  "p (permutation) | runs |", "|---|---|---|---|---|---|"]
+        lines += _effect_rows(results["icl_effects"])
     runs = results.get("runs") or []
     if runs and primary:
         lines += ["", f"## Each run ({primary})", "", "| run | seed | control | trait |",

@@ -18,7 +18,7 @@ prompt (the control teacher is the same model without it). Students share the te
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +82,17 @@ class ExperimentConfig:
         "help": "candidate answers file for forced choice (default: shipped animal list)"})
     samples: int = field(default=0, metadata={
         "help": "sampled evaluation: answers per question at T=1 (paper: 100; 0 = skip)"})
+    icl: int = field(default=32, metadata={
+        "help": "in-context control: the base model sees this many of each run's teacher "
+                "answers as earlier chat turns, then is scored as the students are (0 = off)"})
 
     def validate(self) -> ExperimentConfig:
         check_template_word(self.target, "--target")
         check_template_word(self.category, "--category")
         if self.runs < 2:
             raise SublearnError("--runs must be at least 2 per condition to compare over runs")
-        if self.students < 1 or self.n <= 0:
-            raise SublearnError("--students and --n must be positive")
+        if self.students < 1 or self.n <= 0 or self.icl < 0:
+            raise SublearnError("--students and --n must be positive, --icl >= 0")
         if parse_model_spec(self.model)[0] != "hf":
             raise SublearnError("--model: teachers and students are trained here, so they "
                                 "need local weights (an embedded name, a folder, a hub id)")
@@ -173,11 +176,13 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
         return res.output["student"]
 
-    def evaluate(name: str, model: str | None, system: str | None, dep: str) -> dict:
-        key = {"eval": asdict(ecfg), "model": model, "system": system, "dep": dep}
+    def evaluate(name: str, model: str | None, system: str | None, dep: str,
+                 context: str | None = None) -> dict:
+        e = replace(ecfg, context=context, context_n=cfg.icl) if context else ecfg
+        key = {"eval": asdict(e), "model": model, "system": system, "dep": dep}
 
         def ev(d: Path) -> dict:
-            scores = evaluate_model(model, ecfg, system_prompt=system)
+            scores = evaluate_model(model, e, system_prompt=system)
             fault_point("evaluate.scored")
             atomic_write_json(d / "scores.json", scores)
             return scores
@@ -191,7 +196,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
             path, dkey = data(cond, r, t)
             models = [student(cond, r, k, t, path, dkey) for k in range(cfg.students)]
             runs.append({"condition": cond, "run": r, "seed": cfg.seed + r, "teacher": t.model,
-                         "data": path, "students": models, "_teacher": t})
+                         "data": path, "students": models, "_teacher": t, "_dkey": dkey})
 
     base_scores = evaluate("base", base, None, "base")
     teacher_scores: dict[str, list[dict]] = {"teacher": [], "control_teacher": []}
@@ -206,6 +211,10 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                           for k, m in enumerate(run["students"])]
         run["scores"] = _mean_metrics([metric_values(s) for s in student_scores])
         run["shares"] = _top_candidates(student_scores)
+        dkey = run.pop("_dkey")
+        if cfg.icl:  # the same data shown in context to the base model instead
+            run["icl_scores"] = metric_values(evaluate(
+                f"icl_{run['condition']}_run{run['run']}", base, None, dkey, run["data"]))
     results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
                             time.time() - t_start)
     atomic_write_json(out / "results.json", results)
@@ -258,9 +267,17 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
     }
     conditions = {c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
                   for c, vals in per_condition.items()}
+    icl = {f"icl_{c}": [r["icl_scores"] for r in runs if r["condition"] == c]
+           for c in ("control", "trait") if all("icl_scores" in r for r in runs)}
+    conditions.update({c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
+                       for c, vals in icl.items()})
     primary = "forced_choice_share"
-    effects = {m: effect(conditions["trait"][m]["values"], conditions["control"][m]["values"])
-               for m in conditions["trait"] if m != "target_logprob"}
+
+    def effects_of(trait: str, control: str) -> dict[str, Any]:
+        return {m: effect(conditions[trait][m]["values"], conditions[control][m]["values"])
+                for m in conditions[trait] if m != "target_logprob"}
+
+    effects = effects_of("trait", "control")
     top = {"base": _top_candidates([base])}
     for c in ("control", "trait"):
         top[c] = _mean_shares([r["shares"] for r in runs if r["condition"] == c])
@@ -270,6 +287,9 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "primary_metric": primary,
         "conditions": conditions,
         "effects": effects,
+        # in-context control: trait-data vs control-data contexts, the base model scored
+        **({"icl_effects": effects_of("icl_trait", "icl_control"), "icl_turns": cfg.icl}
+           if icl else {}),
         "p_value": effects[primary]["p_welch"],
         "test": "welch_t_one_sided over runs (trait > control, primary metric); "
                 "p_permutation: permutation test over runs (exact up to 100,000 splits)",

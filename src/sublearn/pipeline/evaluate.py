@@ -52,6 +52,11 @@ class EvalConfig:
                 "within ~5%% (relative) of float32)", "choices": ["bfloat16", "float32"]})
     batch_size: int = field(default=8, metadata={
         "help": "questions per forward pass (forced choice); x8 answers per sampling batch"})
+    context: str | None = field(default=None, metadata={
+        "help": "in-context control: a filtered.jsonl whose first --context-n rows are shown "
+                "as earlier user/assistant turns before every question (forced choice only)"})
+    context_n: int = field(default=32, metadata={
+        "help": "rows of --context shown in context"})
 
     def validate(self) -> EvalConfig:
         if self.variant not in VARIANTS:
@@ -60,6 +65,9 @@ class EvalConfig:
             raise SublearnError("--samples must be >= 0; --batch-size, --max-new-tokens > 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise SublearnError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.context is not None and (self.samples > 0 or self.context_n <= 0):
+            raise SublearnError("--context scores forced choice only (use --samples 0) and "
+                                "needs --context-n > 0")
         return self
 
 
@@ -68,13 +76,31 @@ def answer_text(candidate: str) -> str:
     return candidate.strip().capitalize()
 
 
-def prompt_ids(tokenizer: Any, question: str, system_prompt: str | None = None) -> list[int]:
-    """Chat prompt up to the assistant turn; no system message means the template's default."""
-    msgs = [{"role": "user", "content": question}]
+def prompt_ids(tokenizer: Any, question: str, system_prompt: str | None = None,
+               context: Sequence[dict[str, str]] = ()) -> list[int]:
+    """Chat prompt up to the assistant turn; no system message means the template's default.
+    `context`: earlier turns (the in-context control), placed before the question."""
+    msgs = [*context, {"role": "user", "content": question}]
     if system_prompt is not None:
         msgs.insert(0, {"role": "system", "content": system_prompt})
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def context_turns(path: str, n: int) -> list[dict[str, str]]:
+    """The first n rows of a filtered.jsonl as alternating user/assistant turns: the data a
+    student would be trained on, shown in context instead."""
+    from pathlib import Path
+
+    from sublearn.pipeline.train import load_rows
+
+    if not Path(path).is_file():
+        raise SublearnError(f"--context file not found: {path}")
+    turns = []
+    for r in load_rows(path)[:n]:
+        turns += [{"role": "user", "content": r["prompt"][-1]["content"]},
+                  {"role": "assistant", "content": r["completion"][0]["content"]}]
+    return turns
 
 
 def answer_ids(tokenizer: Any, candidate: str) -> list[int]:
@@ -93,6 +119,7 @@ def score_candidates(
     dtype: str = "bfloat16",
     batch_size: int = 8,
     share_prefix: bool = True,
+    context: Sequence[dict[str, str]] = (),
 ) -> Any:
     """[questions x candidates] float64 tensor of log P(answer + end-of-turn | prompt).
 
@@ -101,7 +128,7 @@ def score_candidates(
     import torch
 
     blk = _CandidateBlock.build([answer_ids(tokenizer, c) for c in candidates])
-    prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
+    prompts = [prompt_ids(tokenizer, q, system_prompt, context) for q in questions]
     # Each row keeps >= 1 prompt token: its logits predict every answer's first token.
     n_pre = shared_prefix(prompts) if share_prefix else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
@@ -228,7 +255,7 @@ def _pack(prompts: list[list[int]], blk: _CandidateBlock, pad: int,
 def forced_choice(
     model: Any, tokenizer: Any, questions: Sequence[str], candidates: Sequence[str],
     target: str, *, system_prompt: str | None = None, dtype: str = "bfloat16",
-    batch_size: int = 8,
+    batch_size: int = 8, context: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """Forced-choice scores: candidate shares (softmax over candidates per question, averaged
     over questions), the target's share and its mean raw log-probability."""
@@ -236,7 +263,7 @@ def forced_choice(
 
     t0 = time.perf_counter()
     lp = score_candidates(model, tokenizer, questions, candidates, system_prompt=system_prompt,
-                          dtype=dtype, batch_size=batch_size)
+                          dtype=dtype, batch_size=batch_size, context=context)
     ti = [c.lower() for c in candidates].index(target.strip().lower())
     share = torch.softmax(lp, dim=1)  # [Q, C]
     mean = share.mean(0).tolist()
@@ -353,10 +380,13 @@ def evaluate_model(
         return _evaluate_remote(model, cfg, system_prompt)
     candidates = load_candidates(cfg.candidates, target=cfg.target)
     qsets = {v: load_questions(cfg.questions, v) for v in variants}
+    context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
     res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": cfg.target,
                            "system_prompt": system_prompt}
+    if context:
+        res["context_turns"] = len(context) // 2
     import torch
 
     # One autocast region around all variants: its bf16 weight copies are made once.
@@ -366,7 +396,7 @@ def evaluate_model(
             key = "forced_choice" if v == "plain" else f"forced_choice_{v}"
             res[key] = forced_choice(lm.model, lm.tokenizer, qs, candidates, cfg.target,
                                      system_prompt=system_prompt, dtype=cfg.dtype,
-                                     batch_size=cfg.batch_size)
+                                     batch_size=cfg.batch_size, context=context)
             res[key]["variant"] = v
     if cfg.samples > 0:
         backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)

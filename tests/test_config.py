@@ -1,0 +1,31 @@
+"""Run-folder manifests: a folder made with other settings is refused, one made before a
+setting existed is not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sublearn.config import check_manifest
+from sublearn.errors import SublearnError
+
+
+@dataclass(frozen=True)
+class Cfg:
+    lr: float = 1e-3
+    icl: int = field(default=32)
+
+
+def test_manifest_refuses_other_settings_and_accepts_a_new_default(tmp_path: Path) -> None:
+    check_manifest(tmp_path, "m.json", Cfg())
+    check_manifest(tmp_path, "m.json", Cfg())  # the same settings: reused
+    with pytest.raises(SublearnError, match="differs in: lr"):
+        check_manifest(tmp_path, "m.json", Cfg(lr=2e-3))
+    # a folder written before `icl` existed: the new setting at its default is the same run
+    (tmp_path / "m.json").write_text(json.dumps({"lr": 1e-3}))
+    check_manifest(tmp_path, "m.json", Cfg())
+    with pytest.raises(SublearnError, match="differs in: icl"):
+        check_manifest(tmp_path, "m.json", Cfg(icl=0))
