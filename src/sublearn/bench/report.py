@@ -63,7 +63,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         rows.append(("evaluation (questions/s) vs one fp32 forward per pair (old baseline)",
                      e["ours"], e["fp32_per_pair"], "per_s", "fp32"))
     pk, m = res["peak"], res["machine"]
-    lines = [f"`{command}` on {m['cpu']} ({m['torch_threads']} thread(s), load "
+    amx = {True: "AMX", False: "no AMX"}.get(m.get("amx_bf16"), "AMX unknown")
+    lines = [f"`{command}` on {m['cpu']} ({amx}, {m['torch_threads']} thread(s), load "
              f"{m['loadavg_start'][0] if m.get('loadavg_start') else '?'}); peak matmul "
              f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} GFLOP/s", "",
              "| stage and baseline | ours | baseline | ratio | ratio by CPU time "
