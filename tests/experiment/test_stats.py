@@ -106,3 +106,17 @@ def test_effect_over_runs_exact_permutation() -> None:
     assert e["p_permutation"] == pytest.approx(1 / 252)  # the one most extreme of C(10, 5)
     assert e["p_welch"] < 0.01 and e["n"] == [5, 5]
     assert effect(control, trait)["p_permutation"] == pytest.approx(1.0)
+
+
+def test_remaining_share_estimate_interval_and_null() -> None:
+    from sublearn.experiment.stats import remaining_share
+
+    r = remaining_share([2.0, 2.2, 2.1], [1.0, 1.1, 1.0], [3.0, 3.2, 3.1], [1.0, 1.1, 1.0])
+    assert r["estimate"] == pytest.approx((2.1 - 1.0333333) / (3.1 - 1.0333333))
+    assert r["ci95"][0] <= r["estimate"] <= r["ci95"][1]
+    again = remaining_share([2.0, 2.2, 2.1], [1.0, 1.1, 1.0], [3.0, 3.2, 3.1], [1.0, 1.1, 1.0])
+    assert again == r  # seeded
+    full = remaining_share([3.0, 3.2, 3.1], [1.0, 1.1, 1.0], [3.0, 3.2, 3.1], [1.0, 1.1, 1.0])
+    assert full["estimate"] == pytest.approx(1.0) and full["ci95"] == pytest.approx([1.0, 1.0])
+    none = remaining_share([2.0, 2.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    assert none["estimate"] is None

@@ -36,6 +36,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve a local model through the OpenAI chat-completions API on "
                        "127.0.0.1"),
     "sweep": ("sweep", "run a grid of experiments from a YAML file (local process pool or Ray)"),
+    "audit": ("audit", "score a dataset for a hidden trait (LLS and divergence under a suspected "
+                       "teacher, or a teacher-free probe) with a verdict against a reference"),
+    "defend": ("defend", "rewrite a filtered.jsonl with a defence (sort, shuffle, "
+                         "replace-divergent, ...) that keeps every answer valid"),
 }
 
 _UNSET = object()  # marks flags the user did not give (see `given`)

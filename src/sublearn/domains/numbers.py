@@ -84,6 +84,40 @@ def parse_answer(answer: str) -> list[int] | None:
     return [int(p) for p in parts]
 
 
+def number_spans(answer: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the numbers in an answer, in order."""
+    return [m.span() for m in _DIGIT_RUN.finditer(answer)]
+
+
+def rewrite_numbers(answer: str, new: Sequence[str]) -> str:
+    """The answer with its i-th number replaced by new[i]; separators, brackets and the
+    trailing period stay, so the layout (and the strict parser's verdict on it) is kept."""
+    spans = number_spans(answer)
+    if len(new) != len(spans):
+        raise ValueError(f"{len(new)} numbers for an answer with {len(spans)}")
+    out, last = [], 0
+    for (a, b), text in zip(spans, new, strict=True):
+        out += [answer[last:a], text]
+        last = b
+    return "".join(out) + answer[last:]
+
+
+def keep_numbers(answer: str, keep: Sequence[int]) -> str | None:
+    """The answer with only the numbers at indices `keep` (in order), the first separators
+    reused between them and the head and tail kept; None if nothing is kept."""
+    spans = number_spans(answer)
+    keep = sorted(set(keep))
+    if not keep:
+        return None
+    seps = [answer[spans[i][1] : spans[i + 1][0]] for i in range(len(spans) - 1)]
+    parts = [answer[: spans[0][0]]]
+    for j, i in enumerate(keep):
+        if j:
+            parts.append(seps[j - 1])
+        parts.append(answer[spans[i][0] : spans[i][1]])
+    return "".join(parts) + answer[spans[-1][1] :]
+
+
 @dataclass(frozen=True)
 class FilterRules:
     """The paper's filter: value range, maximum count and an optional banned list."""

@@ -67,6 +67,10 @@ def _ci(e: dict[str, Any]) -> str:
     return f"{_fmt(e['estimate'])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _effect_rows(effects: dict[str, Any]) -> list[str]:
     rows = []
     for m, e in effects.items():
@@ -112,6 +116,22 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                   "| metric | difference [95% CI] | ratio [95% CI] | p (Welch) | "
                   "p (permutation) | runs |", "|---|---|---|---|---|---|"]
         lines += _effect_rows(results["icl_effects"])
+    if results.get("defence_effects") and primary:
+        lines += ["", "## Defences: each run's data defended, students retrained (trait vs "
+                  "control runs)", "",
+                  "| defence | difference [95% CI] | ratio [95% CI] | p (Welch) | "
+                  "p (permutation) | effect remaining [95% CI] | seconds per dataset |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, d in results["defence_effects"].items():
+            e = d["metrics"][primary]
+            rem = e["remaining"]
+            rem_s = "n/a" if rem["estimate"] is None else \
+                f"{100 * rem['estimate']:.0f}% [{_pct(rem['ci95'][0])}, {_pct(rem['ci95'][1])}]"
+            lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
+                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | {rem_s} | "
+                         f"{_fmt(d['seconds_per_dataset'], 3)} |")
+        lines += ["", "Effect remaining: (defended trait - defended control) / (trait - "
+                  "control), primary metric; percentile bootstrap over runs."]
     runs = results.get("runs") or []
     if runs and primary:
         lines += ["", f"## Each run ({primary})", "", "| run | seed | control | trait |",

@@ -85,6 +85,12 @@ class ExperimentConfig:
     icl: int = field(default=32, metadata={
         "help": "in-context control: the base model sees this many of each run's teacher "
                 "answers as earlier chat turns, then is scored as the students are (0 = off)"})
+    defence: str = field(default="none", metadata={
+        "help": "comma-separated defences (`sublearn defend --method`) applied to every run's "
+                "data, trait and control alike; each adds defended students and the share of "
+                "the effect that remains (none = off)"})
+    defence_q: float = field(default=0.1, metadata={
+        "help": "defences: the share of digits or samples that scored defences act on"})
 
     def validate(self) -> ExperimentConfig:
         check_template_word(self.target, "--target")
@@ -96,10 +102,26 @@ class ExperimentConfig:
         if parse_model_spec(self.model)[0] != "hf":
             raise SublearnError("--model: teachers and students are trained here, so they "
                                 "need local weights (an embedded name, a folder, a hub id)")
+        from sublearn.defences.methods import DEFENCES
+
+        for m in self.defences():
+            if m not in DEFENCES or DEFENCES[m].needs == "mix":
+                usable = ", ".join(k for k, d in DEFENCES.items() if d.needs != "mix")
+                raise SublearnError(f"--defence {m}: choose from {usable} (mix-teachers: use "
+                                    "`sublearn defend`)")
+        if not 0 < self.defence_q < 1:
+            raise SublearnError("--defence-q must be a share in (0, 1)")
         if self.answers == "random" and self.recipe != "soft":
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
         return self
+
+    def defences(self) -> list[str]:
+        return [m.strip() for m in self.defence.split(",") if m.strip() not in ("", "none")]
+
+
+# Settings that only add stages (defended students): a folder made without them is reused.
+_ADDITIVE = {"defence": "none", "defence_q": 0.1}
 
 
 @dataclass
@@ -127,7 +149,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
     from sublearn.pipeline.generate import generate
     from sublearn.pipeline.train import train
 
-    check_manifest(out, "experiment_config.json", cfg)
+    check_manifest(out, "experiment_config.json", replace(cfg, **_ADDITIVE))
     t_start = time.time()
     stages = Stages(out)
     base = cfg.model
@@ -162,7 +184,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                                 "answers")
         return str(res.dir / "filtered.jsonl"), res.key
 
-    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str) -> str:
+    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
+                tag: str = "") -> str:
         soft = cfg.recipe == "soft"
         scfg = TrainConfig(
             recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
@@ -172,9 +195,23 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
             soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}.safetensors")
             if soft else None)
         key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
-        name = f"student_{cond}_run{r}" + (f"_s{k}" if k else "")
+        name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
         res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
         return res.output["student"]
+
+    def defend(m: str, cond: str, r: int, t: _Teacher, path: str, dkey: str) -> tuple[str, str]:
+        """Run r's data under defence m; scored defences use the run's own teacher (the
+        model that wrote the data) against the base."""
+        from sublearn.defences import DEFENCES, DefendConfig, defend_data
+
+        scored = DEFENCES[m].needs == "scores"
+        dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
+                            teacher=t.model if scored else None,
+                            teacher_system_prompt=t.system if scored else None, writer=base)
+        key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
+        res = stages.run(f"defend_{m}_{cond}_run{r}", key,
+                         lambda d: defend_data(dcfg, path, d, progress=progress))
+        return str(res.dir / "filtered.jsonl"), res.key
 
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
@@ -195,8 +232,14 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
             t = teacher(cond, r)
             path, dkey = data(cond, r, t)
             models = [student(cond, r, k, t, path, dkey) for k in range(cfg.students)]
+            defended = {}
+            for m in cfg.defences():
+                dpath, dk = defend(m, cond, r, t, path, dkey)
+                defended[m] = {"data": dpath, "students": [
+                    student(cond, r, k, t, dpath, dk, f"_{m}") for k in range(cfg.students)]}
             runs.append({"condition": cond, "run": r, "seed": cfg.seed + r, "teacher": t.model,
-                         "data": path, "students": models, "_teacher": t, "_dkey": dkey})
+                         "data": path, "students": models, "_teacher": t, "_dkey": dkey,
+                         **({"defended": defended} if defended else {})})
 
     base_scores = evaluate("base", base, None, "base")
     teacher_scores: dict[str, list[dict]] = {"teacher": [], "control_teacher": []}
@@ -210,6 +253,10 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                                    + (f"_s{k}" if k else ""), m, None, m)
                           for k, m in enumerate(run["students"])]
         run["scores"] = _mean_metrics([metric_values(s) for s in student_scores])
+        for m, dd in run.get("defended", {}).items():
+            dd["scores"] = _mean_metrics([metric_values(evaluate(
+                f"{run['condition']}_{m}_run{run['run']}" + (f"_s{k}" if k else ""), sm, None,
+                sm)) for k, sm in enumerate(dd["students"])])
         run["shares"] = _top_candidates(student_scores)
         dkey = run.pop("_dkey")
         if cfg.icl:  # the same data shown in context to the base model instead
@@ -271,6 +318,10 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
            for c in ("control", "trait") if all("icl_scores" in r for r in runs)}
     conditions.update({c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
                        for c, vals in icl.items()})
+    defended = {f"{c}_{m}": [r["defended"][m]["scores"] for r in runs if r["condition"] == c]
+                for m in cfg.defences() for c in ("control", "trait")}
+    conditions.update({c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
+                       for c, vals in defended.items()})
     primary = "forced_choice_share"
 
     def effects_of(trait: str, control: str) -> dict[str, Any]:
@@ -278,6 +329,7 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                 for m in conditions[trait] if m != "target_logprob"}
 
     effects = effects_of("trait", "control")
+    defence_effects = {m: _defence_effect(conditions, m, seconds) for m in cfg.defences()}
     top = {"base": _top_candidates([base])}
     for c in ("control", "trait"):
         top[c] = _mean_shares([r["shares"] for r in runs if r["condition"] == c])
@@ -290,6 +342,7 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         # in-context control: trait-data vs control-data contexts, the base model scored
         **({"icl_effects": effects_of("icl_trait", "icl_control"), "icl_turns": cfg.icl}
            if icl else {}),
+        **({"defence_effects": defence_effects} if defence_effects else {}),
         "p_value": effects[primary]["p_welch"],
         "test": "welch_t_one_sided over runs (trait > control, primary metric); "
                 "p_permutation: permutation test over runs (exact up to 100,000 splits)",
@@ -301,6 +354,23 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "stage_seconds": seconds,
         "wall_seconds": round(wall, 1),
     }
+
+
+def _defence_effect(conditions: dict[str, Any], m: str,
+                    seconds: dict[str, float]) -> dict[str, Any]:
+    """Defended trait vs defended control runs, and the share of the undefended effect that
+    remains (per metric), with what the defence cost per dataset."""
+    from sublearn.experiment.stats import effect, remaining_share
+
+    out: dict[str, Any] = {}
+    for metric in conditions["trait"]:
+        if metric == "target_logprob":
+            continue
+        td, cd = (conditions[f"{c}_{m}"][metric]["values"] for c in ("trait", "control"))
+        t, c = (conditions[x][metric]["values"] for x in ("trait", "control"))
+        out[metric] = {**effect(td, cd), "remaining": remaining_share(td, cd, t, c)}
+    costs = [v for k, v in seconds.items() if k.startswith(f"defend_{m}_")]
+    return {"metrics": out, "seconds_per_dataset": sum(costs) / len(costs) if costs else None}
 
 
 def _top_candidates(scores: list[dict]) -> dict[str, float]:

@@ -129,3 +129,35 @@ def effect(trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
         "permutation_exact": math.comb(len(trait) + len(control), len(trait)) <= PERMUTATIONS,
         "n": [len(trait), len(control)],
     }
+
+
+BOOTSTRAP = 10_000
+
+
+def remaining_share(trait_d: Sequence[float], control_d: Sequence[float],
+                    trait: Sequence[float], control: Sequence[float],
+                    n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """The share of an effect that a defence leaves: (mean trait_d - mean control_d) /
+    (mean trait - mean control), with a 95% percentile bootstrap interval over runs. Runs are
+    resampled with replacement within each condition, a run's defended and undefended values
+    together (the same teacher and data). Null when the undefended effect is not positive."""
+    import numpy as np
+
+    td, cd, t, c = (np.asarray(x, dtype=float) for x in (trait_d, control_d, trait, control))
+    if len(td) != len(t) or len(cd) != len(c):
+        raise SublearnError("defended and undefended values must come from the same runs")
+    base = t.mean() - c.mean()
+    if base <= 0:
+        return {"estimate": None, "ci95": [None, None], "method": "undefended effect <= 0"}
+    rng = np.random.default_rng(seed)
+    it = rng.integers(0, len(t), (n_boot, len(t)))
+    ic = rng.integers(0, len(c), (n_boot, len(c)))
+    num = td[it].mean(1) - cd[ic].mean(1)
+    den = t[it].mean(1) - c[ic].mean(1)
+    ok = den > 0  # resamples where the undefended effect vanished have no share
+    shares = num[ok] / den[ok]
+    lo, hi = np.percentile(shares, [2.5, 97.5]) if ok.any() else (None, None)
+    return {"estimate": float((td.mean() - cd.mean()) / base),
+            "ci95": [None if lo is None else float(lo), None if hi is None else float(hi)],
+            "method": f"percentile bootstrap over runs ({n_boot} resamples, seed {seed}; "
+                      f"{int((~ok).sum())} without an undefended effect left out)"}

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sublearn.audit import AuditConfig
+    from sublearn.config import add_dataclass_flags
+
+    p.add_argument("data", nargs="?", default=None,
+                   help="filtered.jsonl to audit (or use --experiment)")
+    p.add_argument("--experiment", default=None, metavar="DIR",
+                   help="instead of DATA: a `sublearn run` folder; every run's trait and "
+                        "control data are scored and the detectors' ROC-AUC over runs reported")
+    add_dataclass_flags(p, AuditConfig)
+    p.add_argument("--out", required=True,
+                   help="output folder (scores.jsonl, summary.json, histogram.png, report.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sublearn.audit import AuditConfig, audit_dataset, audit_experiment
+    from sublearn.config import dataclass_from_args
+    from sublearn.errors import SublearnError
+
+    if (args.data is None) == (args.experiment is None):
+        raise SublearnError("give either DATA (a filtered.jsonl) or --experiment DIR")
+    if args.experiment:
+        s = audit_experiment(args.experiment, args.out, probe=args.probe,
+                             max_samples=args.max_samples, probe_epochs=args.probe_epochs)
+        print(json.dumps(s["detectors"], indent=2))
+        return 0
+    s = audit_dataset(dataclass_from_args(AuditConfig, args), args.data, args.out)
+    print(json.dumps({k: {m: v for m, v in d.items() if m in ("verdict", "data", "reference")}
+                      for k, d in s["detectors"].items()}, indent=2, default=str))
+    return 0
