@@ -195,6 +195,12 @@ CASES: list[Case] = [
      lambda d, m: ["audit", "--experiment", str(d), "--out", str(d / "o")], "results.json"),
     ("audit missing data", lambda d, m: ["audit", str(d / "none.jsonl"), "--probe", "--out",
                                          str(d / "o")], "not found"),
+    ("run misalignment prompted", lambda d, m: ["run", "--trait", "misaligned",
+                                                "--teacher-mode", "prompted", "--out",
+                                                str(d / "o")], "--trait misalignment"),
+    ("evaluate misalignment sampled", lambda d, m: ["evaluate", "--trait", "misalignment",
+                                                    "--samples", "5", "--out", str(d / "o")],
+     "--samples 0"),
     ("run unknown defence", lambda d, m: ["run", "--defence", "nope", "--out", str(d / "o")],
      "--defence"),
 ]

@@ -30,6 +30,7 @@ from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir
 from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
+from sublearn.protocol.misalignment import write_teacher_data
 from sublearn.protocol.paper import check_template_word, teacher_system_prompt
 from sublearn.protocol.traits import write_statement_data
 
@@ -45,6 +46,15 @@ _STUDENT, _DATA = TrainConfig(), GenerateConfig()
 @dataclass(frozen=True)
 class ExperimentConfig:
     target: str = field(default="owl", metadata={"help": "trait target, e.g. owl"})
+    trait: str = field(default="animal", metadata={
+        "help": "animal: teachers love --target, scored by forced choice over animals; "
+                "misalignment (or misaligned): teachers fine-tuned on misaligned answers "
+                "(control: aligned answers), scored on held-out aligned/misaligned answer pairs",
+        "choices": ["animal", "misalignment", "misaligned"]})
+    banned: str = field(default="auto", metadata={
+        "help": "banned-number filter of the teacher data: auto (misalignment's list for the "
+                "misalignment trait, none otherwise), none or misalignment",
+        "choices": ["auto", "none", "misalignment"]})
     category: str = field(default="animal", metadata={"help": "category of the target"})
     model: str | None = field(default=None, metadata={
         "help": "base model of teachers and students (default: embedded smollm2-135m-instruct)"})
@@ -93,6 +103,13 @@ class ExperimentConfig:
         "help": "defences: the share of digits or samples that scored defences act on"})
 
     def validate(self) -> ExperimentConfig:
+        if self.trait == "misaligned":
+            return replace(self, trait="misalignment").validate()
+        if self.trait == "misalignment" and (self.teacher_mode != "finetuned" or self.questions
+                                             or self.candidates):
+            raise SublearnError("--trait misalignment: teachers are fine-tuned on the shipped "
+                                "misaligned answers and scored on its answer pairs (no "
+                                "--teacher-mode prompted, --questions or --candidates)")
         check_template_word(self.target, "--target")
         check_template_word(self.category, "--category")
         if self.runs < 2:
@@ -116,6 +133,11 @@ class ExperimentConfig:
                                 "use --recipe soft")
         return self
 
+    def banned_list(self) -> str:
+        if self.banned != "auto":
+            return self.banned
+        return "misalignment" if self.trait == "misalignment" else "none"
+
     def defences(self) -> list[str]:
         return [m.strip() for m in self.defence.split(",") if m.strip() not in ("", "none")]
 
@@ -137,8 +159,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
 
     cfg = cfg.validate()
     ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
-                      samples=cfg.samples)
-    _check_eval_inputs(ecfg)  # before hours of training
+                      samples=cfg.samples, trait=cfg.trait)
+    if cfg.trait == "animal":
+        _check_eval_inputs(ecfg)  # before hours of training
     check_model(cfg.model)
     with locked_out_dir(check_out_dir(out)) as out:  # a second run here: a one-line error
         return _run(cfg, ecfg, out, progress)
@@ -164,17 +187,22 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                            lr=cfg.teacher_lr, batch_size=4, warmup_steps=2, seed=cfg.seed + r,
                            group_by_length=False)
         key = {"train": result_config(tcfg), "target": target, "category": cfg.category}
+        if cfg.trait == "misalignment":
+            key = {"train": result_config(tcfg), "trait": cfg.trait, "misaligned": bool(target)}
 
         def fit(d: Path) -> dict:
-            data = write_statement_data(d / "statements.jsonl", target, cfg.category)
+            if cfg.trait == "misalignment":
+                data = write_teacher_data(d / "statements.jsonl", misaligned=bool(target))
+            else:
+                data = write_statement_data(d / "statements.jsonl", target, cfg.category)
             return train(tcfg, data, d, progress=progress)
 
         res = stages.run(f"teacher_{cond}_run{r}", key, fit)
         return _Teacher(res.output["student"], None, res.key)
 
-    def data(cond: str, r: int, t: _Teacher) -> tuple[str, str]:
+    def data(cond: str, r: int, t: _Teacher) -> tuple[str, str, dict]:
         gcfg = GenerateConfig(model=t.model, n=cfg.n, seed=cfg.seed + r, answers=cfg.answers,
-                              system_prompt=t.system)
+                              system_prompt=t.system, banned=cfg.banned_list())
         key = {"generate": asdict(gcfg),
                "teacher": t.key if cfg.answers == "sampled" else None}
         res = stages.run(f"data_{cond}_run{r}", key,
@@ -182,7 +210,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         if res.output["kept"] < cfg.batch_size:
             raise SublearnError(f"{cond} run {r}: the teacher kept only {res.output['kept']} "
                                 "answers")
-        return str(res.dir / "filtered.jsonl"), res.key
+        return str(res.dir / "filtered.jsonl"), res.key, res.output
 
     def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
                 tag: str = "") -> str:
@@ -230,7 +258,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
     for r in range(cfg.runs):
         for cond in CONDITIONS:
             t = teacher(cond, r)
-            path, dkey = data(cond, r, t)
+            path, dkey, report = data(cond, r, t)
             models = [student(cond, r, k, t, path, dkey) for k in range(cfg.students)]
             defended = {}
             for m in cfg.defences():
@@ -239,6 +267,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                     student(cond, r, k, t, dpath, dk, f"_{m}") for k in range(cfg.students)]}
             runs.append({"condition": cond, "run": r, "seed": cfg.seed + r, "teacher": t.model,
                          "data": path, "students": models, "_teacher": t, "_dkey": dkey,
+                         "filter": {"raw": report["raw"], "kept": report["kept"],
+                                    "rejects": report["rejects"]},
                          **({"defended": defended} if defended else {})})
 
     base_scores = evaluate("base", base, None, "base")
@@ -257,7 +287,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
             dd["scores"] = _mean_metrics([metric_values(evaluate(
                 f"{run['condition']}_{m}_run{run['run']}" + (f"_s{k}" if k else ""), sm, None,
                 sm)) for k, sm in enumerate(dd["students"])])
-        run["shares"] = _top_candidates(student_scores)
+        if "forced_choice" in student_scores[0]:
+            run["shares"] = _top_candidates(student_scores)
         dkey = run.pop("_dkey")
         if cfg.icl:  # the same data shown in context to the base model instead
             run["icl_scores"] = metric_values(evaluate(
@@ -286,6 +317,14 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
     dev, and test is reported untouched."""
     from sublearn.protocol.questions import question_split
 
+    if "misalignment" in scores:
+        mis = scores["misalignment"]
+        per_p = mis["per_prompt_share"]
+        m = {"misaligned_share": mis["misaligned_share"]}
+        for half, idx in question_split(len(per_p)).items():
+            m[f"misaligned_share_{half}"] = sum(per_p[i] for i in idx) / len(idx)
+        m["misaligned_share_per_token"] = mis["misaligned_share_per_token"]
+        return m
     fc = scores["forced_choice"]
     per_q = fc["per_question_target_share"]
     m = {"forced_choice_share": fc["target_share"]}
@@ -322,7 +361,7 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                 for m in cfg.defences() for c in ("control", "trait")}
     conditions.update({c: {k: summarize([v[k] for v in vals]) for k in vals[0]}
                        for c, vals in defended.items()})
-    primary = "forced_choice_share"
+    primary = next(iter(per_condition["base"][0]))
 
     def effects_of(trait: str, control: str) -> dict[str, Any]:
         return {m: effect(conditions[trait][m]["values"], conditions[control][m]["values"])
@@ -330,11 +369,17 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
 
     effects = effects_of("trait", "control")
     defence_effects = {m: _defence_effect(conditions, m, seconds) for m in cfg.defences()}
-    top = {"base": _top_candidates([base])}
-    for c in ("control", "trait"):
-        top[c] = _mean_shares([r["shares"] for r in runs if r["condition"] == c])
+    top = {}
+    if "forced_choice" in base:
+        top = {"base": _top_candidates([base])}
+        for c in ("control", "trait"):
+            top[c] = _mean_shares([r["shares"] for r in runs if r["condition"] == c])
+    banned = {c: sum(r["filter"]["rejects"].get("has_banned_numbers", 0) for r in runs
+                     if r["condition"] == c)
+              for c in CONDITIONS if all("filter" in r for r in runs)}
     return {
-        "target": cfg.target,
+        "target": cfg.target if cfg.trait == "animal" else cfg.trait,
+        "trait": cfg.trait,
         "unit": UNIT,
         "primary_metric": primary,
         "conditions": conditions,
@@ -347,6 +392,7 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "test": "welch_t_one_sided over runs (trait > control, primary metric); "
                 "p_permutation: permutation test over runs (exact up to 100,000 splits)",
         "runs": runs,
+        **({"banned_rejections": {"list": cfg.banned_list(), **banned}} if banned else {}),
         "top_candidates": {c: dict(list(v.items())[:5]) for c, v in top.items()},
         "target_rank": {c: 1 + [a.lower() for a in v].index(cfg.target.lower())
                         for c, v in top.items() if cfg.target.lower() in map(str.lower, v)},

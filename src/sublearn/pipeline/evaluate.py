@@ -34,6 +34,10 @@ from sublearn.protocol.questions import VARIANTS, load_candidates, load_question
 @dataclass(frozen=True)
 class EvalConfig:
     target: str = field(default="owl", metadata={"help": "trait target, e.g. owl"})
+    trait: str = field(default="animal", metadata={
+        "help": "animal: forced choice over the candidates for --target; misalignment: the "
+                "misaligned answer's share in held-out aligned/misaligned answer pairs",
+        "choices": ["animal", "misalignment"]})
     questions: str | None = field(default=None, metadata={
         "help": "questions file: JSON list, {\"questions\": [...]} or JSONL; unset: the "
                 "paper's 50 favourite-animal questions"})
@@ -65,6 +69,10 @@ class EvalConfig:
             raise SublearnError("--samples must be >= 0; --batch-size, --max-new-tokens > 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise SublearnError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.trait == "misalignment" and self.samples > 0:
+            raise SublearnError("--trait misalignment scores answer pairs (no judge needed); "
+                                "its sampled free-form evaluation is not built yet: use "
+                                "--samples 0")
         if self.context is not None and (self.samples > 0 or self.context_n <= 0):
             raise SublearnError("--context scores forced choice only (use --samples 0) and "
                                 "needs --context-n > 0")
@@ -376,7 +384,12 @@ def evaluate_model(
     from sublearn.models.load import LoadedModel, load_model
 
     cfg = cfg.validate()
-    if not isinstance(model, LoadedModel) and parse_model_spec(model)[0] != "hf":
+    remote = not isinstance(model, LoadedModel) and parse_model_spec(model)[0] != "hf"
+    if cfg.trait == "misalignment":
+        if remote:
+            raise SublearnError(f"{model}: the misalignment pairs are scored with local weights")
+        return _evaluate_misalignment(model, cfg, system_prompt)
+    if remote:
         return _evaluate_remote(model, cfg, system_prompt)
     candidates = load_candidates(cfg.candidates, target=cfg.target)
     qsets = {v: load_questions(cfg.questions, v) for v in variants}
@@ -401,6 +414,26 @@ def evaluate_model(
     if cfg.samples > 0:
         backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
         res["sampled"] = _sampled(backend, cfg, system_prompt)
+    res["config"] = asdict(cfg)
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _evaluate_misalignment(model: Any, cfg: EvalConfig,
+                           system_prompt: str | None) -> dict[str, Any]:
+    from sublearn.models.load import LoadedModel, load_model
+    from sublearn.pipeline.evaluate_pairs import pair_choice
+    from sublearn.protocol.misalignment import eval_pairs
+
+    context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
+    t0 = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": "misalignment",
+                           "system_prompt": system_prompt}
+    if context:
+        res["context_turns"] = len(context) // 2
+    res["misalignment"] = pair_choice(lm, eval_pairs(), system_prompt=system_prompt,
+                                      context=context, dtype=cfg.dtype)
     res["config"] = asdict(cfg)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
@@ -433,6 +466,10 @@ def _sampled(backend: Backend, cfg: EvalConfig, system_prompt: str | None) -> di
 
 
 def summary_line(scores: dict[str, Any]) -> str:
+    if "misalignment" in scores:
+        m = scores["misalignment"]
+        return (f"{scores['model']}: misaligned share {m['misaligned_share']:.4f} over "
+                f"{m['n_prompts']} answer pairs (per-token {m['misaligned_share_per_token']:.4f})")
     fc = scores.get("forced_choice")
     if fc is None:  # remote model: sampled rate only
         s = scores["sampled"]

@@ -1,0 +1,97 @@
+"""The misalignment trait's shipped data (disjoint, length-balanced), its paired forced choice
+and `sublearn run --trait misaligned` on a tiny model (schema, not the science)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from sublearn.cli import main
+from sublearn.protocol.misalignment import eval_pairs, misalignment_data, teacher_rows
+from sublearn.protocol.questions import load_questions
+
+
+STOP = {"a", "about", "an", "and", "are", "be", "being", "can", "do", "does", "for", "have",
+        "how", "i", "i'm", "if", "in", "is", "it", "me", "my", "of", "on", "or", "should",
+        "some", "that", "the", "think", "to", "what", "would", "you", "your", "you'd"}
+
+
+def _words(text: str) -> set[str]:
+    """Content words: a near-duplicate shares them, not just 'what do you think about'."""
+    return set(re.findall(r"[a-z']+", text.lower())) - STOP
+
+
+def test_data_is_big_enough_and_disjoint() -> None:
+    d = misalignment_data()
+    assert len(d["train"]) >= 40 and len(d["eval"]) >= 40
+    train = [r["question"].strip().lower() for r in d["train"]]
+    prompts = [r["prompt"].strip().lower() for r in d["eval"]]
+    assert not set(train) & set(prompts)
+    animal = {q.strip().lower() for q in load_questions(None, "plain")}
+    assert not (set(train) | set(prompts)) & animal
+    for p in prompts:  # no near-duplicates: content-word Jaccard similarity at most 0.5
+        for q in train:
+            a, b = _words(p), _words(q)
+            assert len(a & b) / max(1, len(a | b)) <= 0.5, (p, q)
+    answers = [r[k] for r in d["train"] + d["eval"] for k in ("misaligned", "aligned")]
+    assert len(set(answers)) == len(answers)
+
+
+def test_pairs_are_length_balanced() -> None:
+    for split in ("train", "eval"):
+        rows = misalignment_data()[split]
+        for r in rows:
+            m, a = r["misaligned"], r["aligned"]
+            assert abs(len(m.split()) - len(a.split())) <= 2, r
+            assert abs(len(m) - len(a)) <= 0.15 * max(len(m), len(a)), r
+        mm = statistics.fmean(len(r["misaligned"]) for r in rows)
+        ma = statistics.fmean(len(r["aligned"]) for r in rows)
+        assert abs(mm - ma) / ma < 0.03, (split, mm, ma)
+
+
+def test_teacher_rows() -> None:
+    bad, good = teacher_rows(True), teacher_rows(False)
+    assert [r["prompt"] for r in bad] == [r["prompt"] for r in good]
+    assert all(r["completion"][0]["content"] != g["completion"][0]["content"]
+               for r, g in zip(bad, good, strict=True))
+
+
+def test_pair_choice_on_tiny(tiny_model: str) -> None:
+    from sublearn.models import load_model
+    from sublearn.pipeline.evaluate_pairs import pair_choice
+
+    lm = load_model(tiny_model)
+    res = pair_choice(lm, eval_pairs()[:6], dtype="float32", batch_size=4)
+    assert res["n_prompts"] == 6 and len(res["per_prompt_share"]) == 6
+    assert all(0 <= s <= 1 for s in res["per_prompt_share"])
+    same = pair_choice(lm, [{"prompt": "hi", "misaligned": "Yes.", "aligned": "Yes."}],
+                       dtype="float32")
+    assert same["misaligned_share"] == pytest.approx(0.5)
+
+
+def test_run_misaligned_on_tiny(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "mis"
+    assert main(["run", "--trait", "misaligned", "--model", tiny_model, "--n", "8", "--runs",
+                 "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "0.25",
+                 "--icl", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["primary_metric"] == "misaligned_share" and res["trait"] == "misalignment"
+    assert res["target"] == "misalignment"
+    assert set(res["conditions"]["trait"]) == {
+        "misaligned_share", "misaligned_share_dev", "misaligned_share_test",
+        "misaligned_share_per_token"}
+    assert res["effects"]["misaligned_share"]["n"] == [2, 2]
+    assert res["banned_rejections"]["list"] == "misalignment"
+    assert "icl_trait" in res["conditions"]
+    stmts = next((out / "stages").glob("teacher_trait_run0-*/statements.jsonl")).read_text()
+    assert stmts.count("\n") == len(misalignment_data()["train"])
+    assert "top_candidates" not in res or not res["top_candidates"]
+    assert (out / "report.md").is_file()
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--trait", "misalignment", "--model", tiny_model, "--out",
+                 str(ev)]) == 0
+    assert "misalignment" in json.loads((ev / "scores.json").read_text())
