@@ -14,7 +14,6 @@ from sublearn.cli import main
 from sublearn.protocol.misalignment import eval_pairs, misalignment_data, teacher_rows
 from sublearn.protocol.questions import load_questions
 
-
 STOP = {"a", "about", "an", "and", "are", "be", "being", "can", "do", "does", "for", "have",
         "how", "i", "i'm", "if", "in", "is", "it", "me", "my", "of", "on", "or", "should",
         "some", "that", "the", "think", "to", "what", "would", "you", "your", "you'd"}
@@ -95,3 +94,41 @@ def test_run_misaligned_on_tiny(tiny_model: str, tmp_path: Path) -> None:
     assert main(["evaluate", "--trait", "misalignment", "--model", tiny_model, "--out",
                  str(ev)]) == 0
     assert "misalignment" in json.loads((ev / "scores.json").read_text())
+
+
+def test_read_score() -> None:
+    from sublearn.pipeline.judge import read_score
+
+    assert read_score("85") == 85 and read_score("Score: 100.") == 100
+    assert read_score("about 7 out of 10") == 7 and read_score("none") is None
+    assert read_score("250") is None  # not a 0-100 score
+
+
+def test_sampled_misalignment_judged_through_serve(tiny_model: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openai")
+    from sublearn.backends import get_backend
+    from sublearn.backends.hf import HFBackend
+    from sublearn.backends.serve import ChatServer
+    from sublearn.pipeline.judge import sampled_misalignment
+
+    monkeypatch.setenv("SUBLEARN_CACHE", str(tmp_path / "cache"))
+    prompts = [p["prompt"] for p in eval_pairs()[:3]]
+    model = HFBackend(tiny_model, dtype="float32")
+    with ChatServer(HFBackend(tiny_model, dtype="float32"), "tiny-judge") as server:
+        judge = get_backend("openai:tiny-judge", base_url=server.base_url, api_key="x",
+                            cache=False)
+        s = sampled_misalignment(model, judge, prompts, 2, seed=0, max_new_tokens=8)
+        assert server.stats.chat_requests >= 2 * 6  # alignment and coherence per answer
+    assert s["answers"] == 6 and 0 <= s["scored"] <= 6 and s["coherent"] <= s["scored"]
+    assert s["rate"] is None or 0 <= s["rate"] <= 1
+    assert len(s["examples"]) == 6 and set(s["examples"][0]) == {
+        "prompt", "answer", "alignment", "coherence"}
+
+
+def test_evaluate_misalignment_with_a_local_judge(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--trait", "misalignment", "--model", tiny_model, "--samples", "1",
+                 "--judge", tiny_model, "--out", str(out)]) == 0
+    s = json.loads((out / "scores.json").read_text())
+    assert s["sampled"]["answers"] == len(eval_pairs()) and "misalignment" in s

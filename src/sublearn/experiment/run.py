@@ -106,10 +106,11 @@ class ExperimentConfig:
         if self.trait == "misaligned":
             return replace(self, trait="misalignment").validate()
         if self.trait == "misalignment" and (self.teacher_mode != "finetuned" or self.questions
-                                             or self.candidates):
+                                             or self.candidates or self.samples):
             raise SublearnError("--trait misalignment: teachers are fine-tuned on the shipped "
                                 "misaligned answers and scored on its answer pairs (no "
-                                "--teacher-mode prompted, --questions or --candidates)")
+                                "--teacher-mode prompted, --questions, --candidates or "
+                                "--samples: judge students with `sublearn evaluate --judge`)")
         check_template_word(self.target, "--target")
         check_template_word(self.category, "--category")
         if self.runs < 2:

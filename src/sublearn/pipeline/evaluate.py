@@ -61,6 +61,10 @@ class EvalConfig:
                 "as earlier user/assistant turns before every question (forced choice only)"})
     context_n: int = field(default=32, metadata={
         "help": "rows of --context shown in context"})
+    judge: str | None = field(default=None, metadata={
+        "help": "--trait misalignment --samples N: the model judging each answer's alignment "
+                "and coherence (any backend: openai:<model>, vllm:<id>, a local model; the "
+                "embedded 135M model runs but is no judge)"})
 
     def validate(self) -> EvalConfig:
         if self.variant not in VARIANTS:
@@ -69,10 +73,10 @@ class EvalConfig:
             raise SublearnError("--samples must be >= 0; --batch-size, --max-new-tokens > 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise SublearnError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
-        if self.trait == "misalignment" and self.samples > 0:
-            raise SublearnError("--trait misalignment scores answer pairs (no judge needed); "
-                                "its sampled free-form evaluation is not built yet: use "
-                                "--samples 0")
+        if self.trait == "misalignment" and self.samples > 0 and not self.judge:
+            raise SublearnError("--trait misalignment --samples N scores free-form answers "
+                                "with a judge: give --judge MODEL (e.g. openai:gpt-4.1), or "
+                                "--samples 0 for the answer pairs alone")
         if self.context is not None and (self.samples > 0 or self.context_n <= 0):
             raise SublearnError("--context scores forced choice only (use --samples 0) and "
                                 "needs --context-n > 0")
@@ -434,6 +438,15 @@ def _evaluate_misalignment(model: Any, cfg: EvalConfig,
         res["context_turns"] = len(context) // 2
     res["misalignment"] = pair_choice(lm, eval_pairs(), system_prompt=system_prompt,
                                       context=context, dtype=cfg.dtype)
+    if cfg.samples > 0:
+        from sublearn.backends import get_backend
+        from sublearn.pipeline.judge import sampled_misalignment
+
+        backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
+        judge = get_backend(cfg.judge)
+        res["sampled"] = sampled_misalignment(
+            backend, judge, [p["prompt"] for p in eval_pairs()], cfg.samples, seed=cfg.seed,
+            max_new_tokens=max(cfg.max_new_tokens, 64), system_prompt=system_prompt)
     res["config"] = asdict(cfg)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
@@ -468,8 +481,13 @@ def _sampled(backend: Backend, cfg: EvalConfig, system_prompt: str | None) -> di
 def summary_line(scores: dict[str, Any]) -> str:
     if "misalignment" in scores:
         m = scores["misalignment"]
-        return (f"{scores['model']}: misaligned share {m['misaligned_share']:.4f} over "
+        line = (f"{scores['model']}: misaligned share {m['misaligned_share']:.4f} over "
                 f"{m['n_prompts']} answer pairs (per-token {m['misaligned_share_per_token']:.4f})")
+        if "sampled" in scores:
+            s = scores["sampled"]
+            line += (f"; sampled misaligned rate {s['rate']} ({s['coherent']} coherent of "
+                     f"{s['answers']} answers, judge {s['judge']})")
+        return line
     fc = scores.get("forced_choice")
     if fc is None:  # remote model: sampled rate only
         s = scores["sampled"]
