@@ -24,6 +24,20 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def manifest_diff(path: Path, cfg: Any) -> list[str]:
+    """The settings in which the manifest at `path` differs from `cfg` ([] when it matches or
+    does not exist). A setting the manifest lacks (added to the config since) counts as its
+    default."""
+    if not path.exists():
+        return []
+    want = json.loads(json.dumps(cfg if isinstance(cfg, dict) else config_dict(cfg)))
+    have = json.loads(path.read_text())
+    if dataclasses.is_dataclass(cfg):  # a setting added since: its default ran before
+        have = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                         if f.default is not dataclasses.MISSING})), **have}
+    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+
+
 def check_manifest(out: Path, name: str, cfg: Any) -> None:
     """Refuse to reuse a folder made with a different config; write the manifest if new.
     A setting the manifest lacks (added to the config since) counts as its default."""
@@ -31,13 +45,8 @@ def check_manifest(out: Path, name: str, cfg: Any) -> None:
     want = cfg if isinstance(cfg, dict) else config_dict(cfg)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from disk
     if path.exists():
-        have = json.loads(path.read_text())
-        if dataclasses.is_dataclass(cfg):  # a setting added since: its default ran before
-            have = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
-                                             if f.default is not dataclasses.MISSING})),
-                    **have}
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = manifest_diff(path, cfg)
+        if diff:
             raise SublearnError(
                 f"{out} holds results of a different config (differs in: {', '.join(diff)}); "
                 "use another --out or delete the folder"

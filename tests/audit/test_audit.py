@@ -26,12 +26,14 @@ def test_roc_auc_known_values() -> None:
 
 def test_scores_match_a_naive_loop(tiny_model: str, tmp_path: Path) -> None:
     import torch
-    from conftest import build_tiny_model
 
     from sublearn.models import load_model
 
-    other = str(build_tiny_model(tmp_path / "other", seed=1))  # same tokenizer, other weights
-    t, b = load_model(other), load_model(tiny_model)
+    t, b = load_model(tiny_model), load_model(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the same tokenizer, other weights
+        for prm in t.model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
     scores = score_rows(t, b, ROWS, batch_size=2)
     tok = b.tokenizer
     for row, s in zip(ROWS, scores, strict=True):
@@ -53,6 +55,9 @@ def test_scores_match_a_naive_loop(tiny_model: str, tmp_path: Path) -> None:
                                                         .mean()))
     same = score_rows(b, b, ROWS)
     assert all(abs(s.lls_sum) < 1e-6 and s.kl_max < 1e-6 for s in same)
+    # a system prompt only the scorer sees: the same weights now disagree
+    prompted = score_rows(b, b, ROWS, scorer_system="You love owls.")
+    assert any(abs(s.lls_sum) > 1e-4 for s in prompted)
 
 
 def test_audit_dataset_writes_files(tiny_model: str, tmp_path: Path) -> None:

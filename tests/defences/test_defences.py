@@ -54,6 +54,23 @@ def test_mix_teachers_takes_equal_shares() -> None:
     out, info = DEFENCES["mix-teachers"].fn(a, Context(rng=random.Random(0), mix=[b]))
     assert len(out) == 6 and info["teachers"] == 2
     assert sorted(answer(r) for r in out) == ["1, 2"] * 3 + ["3, 4"] * 3
+    odd, _ = DEFENCES["mix-teachers"].fn(_rows(["1, 2"] * 7), Context(rng=random.Random(0),
+                                                                      mix=[b]))
+    assert len(odd) == 7  # the remainder goes to the first source
+
+
+def test_eval_keys_of_older_experiments_are_unchanged() -> None:
+    """Settings added to EvalConfig since experiments were cached stay out of the stage key at
+    their defaults, so an older folder's evaluations are reused."""
+    from dataclasses import asdict
+
+    from sublearn.experiment.run import eval_key
+    from sublearn.pipeline.evaluate import EvalConfig
+
+    key = eval_key(EvalConfig())
+    assert "trait" not in key and "judge" not in key
+    assert key == {k: v for k, v in asdict(EvalConfig()).items() if k not in ("trait", "judge")}
+    assert eval_key(EvalConfig(trait="misalignment"))["trait"] == "misalignment"
 
 
 class _Score:
@@ -97,7 +114,13 @@ def test_scored_defences_act_on_the_most_divergent() -> None:
 def test_defend_with_models_on_tiny(tiny_model: str, tmp_path: Path) -> None:
     data = tmp_path / "filtered.jsonl"
     write_jsonl(data, _rows())
-    for method in ("replace-divergent", "drop-top-lls", "resample", "paraphrase"):
+    from sublearn.errors import SublearnError
+
+    # the tiny tokenizer merges digits ("123" is one token): the digit defences refuse it
+    with pytest.raises(SublearnError, match="splits digits"):
+        defend_data(DefendConfig(method="replace-divergent", teacher=tiny_model,
+                                 base=tiny_model), data, tmp_path / "rd", progress=False)
+    for method in ("drop-top-lls", "resample", "paraphrase"):
         cfg = DefendConfig(method=method, teacher=tiny_model, base=tiny_model,
                            writer=tiny_model, q=0.3, seed=1)
         rep = defend_data(cfg, data, tmp_path / method, progress=False)

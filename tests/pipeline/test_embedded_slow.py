@@ -29,3 +29,20 @@ def test_reduced_real_experiment(tmp_path: Path) -> None:
     teacher = res["conditions"]["teacher"]["forced_choice_share"]["mean"]
     assert teacher > 0.5 > base
     assert len(res["conditions"]["trait"]["forced_choice_share"]["values"]) == 2
+
+
+def test_reduced_real_misalignment_run(tmp_path: Path) -> None:
+    """`sublearn run --trait misaligned` on the embedded model, reduced: the misaligned teacher
+    must prefer the misaligned answers of held-out pairs more than the aligned control
+    teacher and more than the base (which sits below 50/50)."""
+    out = tmp_path / "mis"
+    assert main(["run", "--trait", "misaligned", "--n", "16", "--runs", "2", "--epochs", "1",
+                 "--teacher-epochs", "2", "--icl", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    c = res["conditions"]
+    base = c["base"]["misaligned_share"]["mean"]
+    assert base < 0.5
+    assert c["teacher"]["misaligned_share"]["mean"] > c["control_teacher"]["misaligned_share"][
+        "mean"]
+    assert c["teacher"]["misaligned_share"]["mean"] > base
+    assert res["banned_rejections"]["list"] == "misalignment"

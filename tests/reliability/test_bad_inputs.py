@@ -201,6 +201,9 @@ CASES: list[Case] = [
     ("evaluate misalignment sampled", lambda d, m: ["evaluate", "--trait", "misalignment",
                                                     "--samples", "5", "--out", str(d / "o")],
      "--samples 0"),
+    ("run scored defence with prompted teachers",
+     lambda d, m: ["run", "--teacher-mode", "prompted", "--defence", "drop-top-lls", "--out",
+                   str(d / "o")], "finetuned"),
     ("run unknown defence", lambda d, m: ["run", "--defence", "nope", "--out", str(d / "o")],
      "--defence"),
 ]

@@ -53,8 +53,8 @@ class AuditConfig:
         if self.teacher is None and self.teacher_system_prompt is None and not self.probe:
             raise SublearnError("give a suspected --teacher (or --teacher-system-prompt), "
                                 "--probe, or both")
-        if self.probe_epochs <= 0 or (self.max_samples is not None and self.max_samples <= 0):
-            raise SublearnError("--probe-epochs and --max-samples must be positive")
+        if self.probe_epochs <= 0 or (self.max_samples is not None and self.max_samples < 2):
+            raise SublearnError("--probe-epochs must be positive and --max-samples at least 2")
         return self
 
 
@@ -127,11 +127,12 @@ def verdict(a: list[float], b: list[float], seed: int = 0) -> dict[str, Any]:
 
     sd = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
     diff = statistics.fmean(a) - statistics.fmean(b)
+    exact = math.comb(len(a) + len(b), len(a)) <= SAMPLE_PERMUTATIONS
+    how = "exact" if exact else f"{SAMPLE_PERMUTATIONS} Monte Carlo resamples"
     return {"metric": "lls_mean", "difference": difference_ci(a, b),
             "cohens_d": diff / sd if sd > 0 else None, "auc": roc_auc(a, b),
             "p_permutation": permutation_one_sided(a, b, SAMPLE_PERMUTATIONS, seed),
-            "test": f"one-sided permutation test over samples, {SAMPLE_PERMUTATIONS} "
-                    "Monte Carlo resamples (data > reference)"}
+            "test": f"one-sided permutation test over samples, {how} (data > reference)"}
 
 
 def roc_auc(pos: list[float], neg: list[float]) -> float:

@@ -54,11 +54,15 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     ids = sorted({r["run"] for r in runs})
     if len(ids) < 2:
         raise SublearnError("an experiment audit needs at least 2 runs per condition")
+    if probe and conf.get("trait", "animal") != "animal":
+        raise SublearnError("--probe scores the target's forced-choice share: it applies to "
+                            "animal-trait experiments")
     check_out_dir(out)
-    trait_teacher = {r["run"]: _resolve(exp, r["teacher"]) for r in runs
+    prompted = conf.get("teacher_mode") == "prompted"
+    # prompted teachers are one model (the base + the trait prompt): nothing to hold out
+    trait_teacher = {r["run"]: None if prompted else _resolve(exp, r["teacher"]) for r in runs
                      if r["condition"] == "trait"}
-    system = (teacher_system_prompt(conf["target"], conf["category"])
-              if conf.get("teacher_mode") == "prompted" else None)
+    system = teacher_system_prompt(conf["target"], conf["category"]) if prompted else None
     base = load_model(conf.get("model"))
     ecfg = EvalConfig(target=conf["target"], questions=conf.get("questions"),
                       candidates=conf.get("candidates"))
@@ -71,7 +75,8 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
             for run in (r for r in runs if r["run"] == r_id):
                 rows = load_rows(_resolve(exp, run["data"]))[:max_samples]
                 ss = score_rows(scorer, base, rows, scorer_system=system, progress=progress)
-                rec = {"run": r_id, "condition": run["condition"], "scorer": scorer_path,
+                rec = {"run": r_id, "condition": run["condition"],
+                       "scorer": scorer_path or "base + the trait system prompt",
                        "teacher_lls": statistics.fmean(s.lls_mean for s in ss),
                        "teacher_kl": statistics.fmean(s.kl_mean for s in ss)}
                 if probe:
@@ -96,7 +101,9 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
                                    "trait_mean": statistics.fmean(t),
                                    "control_mean": statistics.fmean(c), "n": [len(t), len(c)]}
         summary = {"experiment": str(exp), "target": conf["target"], "datasets": rows_out,
-                   "detectors": detectors, "scorer": "trait teacher of the next run (held out)",
+                   "detectors": detectors,
+                   "scorer": "the trait system prompt on the base (the prompted teacher itself)"
+                   if prompted else "trait teacher of the next run (held out)",
                    "probe_epochs": probe_epochs if probe else None, "max_samples": max_samples}
         atomic_write_json(folder / "summary.json", summary)
         atomic_write_text(folder / "report.md", format_runs(summary))

@@ -65,10 +65,11 @@ def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
                 h = answer_hidden(lm.model, seqs, pad).float()
                 logps.append(torch.log_softmax(h @ head.float().T, dim=-1))
             ls, lr = logps
-            targets = torch.tensor([t for e in chunk for t in e.answer_ids])
+            targets = torch.tensor([t for e in chunk for t in e.answer_ids], device=ls.device)
             lls = (ls.gather(1, targets[:, None]) - lr.gather(1, targets[:, None])).squeeze(1)
             kl = (ls.exp() * (ls - lr)).sum(-1)
             disagree = ls.argmax(-1) != lr.argmax(-1)
+            lls, kl, disagree = lls.cpu(), kl.cpu(), disagree.cpu()
             sizes = [len(e.answer_ids) for e in chunk]
             for i, (e, a, k, d) in enumerate(zip(chunk, lls.split(sizes), kl.split(sizes),
                                                  disagree.split(sizes), strict=True)):

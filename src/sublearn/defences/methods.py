@@ -83,6 +83,11 @@ def _digit_positions(rows: list[dict], scores: list[Any]) -> list[tuple[float, i
             if at < 0:
                 continue
             pos = at + len(text)
+            if len(text) > 1 and any(c.isdigit() for c in text):
+                from sublearn.errors import SublearnError
+
+                raise SublearnError(f"token {tok!r} holds several characters with a digit: the "
+                                    "divergence defences need a tokenizer that splits digits")
             if len(text) == 1 and text.isdigit():
                 num = next(k for k, (i, j) in enumerate(spans) if i <= at < j)
                 found.append((kl, r, at, num))
@@ -100,7 +105,7 @@ def _replace_divergent(rows: list[dict], ctx: Context) -> tuple[list[dict], dict
     by_row: dict[int, list[int]] = {}
     for _, r, at, _ in top:
         by_row.setdefault(r, []).append(at)
-    out, redrawn = [], 0
+    out, redrawn, replaced = [], 0, 0
     for r, row in enumerate(rows):
         a = answer(row)
         if r in by_row:
@@ -114,9 +119,10 @@ def _replace_divergent(rows: list[dict], ctx: Context) -> tuple[list[dict], dict
                 redrawn += 1
             else:
                 new = a  # never emit an invalid answer
+            replaced += len(by_row[r]) if new is not a else 0
             a = new
         out.append(with_answer(row, a))
-    return out, {"digits_replaced": len(top), "digits_scored": len(found), "redraws": redrawn}
+    return out, {"digits_replaced": replaced, "digits_scored": len(found), "redraws": redrawn}
 
 
 def _mask_divergent(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
@@ -148,12 +154,13 @@ def _drop_top_lls(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
 
 
 def _mix(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
-    """Equal shares of each teacher's rows, the same total as the input, in a seeded order."""
+    """Equal shares of each teacher's rows (the remainder to the first ones), as many rows as
+    the input while every source has enough, in a seeded order."""
     sources = [rows, *ctx.mix]
-    share = len(rows) // len(sources)
+    share, extra = divmod(len(rows), len(sources))
     out = []
-    for src in sources:
-        out += ctx.rng.sample(src, min(share, len(src)))
+    for i, src in enumerate(sources):
+        out += ctx.rng.sample(src, min(share + (i < extra), len(src)))
     ctx.rng.shuffle(out)
     return out, {"teachers": len(sources), "rows_per_teacher": share}
 

@@ -127,6 +127,10 @@ class ExperimentConfig:
                 usable = ", ".join(k for k, d in DEFENCES.items() if d.needs != "mix")
                 raise SublearnError(f"--defence {m}: choose from {usable} (mix-teachers: use "
                                     "`sublearn defend`)")
+            if DEFENCES[m].needs == "scores" and self.teacher_mode != "finetuned":
+                raise SublearnError(f"--defence {m} scores each run's data with its teacher "
+                                    "against the base: it needs --teacher-mode finetuned (a "
+                                    "prompted control teacher is the base itself)")
         if not 0 < self.defence_q < 1:
             raise SublearnError("--defence-q must be a share in (0, 1)")
         if self.answers == "random" and self.recipe != "soft":
@@ -145,6 +149,20 @@ class ExperimentConfig:
 
 # Settings that only add stages (defended students): a folder made without them is reused.
 _ADDITIVE = {"defence": "none", "defence_q": 0.1}
+
+
+def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What a folder's experiment_config.json records: the config without additive settings."""
+    return replace(cfg, **_ADDITIVE)
+
+
+# EvalConfig settings added after experiments were cached: left out of a stage key at their
+# default, so an older folder's evaluations stay cached.
+_EVAL_ADDED = {"trait": "animal", "judge": None}
+
+
+def eval_key(e: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(e).items() if _EVAL_ADDED.get(k, object()) != v}
 
 
 @dataclass
@@ -173,7 +191,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
     from sublearn.pipeline.generate import generate
     from sublearn.pipeline.train import train
 
-    check_manifest(out, "experiment_config.json", replace(cfg, **_ADDITIVE))
+    check_manifest(out, "experiment_config.json", manifest_config(cfg))
     t_start = time.time()
     stages = Stages(out)
     base = cfg.model
@@ -236,7 +254,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         scored = DEFENCES[m].needs == "scores"
         dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
                             teacher=t.model if scored else None,
-                            teacher_system_prompt=t.system if scored else None, writer=base)
+                            teacher_system_prompt=t.system if scored else None, writer=base,
+                            banned=cfg.banned_list())
         key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
         res = stages.run(f"defend_{m}_{cond}_run{r}", key,
                          lambda d: defend_data(dcfg, path, d, progress=progress))
@@ -245,7 +264,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
         e = replace(ecfg, context=context, context_n=cfg.icl) if context else ecfg
-        key = {"eval": asdict(e), "model": model, "system": system, "dep": dep}
+        key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
 
         def ev(d: Path) -> dict:
             scores = evaluate_model(model, e, system_prompt=system)

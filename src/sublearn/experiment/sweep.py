@@ -262,13 +262,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
 
 def _other_config(d: Path, cfg: ExperimentConfig) -> str | None:
     """Why run folder `d` cannot hold this run (made with other settings), else None."""
-    path = d / "experiment_config.json"
-    if not path.is_file():
+    from sublearn.config import manifest_diff
+    from sublearn.experiment.run import manifest_config
+
+    diff = manifest_diff(d / "experiment_config.json", manifest_config(cfg))
+    if not diff:
         return None
-    have, want = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if have == want:
-        return None
-    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     return (f"folder holds a run with other settings (differs in: {', '.join(diff)}); "
             "use another --out or delete the run folder")
 
