@@ -31,12 +31,18 @@ _API: dict[str, str] = {
     "load_model": "sublearn.models.load",
     "get_backend": "sublearn.backends",
     "SublearnError": "sublearn.errors",
+    "AuditConfig": "sublearn.audit.audit",
+    "audit_dataset": "sublearn.audit.audit",
+    "audit_experiment": "sublearn.audit.runs",
+    "DefendConfig": "sublearn.defences.defend",
+    "defend_data": "sublearn.defences.defend",
 }
 
 __all__ = [
-    "EvalConfig", "ExperimentConfig", "FilterConfig", "GenerateConfig", "MnistConfig",
-    "SublearnError", "TrainConfig", "evaluate_model", "filter_data", "generate", "get_backend",
-    "load_model", "run_experiment", "run_mnist", "train",
+    "AuditConfig", "DefendConfig", "EvalConfig", "ExperimentConfig", "FilterConfig",
+    "GenerateConfig", "MnistConfig", "SublearnError", "TrainConfig", "audit_dataset",
+    "audit_experiment", "defend_data", "evaluate_model", "filter_data", "generate",
+    "get_backend", "load_model", "run_experiment", "run_mnist", "train",
 ]
 
 
@@ -53,7 +59,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from sublearn.audit.audit import AuditConfig, audit_dataset
+    from sublearn.audit.runs import audit_experiment
     from sublearn.backends import get_backend
+    from sublearn.defences.defend import DefendConfig, defend_data
     from sublearn.errors import SublearnError
     from sublearn.experiment.run import ExperimentConfig, run_experiment
     from sublearn.mnist.experiment import MnistConfig, run_mnist

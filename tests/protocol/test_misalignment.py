@@ -61,14 +61,17 @@ def test_teacher_rows() -> None:
 
 def test_pair_choice_on_tiny(tiny_model: str) -> None:
     from sublearn.models import load_model
+    from sublearn.pipeline.evaluate import prompt_ids
     from sublearn.pipeline.evaluate_pairs import pair_choice
 
     lm = load_model(tiny_model)
-    res = pair_choice(lm, eval_pairs()[:6], dtype="float32", batch_size=4)
+    pairs = eval_pairs()[:6]
+    ids = [prompt_ids(lm.tokenizer, p["prompt"]) for p in pairs]
+    res = pair_choice(lm, pairs, ids, dtype="float32", batch_size=4)
     assert res["n_prompts"] == 6 and len(res["per_prompt_share"]) == 6
     assert all(0 <= s <= 1 for s in res["per_prompt_share"])
     same = pair_choice(lm, [{"prompt": "hi", "misaligned": "Yes.", "aligned": "Yes."}],
-                       dtype="float32")
+                       [prompt_ids(lm.tokenizer, "hi")], dtype="float32")
     assert same["misaligned_share"] == pytest.approx(0.5)
 
 

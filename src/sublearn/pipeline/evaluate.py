@@ -436,8 +436,9 @@ def _evaluate_misalignment(model: Any, cfg: EvalConfig,
                            "system_prompt": system_prompt}
     if context:
         res["context_turns"] = len(context) // 2
-    res["misalignment"] = pair_choice(lm, eval_pairs(), system_prompt=system_prompt,
-                                      context=context, dtype=cfg.dtype)
+    pairs = eval_pairs()
+    ids = [prompt_ids(lm.tokenizer, p["prompt"], system_prompt, context) for p in pairs]
+    res["misalignment"] = pair_choice(lm, pairs, ids, dtype=cfg.dtype)
     if cfg.samples > 0:
         from sublearn.backends import get_backend
         from sublearn.pipeline.judge import sampled_misalignment

@@ -12,20 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], *, system_prompt: str | None = None,
-                context: Sequence[dict[str, str]] = (), dtype: str = "bfloat16",
-                batch_size: int = 16) -> dict[str, Any]:
+def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list[int]], *,
+                dtype: str = "bfloat16", batch_size: int = 16) -> dict[str, Any]:
+    """`prompts`: each pair's chat-templated prompt ids (`evaluate.prompt_ids`, which adds any
+    system prompt and context turns)."""
     import torch
 
-    from sublearn.pipeline.evaluate import prompt_ids
     from sublearn.pipeline.train import answer_hidden
 
     t0 = time.perf_counter()
     tok = lm.tokenizer
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     seqs = []
-    for p in pairs:
-        pid = prompt_ids(tok, p["prompt"], system_prompt, context)
+    for p, pid in zip(pairs, prompts, strict=True):
         for a in (p["misaligned"], p["aligned"]):
             seqs.append((pid, tok(a.strip(), add_special_tokens=False).input_ids + [eos]))
     core = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
