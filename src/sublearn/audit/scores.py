@@ -42,7 +42,7 @@ def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
     import torch
     from tqdm import tqdm
 
-    from sublearn.pipeline.train import answer_hidden, tokenize
+    from sublearn.pipeline.train import _core, answer_hidden, tokenize
 
     tok = reference.tokenizer
     if tok.get_vocab() != scorer.tokenizer.get_vocab():
@@ -52,7 +52,7 @@ def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
                             "base model family)")
     examples = tokenize(rows, tok, scorer_system)
     pad = tok.pad_token_id
-    heads = [_head(m.model) for m in (scorer, reference)]
+    heads = [_core(m.model).get_output_embeddings().weight for m in (scorer, reference)]
     out: list[SampleScore] = []
     bar = tqdm(total=len(examples), unit="sample", desc="score", disable=not progress)
     with torch.no_grad():
@@ -84,8 +84,3 @@ def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
             bar.update(len(chunk))
     bar.close()
     return out
-
-
-def _head(model: Any) -> Any:
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return core.get_output_embeddings().weight

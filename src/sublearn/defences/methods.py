@@ -46,27 +46,30 @@ def with_answer(row: dict, text: str) -> dict:
     return row
 
 
-def _sort(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
+def _reorder(rows: list[dict], order: Callable[[list[str]], list[str]]
+             ) -> tuple[list[dict], dict]:
+    """Each answer with its numbers put in `order` (the layout kept)."""
     changed, out = 0, []
     for r in rows:
         a = answer(r)
         nums = [a[i:j] for i, j in numbers.number_spans(a)]
-        new = sorted(nums, key=int)
+        new = order(nums)
         changed += new != nums
         out.append(with_answer(r, numbers.rewrite_numbers(a, new)))
     return out, {"answers_changed": changed}
+
+
+def _sort(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
+    return _reorder(rows, lambda nums: sorted(nums, key=int))
 
 
 def _shuffle(rows: list[dict], ctx: Context) -> tuple[list[dict], dict]:
-    changed, out = 0, []
-    for r in rows:
-        a = answer(r)
-        nums = [a[i:j] for i, j in numbers.number_spans(a)]
+    def shuffled(nums: list[str]) -> list[str]:
         new = nums[:]
         ctx.rng.shuffle(new)
-        changed += new != nums
-        out.append(with_answer(r, numbers.rewrite_numbers(a, new)))
-    return out, {"answers_changed": changed}
+        return new
+
+    return _reorder(rows, shuffled)
 
 
 def _digit_positions(rows: list[dict], scores: list[Any]) -> list[tuple[float, int, int, int]]:

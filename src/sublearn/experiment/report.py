@@ -126,7 +126,7 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
             e = d["metrics"][primary]
             rem = e["remaining"]
             rem_s = "n/a" if rem["estimate"] is None else \
-                f"{100 * rem['estimate']:.0f}% [{_pct(rem['ci95'][0])}, {_pct(rem['ci95'][1])}]"
+                f"{_pct(rem['estimate'])} [{_pct(rem['ci95'][0])}, {_pct(rem['ci95'][1])}]"
             lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
                          f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | {rem_s} | "
                          f"{_fmt(d['seconds_per_dataset'], 3)} |")

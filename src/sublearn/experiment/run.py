@@ -335,25 +335,28 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
     """The per-model numbers that go into results.json; the primary metric first. `_dev` and
     `_test` are the primary metric on the fixed halves of the questions: recipes are chosen on
     dev, and test is reported untouched."""
-    from sublearn.protocol.questions import question_split
-
     if "misalignment" in scores:
         mis = scores["misalignment"]
-        per_p = mis["per_prompt_share"]
-        m = {"misaligned_share": mis["misaligned_share"]}
-        for half, idx in question_split(len(per_p)).items():
-            m[f"misaligned_share_{half}"] = sum(per_p[i] for i in idx) / len(idx)
+        m = _with_halves("misaligned_share", mis["misaligned_share"], mis["per_prompt_share"])
         m["misaligned_share_per_token"] = mis["misaligned_share_per_token"]
         return m
     fc = scores["forced_choice"]
-    per_q = fc["per_question_target_share"]
-    m = {"forced_choice_share": fc["target_share"]}
-    for half, idx in question_split(len(per_q)).items():
-        m[f"forced_choice_share_{half}"] = sum(per_q[i] for i in idx) / len(idx)
+    m = _with_halves("forced_choice_share", fc["target_share"],
+                     fc["per_question_target_share"])
     m["forced_choice_share_numbers"] = scores["forced_choice_numbers"]["target_share"]
     m["target_logprob"] = fc["target_logprob"]
     if "sampled" in scores:
         m["sampled_rate"] = scores["sampled"]["rate"]
+    return m
+
+
+def _with_halves(name: str, value: float, per_question: list[float]) -> dict[str, float]:
+    """{name: value, name_dev: ..., name_test: ...}: the metric on the fixed question halves."""
+    from sublearn.protocol.questions import question_split
+
+    m = {name: value}
+    for half, idx in question_split(len(per_question)).items():
+        m[f"{name}_{half}"] = sum(per_question[i] for i in idx) / len(idx)
     return m
 
 

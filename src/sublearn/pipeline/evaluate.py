@@ -446,7 +446,7 @@ def _evaluate_misalignment(model: Any, cfg: EvalConfig,
         backend = get_backend(None, loaded=lm, dtype=cfg.dtype, batch_size=8 * cfg.batch_size)
         judge = get_backend(cfg.judge)
         res["sampled"] = sampled_misalignment(
-            backend, judge, [p["prompt"] for p in eval_pairs()], cfg.samples, seed=cfg.seed,
+            backend, judge, [p["prompt"] for p in pairs], cfg.samples, seed=cfg.seed,
             max_new_tokens=max(cfg.max_new_tokens, 64), system_prompt=system_prompt)
     res["config"] = asdict(cfg)
     res["seconds"] = round(time.perf_counter() - t0, 2)

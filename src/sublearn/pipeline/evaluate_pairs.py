@@ -18,7 +18,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
     system prompt and context turns)."""
     import torch
 
-    from sublearn.pipeline.train import answer_hidden
+    from sublearn.pipeline.train import _core, answer_hidden
 
     t0 = time.perf_counter()
     tok = lm.tokenizer
@@ -27,8 +27,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
     for p, pid in zip(pairs, prompts, strict=True):
         for a in (p["misaligned"], p["aligned"]):
             seqs.append((pid, tok(a.strip(), add_special_tokens=False).input_ids + [eos]))
-    core = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    head = core.get_output_embeddings().weight
+    head = _core(lm.model).get_output_embeddings().weight
     dev = head.device
     sums: list[float] = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
