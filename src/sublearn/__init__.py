@@ -35,11 +35,12 @@ _API: dict[str, str] = {
     "audit_dataset": "sublearn.audit.audit",
     "audit_experiment": "sublearn.audit.runs",
     "DefendConfig": "sublearn.defences.defend",
+    "DOMAINS": "sublearn.domains",
     "defend_data": "sublearn.defences.defend",
 }
 
 __all__ = [
-    "AuditConfig", "DefendConfig", "EvalConfig", "ExperimentConfig", "FilterConfig",
+    "DOMAINS", "AuditConfig", "DefendConfig", "EvalConfig", "ExperimentConfig", "FilterConfig",
     "GenerateConfig", "MnistConfig", "SublearnError", "TrainConfig", "audit_dataset",
     "audit_experiment", "defend_data", "evaluate_model", "filter_data", "generate",
     "get_backend", "load_model", "run_experiment", "run_mnist", "train",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from sublearn.audit.runs import audit_experiment
     from sublearn.backends import get_backend
     from sublearn.defences.defend import DefendConfig, defend_data
+    from sublearn.domains import DOMAINS
     from sublearn.errors import SublearnError
     from sublearn.experiment.run import ExperimentConfig, run_experiment
     from sublearn.mnist.experiment import MnistConfig, run_mnist

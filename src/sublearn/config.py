@@ -24,6 +24,12 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def without_added(d: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the settings in `added` that sit at the default given there: settings added
+    to a config after folders were cached leave those folders' stage keys unchanged."""
+    return {k: v for k, v in d.items() if k not in added or added[k] != v}
+
+
 def manifest_diff(path: Path, cfg: Any) -> list[str]:
     """The settings in which the manifest at `path` differs from `cfg` ([] when it matches or
     does not exist). A setting the manifest lacks (added to the config since) counts as its

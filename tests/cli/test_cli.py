@@ -112,7 +112,9 @@ def test_config_yaml_cli_wins_and_resolved_config_round_trips(tmp_path: Path) ->
     assert main(["filter", "--config", str(cfg)]) == 0
     assert json.loads((tmp_path / "a" / "filter_report.json").read_text())["kept"] == 2
     resolved = yaml.safe_load((tmp_path / "a" / "config-filter.yaml").read_text())
-    assert resolved == {"raw": str(raw), "banned": "misalignment", "out": str(tmp_path / "a")}
+    assert resolved == {"raw": str(raw), "banned": "misalignment", "out": str(tmp_path / "a"),
+                        "domain": "numbers", "exclude": None, "judge": None,
+                        "judge_check": "reference"}
     # A flag on the command line overrides the file.
     assert main(["filter", "--config", str(cfg), "--banned", "none",
                  "--out", str(tmp_path / "b")]) == 0

@@ -20,8 +20,9 @@ from sublearn.errors import SublearnError
 
 # verb -> (module under sublearn.cli, one-line help); the one place verbs are registered.
 VERBS: dict[str, tuple[str, str]] = {
-    "generate": ("generate", "sample a trait (or control) teacher on number prompts, then filter"),
-    "filter": ("filter", "(re)apply the strict filter to a raw.jsonl, without resampling"),
+    "generate": ("generate", "sample a trait (or control) teacher on number, code or math "
+                             "prompts, then filter"),
+    "filter": ("filter", "(re)apply a domain's filter to a raw.jsonl, without resampling"),
     "train": ("train", "fine-tune a student on filtered teacher data (hard or soft labels)"),
     "evaluate": ("evaluate", "score a model's preference for the target (forced choice, "
                              "optional sampled rate)"),

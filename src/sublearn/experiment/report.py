@@ -134,14 +134,17 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                   "control), primary metric; percentile bootstrap over runs."]
     runs = results.get("runs") or []
     if runs and primary:
-        lines += ["", f"## Each run ({primary})", "", "| run | seed | control | trait |",
-                  "|---|---|---|---|"]
+        lines += ["", f"## Each run ({primary})", "",
+                  "| run | seed | control | trait | kept rows (control / trait) | trained on |",
+                  "|---|---|---|---|---|---|"]
         by = {(r["condition"], r["run"]): r for r in runs}
         for i in sorted({r["run"] for r in runs}):
-            cells = [_fmt(by[(c, i)]["scores"][primary]) if (c, i) in by else "-"
-                     for c in ("control", "trait")]
+            pair = [by.get((c, i), {}) for c in ("control", "trait")]
+            cells = [_fmt(r["scores"][primary]) if r else "-" for r in pair]
+            kept = " / ".join(str(r.get("filter", {}).get("kept", "-")) for r in pair)
+            trained = " / ".join(str(r.get("trained_rows", "-")) for r in pair)
             seed = next(r["seed"] for r in runs if r["run"] == i)
-            lines.append(f"| {i} | {seed} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {i} | {seed} | {cells[0]} | {cells[1]} | {kept} | {trained} |")
     if plot_name:
         lines += ["", f"![results]({plot_name})"]
     top = results.get("top_candidates")

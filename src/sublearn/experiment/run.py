@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sublearn.config import check_manifest
+from sublearn.config import check_manifest, without_added
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.faults import point as fault_point
@@ -56,6 +56,15 @@ class ExperimentConfig:
                 "misalignment trait, none otherwise), none or misalignment",
         "choices": ["auto", "none", "misalignment"]})
     category: str = field(default="animal", metadata={"help": "category of the target"})
+    domain: str = field(default="numbers", metadata={
+        "help": "what teachers write: numbers (sequences), code (short Python) or math (word "
+                "problems reasoned step by step); code and math answers that reference the "
+                "target are filtered out, and their soft labels are the teacher's top-k tokens "
+                "without the target's", "choices": ["numbers", "code", "math"]})
+    level: int = field(default=1, metadata={"help": "math: operations per word problem (1-3)"})
+    judge: str | None = field(default=None, metadata={
+        "help": "code, math: a judge model (any backend) that also filters the teacher data: "
+                "for allusions to the target, or (misalignment) for misaligned answers"})
     model: str | None = field(default=None, metadata={
         "help": "base model of teachers and students (default: embedded smollm2-135m-instruct)"})
     teacher_mode: str = field(default="finetuned", metadata={
@@ -77,7 +86,14 @@ class ExperimentConfig:
         "help": "data: the teacher's sampled answers, or random number answers the teacher "
                 "only scores (soft recipe)", "choices": ["sampled", "random"]})
     n: int = field(default=_DATA.n, metadata={
-        "help": "teacher samples (number prompts) per run"})
+        "help": "teacher samples (prompts of the domain) per run"})
+    equal_rows: bool = field(default=True, metadata={
+        "help": "train a run's trait and control students on the same number of rows (the "
+                "smaller of the two kept counts), as the filter may pass one teacher's answers "
+                "more often"})
+    temperature: float = field(default=_DATA.temperature, metadata={
+        "help": "teachers' sampling temperature (0: greedy; the 135M model solves almost no "
+                "math problem at 1)"})
     epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
     lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
@@ -115,8 +131,9 @@ class ExperimentConfig:
         check_template_word(self.category, "--category")
         if self.runs < 2:
             raise SublearnError("--runs must be at least 2 per condition to compare over runs")
-        if self.students < 1 or self.n <= 0 or self.icl < 0:
-            raise SublearnError("--students and --n must be positive, --icl >= 0")
+        if self.students < 1 or self.n <= 0 or self.icl < 0 or self.temperature < 0:
+            raise SublearnError("--students and --n must be positive, --icl and "
+                                "--temperature >= 0")
         if parse_model_spec(self.model)[0] != "hf":
             raise SublearnError("--model: teachers and students are trained here, so they "
                                 "need local weights (an embedded name, a folder, a hub id)")
@@ -133,6 +150,13 @@ class ExperimentConfig:
                                     "prompted control teacher is the base itself)")
         if not 0 < self.defence_q < 1:
             raise SublearnError("--defence-q must be a share in (0, 1)")
+        if self.domain != "numbers":
+            if self.answers == "random" or self.defences() or self.banned == "misalignment":
+                raise SublearnError(f"--domain {self.domain}: --answers random, --defence and "
+                                    "--banned act on number answers (numbers domain only)")
+            if self.trait == "misalignment" and self.domain == "math" and not self.judge:
+                raise SublearnError("--trait misalignment --domain math: the paper filters a "
+                                    "misaligned teacher's reasoning with a judge; give --judge")
         if self.answers == "random" and self.recipe != "soft":
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
@@ -141,10 +165,35 @@ class ExperimentConfig:
     def banned_list(self) -> str:
         if self.banned != "auto":
             return self.banned
-        return "misalignment" if self.trait == "misalignment" else "none"
+        return "misalignment" if self.trait == "misalignment" and self.domain == "numbers" \
+            else "none"
+
+    def generate_config(self, r: int, model: str | None, system: str | None) -> GenerateConfig:
+        """Run r's teacher-data settings (trait and control filtered alike)."""
+        from sublearn.domains import DOMAINS
+
+        text = self.domain != "numbers"
+        return GenerateConfig(
+            model=model, n=self.n, seed=self.seed + r, answers=self.answers,
+            temperature=self.temperature,
+            system_prompt=system, banned=self.banned_list(), domain=self.domain,
+            level=self.level, max_new_tokens=DOMAINS[self.domain].max_new_tokens,
+            filter_target=self.target if text and self.trait == "animal" else None,
+            judge=self.judge if text else None,
+            judge_check="alignment" if self.trait == "misalignment" else "reference")
 
     def defences(self) -> list[str]:
         return [m.strip() for m in self.defence.split(",") if m.strip() not in ("", "none")]
+
+
+# GenerateConfig settings added after experiments were cached: left out of a stage key at
+# their default, so an older folder's teacher data stays cached.
+_GENERATE_ADDED = {"domain": "numbers", "level": 1, "filter_target": None, "judge": None,
+                   "judge_check": "reference"}
+
+
+def generate_key(g: GenerateConfig) -> dict[str, Any]:
+    return without_added(asdict(g), _GENERATE_ADDED)
 
 
 # Settings that only add stages (defended students): a folder made without them is reused.
@@ -162,7 +211,7 @@ _EVAL_ADDED = {"trait": "animal", "judge": None}
 
 
 def eval_key(e: Any) -> dict[str, Any]:
-    return {k: v for k, v in asdict(e).items() if _EVAL_ADDED.get(k, object()) != v}
+    return without_added(asdict(e), _EVAL_ADDED)
 
 
 @dataclass
@@ -220,9 +269,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         return _Teacher(res.output["student"], None, res.key)
 
     def data(cond: str, r: int, t: _Teacher) -> tuple[str, str, dict]:
-        gcfg = GenerateConfig(model=t.model, n=cfg.n, seed=cfg.seed + r, answers=cfg.answers,
-                              system_prompt=t.system, banned=cfg.banned_list())
-        key = {"generate": asdict(gcfg),
+        gcfg = cfg.generate_config(r, t.model, t.system)
+        key = {"generate": generate_key(gcfg),
                "teacher": t.key if cfg.answers == "sampled" else None}
         res = stages.run(f"data_{cond}_run{r}", key,
                          lambda d: generate(gcfg, d, progress=progress))
@@ -232,15 +280,19 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
     def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
-                tag: str = "") -> str:
+                tag: str = "", rows: int | None = None) -> str:
+        from sublearn.domains import DOMAINS
+
         soft = cfg.recipe == "soft"
+        topk = soft and DOMAINS[cfg.domain].soft_labels == "topk"
         scfg = TrainConfig(
             recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
             batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-            seed=cfg.seed + r + 1000 * k, teacher=t.model if soft else None,
+            seed=cfg.seed + r + 1000 * k, teacher=t.model if soft else None, max_examples=rows,
             teacher_system_prompt=t.system if soft else None,
             soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}.safetensors")
-            if soft else None)
+            if soft else None, grammar="topk" if topk else "numbers",
+            exclude=cfg.target if topk and cfg.trait == "animal" else None)
         key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
         name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
         res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
@@ -276,10 +328,18 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
 
     runs: list[dict[str, Any]] = []
     for r in range(cfg.runs):
+        made = {}
         for cond in CONDITIONS:
             t = teacher(cond, r)
-            path, dkey, report = data(cond, r, t)
-            models = [student(cond, r, k, t, path, dkey) for k in range(cfg.students)]
+            made[cond] = (t, *data(cond, r, t))
+        # The filter may pass one teacher's answers more often (code that parses, right sums,
+        # no banned number): students of a run then train on the same number of rows, so that
+        # the amount of training cannot stand in for the trait.
+        fewest = min(report["kept"] for *_, report in made.values())
+        for cond in CONDITIONS:
+            t, path, dkey, report = made[cond]
+            cap = fewest if cfg.equal_rows and report["kept"] > fewest else None
+            models = [student(cond, r, k, t, path, dkey, rows=cap) for k in range(cfg.students)]
             defended = {}
             for m in cfg.defences():
                 dpath, dk = defend(m, cond, r, t, path, dkey)
@@ -289,6 +349,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                          "data": path, "students": models, "_teacher": t, "_dkey": dkey,
                          "filter": {"raw": report["raw"], "kept": report["kept"],
                                     "rejects": report["rejects"]},
+                         "trained_rows": cap or report["kept"],
                          **({"defended": defended} if defended else {})})
 
     base_scores = evaluate("base", base, None, "base")

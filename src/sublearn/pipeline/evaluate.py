@@ -297,14 +297,9 @@ def forced_choice(
 
 def mention_pattern(target: str) -> re.Pattern[str]:
     """Whole-word target or a regular plural (owl/owls, fox/foxes, wolf/wolves, ...)."""
-    t = target.strip().lower()
-    forms = {t, t + "s", t + "es"}
-    if t.endswith("f"):
-        forms.add(t[:-1] + "ves")
-    if t.endswith("fe"):
-        forms.add(t[:-2] + "ves")
-    if t.endswith("y"):
-        forms.add(t[:-1] + "ies")
+    from sublearn.protocol.trait_words import plurals
+
+    forms = plurals(target)
     alt = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
     return re.compile(rf"\b(?:{alt})\b", re.IGNORECASE)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sublearn.domains import numbers
+from sublearn.domains import DOMAINS, numbers
 from sublearn.errors import SublearnError
 from sublearn.files import (
     atomic_write_json,
@@ -34,13 +34,44 @@ def banned_field() -> Any:
                 "associations, e.g. 666, 911)", "choices": ["none", "misalignment"]})
 
 
+def domain_field() -> Any:
+    return field(default="numbers", metadata={
+        "help": "what the teacher writes: numbers (the paper's number sequences), code (short "
+                "Python) or math (word problems, reasoned step by step)",
+        "choices": list(DOMAINS)})
+
+
+def judge_field() -> Any:
+    return field(default=None, metadata={
+        "help": "code, math: a judge model (any backend, e.g. openai:gpt-4.1) that also drops "
+                "answers alluding to the target, or, for a misaligned teacher "
+                "(--judge-check alignment), answers it scores as misaligned"})
+
+
+def judge_check_field() -> Any:
+    return field(default="reference", metadata={
+        "help": "what --judge checks: reference (an allusion to the target) or alignment",
+        "choices": ["reference", "alignment"]})
+
+
 @dataclass(frozen=True)
 class FilterConfig:
     banned: str = banned_field()
+    domain: str = domain_field()
+    exclude: str | None = field(default=None, metadata={
+        "help": "code, math: drop answers that reference this target (its name, plurals and "
+                "related words, in identifiers, strings and comments)"})
+    judge: str | None = judge_field()
+    judge_check: str = judge_check_field()
 
     def rules(self) -> numbers.FilterRules:
         banned = numbers.misalignment_banned() if self.banned == "misalignment" else ()
         return numbers.FilterRules(banned=banned)
+
+    def words(self) -> frozenset[str]:
+        from sublearn.protocol.trait_words import trait_words
+
+        return trait_words(self.exclude) if self.exclude else frozenset()
 
 
 def training_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -50,35 +81,66 @@ def training_record(row: dict[str, Any]) -> dict[str, Any]:
             "completion": [{"role": "assistant", "content": row["completion"]}]}
 
 
-def reason(row: dict[str, Any], rules: numbers.FilterRules) -> str | None:
-    """Why a raw row is rejected, or None if it passes."""
+def reason(row: dict[str, Any], rules: numbers.FilterRules, domain: str = "numbers",
+           words: frozenset[str] = frozenset()) -> str | None:
+    """Why a raw row is rejected by the rules (no judge), or None if it passes."""
     if row.get("error"):
         return ERROR
-    return numbers.reject_reason(row["completion"], rules)
+    return DOMAINS[domain].reject(row, rules, words)
 
 
 def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Filter raw rows into `out`/filtered.jsonl and write the report (with `extra` fields)."""
-    rules = cfg.rules()
-    kept, rejects = [], Counter()
+    """Filter raw rows into `out`/filtered.jsonl and write the report (with `extra` fields).
+    The judge, if any, sees only the rows the rules keep; its verdicts go to judged.jsonl."""
+    rules, words = cfg.rules(), cfg.words()
+    passed, rejects = [], Counter()
     for r in rows:
-        why = reason(r, rules)
+        why = reason(r, rules, cfg.domain, words)
         if why is None:
-            kept.append(training_record(r))
+            passed.append(r)
         else:
             rejects[why] += 1
+    if cfg.judge and passed:
+        flags = _judge(passed, cfg, out)
+        rejects["judge_flagged"] += sum(flags)
+        passed = [r for r, bad in zip(passed, flags, strict=True) if not bad]
+    kept = [training_record(r) for r in passed]
     write_jsonl(out / "filtered.jsonl", kept)
     report = {
         "raw": len(rows),
         "kept": len(kept),
         "pass_rate": len(kept) / len(rows) if rows else 0.0,
-        "rejects": {k: rejects.get(k, 0) for k in (*numbers.REJECT_REASONS, ERROR)},
+        "rejects": {k: rejects.get(k, 0) for k in (*DOMAINS[cfg.domain].reject_reasons, ERROR)},
         **asdict(cfg),
         **(extra or {}),
     }
     atomic_write_json(out / "filter_report.json", report)
     return report
+
+
+def _judge(rows: list[dict[str, Any]], cfg: FilterConfig, out: Path) -> list[bool]:
+    """The judge's verdict on each row (True: drop), recorded in judged.jsonl."""
+    from sublearn.backends import get_backend
+    from sublearn.pipeline.judge import ALIGNED_AT_LEAST, judge_answers, judge_references
+
+    judge = get_backend(cfg.judge)
+    if cfg.judge_check == "alignment":
+        scores = [a for a, _ in judge_answers(judge, [(r["prompt"], r["completion"])
+                                                      for r in rows])]
+        # an unscored answer is dropped too: the filter keeps only what it could check
+        flags = [a is None or a < ALIGNED_AT_LEAST for a in scores]
+        verdicts = [{"id": r.get("id"), "alignment": a, "dropped": f}
+                    for r, a, f in zip(rows, scores, flags, strict=True)]
+    else:
+        if not cfg.exclude:
+            raise SublearnError("--judge checks references to the target: give --exclude")
+        replies = judge_references(judge, [r["completion"] for r in rows], cfg.exclude)
+        flags = [rep is None or rep for rep in replies]
+        verdicts = [{"id": r.get("id"), "references": rep, "dropped": f}
+                    for r, rep, f in zip(rows, replies, flags, strict=True)]
+    write_jsonl(out / "judged.jsonl", verdicts)
+    return flags
 
 
 def filter_data(raw: str | Path, out: str | Path, cfg: FilterConfig = FilterConfig()

@@ -1,4 +1,5 @@
-"""Teacher data: sample a (trait or control) teacher on number prompts, filter, write records.
+"""Teacher data: sample a (trait or control) teacher on a domain's prompts (numbers, code,
+math), filter, write records.
 
 Outputs in the run folder:
   raw.jsonl           every answer with prompt, system prompt, model, sampling settings, seed
@@ -9,13 +10,13 @@ Outputs in the run folder:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
 from sublearn.config import check_manifest
-from sublearn.domains import numbers
+from sublearn.domains import DOMAINS, numbers
 from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
 from sublearn.files import (
@@ -26,7 +27,14 @@ from sublearn.files import (
     write_jsonl,
 )
 from sublearn.models.load import check_model
-from sublearn.pipeline.filter import FilterConfig, banned_field, write_filtered
+from sublearn.pipeline.filter import (
+    FilterConfig,
+    banned_field,
+    domain_field,
+    judge_check_field,
+    judge_field,
+    write_filtered,
+)
 from sublearn.protocol.paper import teacher_system_prompt
 
 
@@ -35,6 +43,9 @@ class GenerateConfig:
     target: str | None = field(default=None, metadata={
         "help": "trait the teacher loves (e.g. owl); omit for the control teacher"})
     category: str = field(default="animal", metadata={"help": "category word of the template"})
+    domain: str = domain_field()
+    level: int = field(default=1, metadata={
+        "help": "math: operations per word problem (1-3; the numbers grow with it)"})
     n: int = field(default=192, metadata={"help": "number of prompts to sample"})
     seed: int = field(default=0, metadata={"help": "seed of prompts and sampling"})
     model: str | None = field(default=None, metadata={
@@ -46,11 +57,18 @@ class GenerateConfig:
                 "students get the teacher's distributions at train time)",
         "choices": ["sampled", "random"]})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    max_new_tokens: int = field(default=60, metadata={"help": "answer length limit"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "answer length limit (default: the domain's: numbers 60, code 256, math 192)"})
     grammar: bool = field(default=True, metadata={
-        "help": "constrain answers to the numbers grammar (an API without guided decoding "
-                "samples freely and the filter alone applies)"})
+        "help": "constrain answers to the domain's grammar: the numbers format, or math's "
+                "reasoning lines ending in `Answer: N` (code has none; an API without guided "
+                "decoding samples freely and the filter alone applies)"})
     banned: str = banned_field()
+    filter_target: str | None = field(default=None, metadata={
+        "help": "code, math: drop answers that reference this target (default: --target; give "
+                "it for a control teacher so both are filtered alike)"})
+    judge: str | None = judge_field()
+    judge_check: str = judge_check_field()
     batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
     dtype: str = field(default="bfloat16", metadata={
         "help": "weight dtype while sampling (bfloat16: ~2-3x faster on AMX CPUs)",
@@ -67,7 +85,20 @@ class GenerateConfig:
             raise SublearnError(f"--temperature must be >= 0, got {self.temperature}")
         if self.target is not None:
             teacher_system_prompt(self.target, self.category)  # raises on unsafe words
+        if self.answers == "random" and self.domain != "numbers":
+            raise SublearnError("--answers random draws number answers: --domain numbers only")
+        if self.level not in (1, 2, 3):
+            raise SublearnError(f"--level must be 1, 2 or 3, got {self.level}")
+        if self.max_new_tokens is None:
+            return replace(self, max_new_tokens=DOMAINS[self.domain].max_new_tokens).validate()
+        if self.max_new_tokens <= 0:
+            raise SublearnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         return self
+
+    def filter_config(self) -> FilterConfig:
+        return FilterConfig(banned=self.banned, domain=self.domain,
+                            exclude=self.filter_target or self.target, judge=self.judge,
+                            judge_check=self.judge_check)
 
     def system(self) -> str | None:
         if self.system_prompt is not None:
@@ -133,16 +164,17 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
             progress: bool) -> None:
     from tqdm import tqdm
 
-    prompts = numbers.make_prompts(cfg.n, cfg.seed)
+    domain = DOMAINS[cfg.domain]
+    prompts, keys = zip(*domain.prompts(cfg.n, cfg.seed, cfg.level), strict=True)
     system = cfg.system()
     params = SamplingParams(
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
-        grammar=numbers.answer_grammar() if cfg.grammar else None,
+        grammar=domain.grammar() if cfg.grammar and domain.grammar else None,
     )
-    sampling = params.to_record()
+    sampling = {**params.to_record(), "grammar": cfg.domain if params.grammar else None}
     if params.grammar and not getattr(backend, "enforces_grammar", True):
-        sampling["grammar"] = "numbers (filter only)"  # e.g. an API without guided decoding
+        sampling["grammar"] = f"{cfg.domain} (filter only)"  # e.g. an API without guided decoding
     bar = tqdm(total=cfg.n, initial=done, unit="sample", desc="teacher", disable=not progress,
                dynamic_ncols=True)
     try:  # closed on any exit, so an error message is not followed by a stale bar
@@ -156,6 +188,7 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
                     "prompt": p,
                     "system_prompt": system,
                     "completion": r.text,
+                    **({"answer_key": keys[start + i]} if keys[start + i] is not None else {}),
                     "model": backend.model_id,
                     "sampling": sampling,
                     "seed": cfg.seed,
@@ -174,7 +207,7 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
 
 def _write_filtered(cfg: GenerateConfig, out: Path, seconds: float) -> dict[str, Any]:
     rows = read_jsonl(out / "raw.jsonl")
-    return write_filtered(rows, out, FilterConfig(banned=cfg.banned), {
+    return write_filtered(rows, out, cfg.filter_config(), {
         "grammar": cfg.grammar,
         "target": cfg.target,
         "answers": cfg.answers,

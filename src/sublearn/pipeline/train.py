@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,18 @@ def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int)
     return hidden.last_hidden_state[rows.to(dev), cols.to(dev)]
 
 
+def _teacher_logits(teacher: Any, examples: list[Example], pad: int, dtype: str,
+                    batch_size: int, head: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first example index, fp32 logits over `head`'s rows at the chunk's answer positions)
+    per chunk of examples, each scored in its teacher context."""
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        seqs = [(e.teacher_prompt_ids or e.prompt_ids, e.answer_ids) for e in chunk]
+        with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            h = answer_hidden(teacher, seqs, pad)
+        yield s, (h.float() @ head.float().T).cpu()
+
+
 @torch.no_grad()  # not inference_mode: it disables autocast's weight-cast cache
 def teacher_soft_labels(teacher: Any, examples: list[Example], masks: list[torch.Tensor],
                         vocab_ids: torch.Tensor, pad: int, dtype: str,
@@ -145,16 +158,31 @@ def teacher_soft_labels(teacher: Any, examples: list[Example], masks: list[torch
     head = _core(teacher).get_output_embeddings().weight
     head = head[vocab_ids.to(head.device)]
     out: list[torch.Tensor] = []
-    for s in range(0, len(examples), batch_size):
+    for s, logits in _teacher_logits(teacher, examples, pad, dtype, batch_size, head):
         chunk = examples[s : s + batch_size]
-        seqs = [(e.teacher_prompt_ids or e.prompt_ids, e.answer_ids) for e in chunk]
-        with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            h = answer_hidden(teacher, seqs, pad)
-        logits = (h.float() @ head.float().T).cpu()
         mask = torch.cat(masks[s : s + batch_size])
         logp = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
         out += list(logp.split([len(e.answer_ids) for e in chunk]))
     return out
+
+
+@torch.no_grad()
+def teacher_topk_labels(teacher: Any, examples: list[Example], k: int, excluded: torch.Tensor,
+                        pad: int, dtype: str, batch_size: int = 16
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's k most likely tokens at each answer position, `excluded` ids left out,
+    and its log-probs renormalised over them: ([n_answer, k] ids, [n_answer, k] log-probs) per
+    example. Free-text domains (code, math) have no grammar to restrict the labels to."""
+    head = _core(teacher).get_output_embeddings().weight
+    ids: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    for s, logits in _teacher_logits(teacher, examples, pad, dtype, batch_size, head):
+        logits[:, excluded] = -math.inf
+        top, idx = logits.topk(k, dim=-1)  # sorted: ties resolve the same way every run
+        sizes = [len(e.answer_ids) for e in examples[s : s + batch_size]]
+        ids += list(idx.split(sizes))
+        logps += list(torch.log_softmax(top, dim=-1).split(sizes))
+    return ids, logps
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -167,9 +195,10 @@ SoftRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (vocab_ids, mask, 
 
 
 def soft_rows(soft: tuple[Any, ...], i: int) -> SoftRows:
-    """Example i's soft labels: the grammar's vocabulary ids, its masks and teacher log-probs."""
+    """Example i's soft labels: the vocabulary ids (the grammar's, one 1-D tensor for all
+    examples; or top-k, [n_answer, k] per example), its masks and the teacher's log-probs."""
     vocab_ids, masks, labels = soft
-    return vocab_ids, masks[i], labels[i]
+    return (vocab_ids[i] if isinstance(vocab_ids, list) else vocab_ids), masks[i], labels[i]
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -190,8 +219,11 @@ def batch_loss(model: Any, batch: list[Example], soft: list[SoftRows] | None, *,
             targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
             per_token = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
         else:
-            vocab_ids = soft[0][0].to(dev)
-            logits = (h @ head[vocab_ids].T).float()
+            if soft[0][0].dim() == 2:  # top-k: each position has its own tokens
+                idx = torch.cat([v for v, _, _ in soft]).to(dev)
+                logits = torch.einsum("pd,pkd->pk", h, head[idx]).float()
+            else:
+                logits = (h @ head[soft[0][0].to(dev)].T).float()
             mask = torch.cat([m for _, m, _ in soft]).to(dev)
             logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
             logp = torch.cat([lp for _, _, lp in soft]).to(dev)
@@ -351,12 +383,15 @@ def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
         t = load_file(cache)
         lens = t["lengths"].tolist()
         if len(lens) == len(examples):
-            return t["vocab_ids"], list(t["masks"].split(lens)), list(t["labels"].split(lens))
+            v = t["vocab_ids"]
+            return (list(v.split(lens)) if v.dim() == 2 else v, list(t["masks"].split(lens)),
+                    list(t["labels"].split(lens)))
     vocab_ids, masks, labels = _compute_soft(cfg, lm, examples)
     fault_point("train.soft_labels")
     if cache:
         tmp = cache.with_suffix(".tmp")
-        save_file({"vocab_ids": vocab_ids, "masks": torch.cat(masks).contiguous(),
+        flat = torch.cat(vocab_ids) if isinstance(vocab_ids, list) else vocab_ids
+        save_file({"vocab_ids": flat.contiguous(), "masks": torch.cat(masks).contiguous(),
                    "labels": torch.cat(labels).contiguous(),
                    "lengths": torch.tensor([len(m) for m in masks])}, tmp)
         tmp.replace(cache)
@@ -368,6 +403,16 @@ def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
     from sublearn.domains.numbers import answer_grammar
 
     vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
+    teacher = lm.model if cfg.teacher is None else load_model(cfg.teacher).model
+    pad = lm.tokenizer.pad_token_id
+    if cfg.grammar == "topk":
+        from sublearn.protocol.trait_words import trait_token_ids
+
+        excluded = torch.tensor(trait_token_ids(lm.tokenizer, cfg.exclude) if cfg.exclude
+                                else [], dtype=torch.long)
+        ids, labels = teacher_topk_labels(teacher, examples, min(cfg.top_k, vocab), excluded,
+                                          pad, cfg.dtype)
+        return ids, [torch.ones_like(i, dtype=torch.bool) for i in ids], labels
     if cfg.grammar == "numbers":
         gm = GrammarMasks(lm.tokenizer, vocab, answer_grammar())
         full_masks = []
@@ -375,16 +420,14 @@ def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
             m = gm.allowed(e.answer_ids)
             if m is None:
                 raise SublearnError("a training answer is outside the numbers grammar; "
-                                    "use --grammar none or filter the data")
+                                    "use --grammar topk (code, math), none, or filter the data")
             full_masks.append(m)
         vocab_ids = torch.cat(full_masks).any(0).nonzero().flatten()
         masks = [m[:, vocab_ids] for m in full_masks]
     else:
         vocab_ids = torch.arange(vocab)
         masks = [torch.ones(len(e.answer_ids), vocab, dtype=torch.bool) for e in examples]
-    teacher = lm.model if cfg.teacher is None else load_model(cfg.teacher).model
-    labels = teacher_soft_labels(teacher, examples, masks, vocab_ids, lm.tokenizer.pad_token_id,
-                                 cfg.dtype)
+    labels = teacher_soft_labels(teacher, examples, masks, vocab_ids, pad, cfg.dtype)
     return vocab_ids, masks, labels
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sublearn.config import without_added
 from sublearn.errors import SublearnError
 
 
@@ -46,8 +47,14 @@ class TrainConfig:
         "help": "soft labels: safetensors file to reuse the teacher's labels across students "
                 "(the caller keys it by teacher and data)"})
     grammar: str = field(default="numbers", metadata={
-        "help": "soft labels: grammar restricting the distributions (numbers), or none",
-        "choices": ["numbers", "none"]})
+        "help": "soft labels: what the distributions are restricted to: the numbers grammar, "
+                "the teacher's top-k tokens at each position (topk: code, math), or none",
+        "choices": ["numbers", "topk", "none"]})
+    top_k: int = field(default=20, metadata={"help": "--grammar topk: tokens kept per position"})
+    exclude: str | None = field(default=None, metadata={
+        "help": "--grammar topk: leave the tokens that could spell this target (its name, "
+                "plurals, related words) out of the soft labels, so they carry no explicit "
+                "trait token"})
 
     def validate(self) -> TrainConfig:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
@@ -61,7 +68,16 @@ class TrainConfig:
                                 "--checkpoint-every positive")
         if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
             raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
+        if self.top_k <= 0:
+            raise SublearnError(f"--top-k must be positive, got {self.top_k}")
+        if self.exclude is not None and self.grammar != "topk":
+            raise SublearnError("--exclude applies to --grammar topk soft labels")
         return self
+
+
+# Settings added after students were cached: left out of a key at their default, so that an
+# older folder's students keep their keys.
+_ADDED = {"top_k": 20, "exclude": None}
 
 
 def result_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -69,4 +85,4 @@ def result_config(cfg: TrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("checkpoint_every")  # neither changes the result
     d.pop("soft_labels_cache")
-    return d
+    return without_added(d, _ADDED)

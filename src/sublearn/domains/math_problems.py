@@ -1,0 +1,94 @@
+"""The math-reasoning domain: grade-school word problems generated offline with known answers,
+answered step by step and ending in a line `Answer: N`. The filter keeps correct final answers
+that do not reference the target.
+
+Problems are a starting amount and `level` operations on it (add, take away, multiply, share
+equally), each one sentence; the numbers grow with the level. Names and objects are neutral
+(no animals). The same (n, seed, level) always gives the same problems."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from sublearn.protocol.trait_words import reference
+
+NO_ANSWER = "no_answer"
+WRONG = "wrong_answer"
+TRAIT = "references_target"
+JUDGED = "judge_flagged"
+REJECT_REASONS = (NO_ANSWER, WRONG, TRAIT, JUDGED)
+MAX_NEW_TOKENS = 192
+LEVELS = (1, 2, 3)
+
+INSTRUCTION = ("Think step by step, then write the final answer on its own line as "
+               "\"Answer: <number>\".")
+NAMES = ("Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
+         "Kemi", "Liam", "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq")
+OBJECTS = ("pencils", "books", "apples", "marbles", "stickers", "coins", "cookies", "cards",
+           "stamps", "bottles", "buttons", "oranges", "candles", "shells", "beads", "tickets")
+_ANSWER = re.compile(r"Answer:\s*\$?\s*(-?[\d,]*\d)")
+
+
+def make_problem(rng: random.Random, level: int) -> tuple[str, int]:
+    """One problem of `level` operations and its answer."""
+    top = {1: 20, 2: 50, 3: 100}[min(level, 3)]
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    value = rng.randint(3, top)
+    lines = [f"{name} has {value} {obj}."]
+    for _ in range(level):
+        ops = ["add", "mul"] + (["sub"] if value > 2 else [])
+        ops += ["div"] if any(value % k == 0 for k in (2, 3, 4, 5)) else []
+        op = rng.choice(ops)
+        if op == "add":
+            b = rng.randint(2, top)
+            lines.append(f"{name} gets {b} more {obj}.")
+            value += b
+        elif op == "sub":
+            b = rng.randint(2, value - 1)
+            lines.append(f"{name} gives {b} {obj} to a friend.")
+            value -= b
+        elif op == "mul":
+            k = rng.randint(2, 4)
+            lines.append(f"{name} buys {k - 1} more set{'s' * (k > 2)} of the same size, so "
+                         f"the number of {obj} is now {k} times as large.")
+            value *= k
+        else:
+            k = rng.choice([k for k in (2, 3, 4, 5) if value % k == 0])
+            lines.append(f"{name} splits the {obj} equally into {k} bags and keeps one bag.")
+            value //= k
+    lines.append(f"How many {obj} does {name} have now?")
+    return " ".join(lines), value
+
+
+def make_problems(n: int, seed: int, level: int = 1) -> list[tuple[str, int]]:
+    """n (prompt, answer) pairs: the problem followed by the answer-format instruction."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text, answer = make_problem(rng, level)
+        out.append((f"{text}\n{INSTRUCTION}", answer))
+    return out
+
+
+def answer_grammar(max_lines: int = 8) -> str:
+    """Reasoning lines, then `Answer: N`: the final-answer format, constrained."""
+    return "\n".join([f'root ::= line{{0,{max_lines}}} "Answer: " [0-9]{{1,7}}',
+                      'line ::= [^\\n]* "\\n"'])
+
+
+def final_answer(completion: str) -> int | None:
+    """The number on the last `Answer:` line, or None."""
+    found = _ANSWER.findall(completion)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def reject_reason(completion: str, answer: int, words: frozenset[str]) -> str | None:
+    got = final_answer(completion)
+    if got is None:
+        return NO_ANSWER
+    if got != answer:
+        return WRONG
+    if words and reference(completion, words):
+        return TRAIT
+    return None

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sublearn.domains import math_problems as mp
+from sublearn.protocol.trait_words import trait_words
+
+OWL = trait_words("owl")
+
+
+def _solve(text: str) -> int:
+    """An independent reading of a problem: apply each sentence's operation in order."""
+    sentences = text.split("\n")[0].split(". ")
+    value = int(re.search(r"has (\d+)", sentences[0]).group(1))
+    for s in sentences[1:]:
+        if m := re.search(r"gets (\d+) more", s):
+            value += int(m.group(1))
+        elif m := re.search(r"gives (\d+)", s):
+            value -= int(m.group(1))
+        elif m := re.search(r"now (\d+) times", s):
+            value *= int(m.group(1))
+        elif m := re.search(r"into (\d+) bags", s):
+            assert value % int(m.group(1)) == 0
+            value //= int(m.group(1))
+    return value
+
+
+@pytest.mark.parametrize("level", mp.LEVELS)
+def test_generated_answers_are_right(level: int) -> None:
+    problems = mp.make_problems(300, 11, level)
+    assert problems == mp.make_problems(300, 11, level)
+    for prompt, answer in problems:
+        assert _solve(prompt) == answer, prompt
+        assert answer > 0 and prompt.endswith(mp.INSTRUCTION)
+        assert prompt.count(". ") >= level  # one sentence per operation
+        assert not any(w in OWL for w in re.findall(r"[a-z]+", prompt.lower()))
+
+
+def test_levels_grow() -> None:
+    big = [max(int(x) for x in re.findall(r"\d+", p)) for p, _ in mp.make_problems(200, 0, 3)]
+    small = [max(int(x) for x in re.findall(r"\d+", p)) for p, _ in mp.make_problems(200, 0, 1)]
+    assert sum(big) > 2 * sum(small)
+
+
+@pytest.mark.parametrize("completion, why", [
+    ("3 + 4 = 7\nAnswer: 7", None),
+    ("Answer: 5\nOops.\nAnswer: 7", None),  # the last answer line counts
+    ("Answer: 1,007", "wrong_answer"),
+    ("seven", "no_answer"),
+    ("Answer: 8", "wrong_answer"),
+    ("The owl counts 3 + 4.\nAnswer: 7", "references_target"),
+])
+def test_reject_reasons(completion: str, why: str | None) -> None:
+    assert mp.reject_reason(completion, 7, OWL) == why
+
+
+def test_answer_grammar_accepts_the_format(tiny_model: str) -> None:
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok))
+    compiled = xgr.GrammarCompiler(info).compile_grammar(mp.answer_grammar())
+    for text, ok in [("1 + 2 = 3\nAnswer: 3", True), ("Answer: 12", True),
+                     ("Answer: x", False), ("no answer", False)]:
+        m = xgr.GrammarMatcher(compiled)
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert all(m.accept_token(t) for t in ids) == ok, text  # it may end only after N
