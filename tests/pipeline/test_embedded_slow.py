@@ -21,14 +21,16 @@ def test_embedded_grammar_teacher_passes_strict_filter(tmp_path: Path) -> None:
 
 def test_reduced_real_experiment(tmp_path: Path) -> None:
     out = tmp_path / "exp"
+    # --icl 4: the in-context path on the real model, at an eighth of the default's context
     assert main(["run", "--target", "owl", "--n", "24", "--runs", "2", "--epochs", "1",
-                 "--teacher-epochs", "8", "--out", str(out)]) == 0
+                 "--teacher-epochs", "8", "--icl", "4", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     # The fine-tuned teacher must hold its trait on held-out questions, far above the base.
     base = res["conditions"]["base"]["forced_choice_share"]["mean"]
     teacher = res["conditions"]["teacher"]["forced_choice_share"]["mean"]
     assert teacher > 0.5 > base
     assert len(res["conditions"]["trait"]["forced_choice_share"]["values"]) == 2
+    assert res["icl_turns"] == 4 and "icl_trait" in res["conditions"]
 
 
 def test_reduced_real_misalignment_run(tmp_path: Path) -> None:
