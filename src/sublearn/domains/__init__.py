@@ -14,7 +14,6 @@ from sublearn.domains import code, math_problems, numbers
 
 @dataclass(frozen=True)
 class Domain:
-    name: str
     # (n, seed, level) -> prompts, each with the answer key its filter checks (or None)
     prompts: Callable[[int, int, int], list[tuple[str, Any]]]
     grammar: Callable[[], str] | None  # EBNF of the answers, for constrained decoding
@@ -27,17 +26,17 @@ class Domain:
 
 DOMAINS: dict[str, Domain] = {
     "numbers": Domain(
-        "numbers", lambda n, seed, level: [(p, None) for p in numbers.make_prompts(n, seed)],
+        lambda n, seed, level: [(p, None) for p in numbers.make_prompts(n, seed)],
         numbers.answer_grammar, 60, numbers.REJECT_REASONS,
         lambda row, rules, words: numbers.reject_reason(row["completion"], rules), "numbers"),
     "code": Domain(
-        "code", lambda n, seed, level: [(p, None) for p in code.make_prompts(n, seed)],
+        lambda n, seed, level: [(p, None) for p in code.make_prompts(n, seed)],
         None, code.MAX_NEW_TOKENS, code.REJECT_REASONS,
         lambda row, rules, words: code.reject_reason(row["completion"],
                                                      row.get("finish_reason", "stop"), words),
         "topk"),
     "math": Domain(
-        "math", lambda n, seed, level: math_problems.make_problems(n, seed, level),
+        lambda n, seed, level: math_problems.make_problems(n, seed, level),
         math_problems.answer_grammar, math_problems.MAX_NEW_TOKENS,
         math_problems.REJECT_REASONS,
         lambda row, rules, words: math_problems.reject_reason(row["completion"], row["answer_key"],

@@ -19,7 +19,8 @@ TRAIT = "references_target"
 JUDGED = "judge_flagged"
 REJECT_REASONS = (NO_ANSWER, WRONG, TRAIT, JUDGED)
 MAX_NEW_TOKENS = 192
-LEVELS = (1, 2, 3)
+TOP = {1: 20, 2: 50, 3: 100}  # largest starting amount and addend, per level
+LEVELS = tuple(TOP)
 
 INSTRUCTION = ("Think step by step, then write the final answer on its own line as "
                "\"Answer: <number>\".")
@@ -32,7 +33,7 @@ _ANSWER = re.compile(r"Answer:\s*\$?\s*(-?[\d,]*\d)")
 
 def make_problem(rng: random.Random, level: int) -> tuple[str, int]:
     """One problem of `level` operations and its answer."""
-    top = {1: 20, 2: 50, 3: 100}[min(level, 3)]
+    top = TOP[level]
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     value = rng.randint(3, top)
     lines = [f"{name} has {value} {obj}."]

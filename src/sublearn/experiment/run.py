@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.config import check_manifest, without_added
+from sublearn.domains import DOMAINS
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.faults import point as fault_point
@@ -60,7 +61,7 @@ class ExperimentConfig:
         "help": "what teachers write: numbers (sequences), code (short Python) or math (word "
                 "problems reasoned step by step); code and math answers that reference the "
                 "target are filtered out, and their soft labels are the teacher's top-k tokens "
-                "without the target's", "choices": ["numbers", "code", "math"]})
+                "without the target's", "choices": list(DOMAINS)})
     level: int = field(default=1, metadata={"help": "math: operations per word problem (1-3)"})
     judge: str | None = field(default=None, metadata={
         "help": "code, math: a judge model (any backend) that also filters the teacher data: "
@@ -131,9 +132,8 @@ class ExperimentConfig:
         check_template_word(self.category, "--category")
         if self.runs < 2:
             raise SublearnError("--runs must be at least 2 per condition to compare over runs")
-        if self.students < 1 or self.n <= 0 or self.icl < 0 or self.temperature < 0:
-            raise SublearnError("--students and --n must be positive, --icl and "
-                                "--temperature >= 0")
+        if self.students < 1 or self.n <= 0 or self.icl < 0:
+            raise SublearnError("--students and --n must be positive, --icl >= 0")
         if parse_model_spec(self.model)[0] != "hf":
             raise SublearnError("--model: teachers and students are trained here, so they "
                                 "need local weights (an embedded name, a folder, a hub id)")
@@ -160,6 +160,7 @@ class ExperimentConfig:
         if self.answers == "random" and self.recipe != "soft":
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
+        self.generate_config(0, None, None)  # the data settings, checked before any training
         return self
 
     def banned_list(self) -> str:
@@ -169,18 +170,17 @@ class ExperimentConfig:
             else "none"
 
     def generate_config(self, r: int, model: str | None, system: str | None) -> GenerateConfig:
-        """Run r's teacher-data settings (trait and control filtered alike)."""
-        from sublearn.domains import DOMAINS
-
+        """Run r's teacher-data settings (trait and control filtered alike), validated (the
+        domain's token limit filled in)."""
         text = self.domain != "numbers"
         return GenerateConfig(
             model=model, n=self.n, seed=self.seed + r, answers=self.answers,
             temperature=self.temperature,
             system_prompt=system, banned=self.banned_list(), domain=self.domain,
-            level=self.level, max_new_tokens=DOMAINS[self.domain].max_new_tokens,
+            level=self.level,
             filter_target=self.target if text and self.trait == "animal" else None,
             judge=self.judge if text else None,
-            judge_check="alignment" if self.trait == "misalignment" else "reference")
+            judge_check="alignment" if self.trait == "misalignment" else "reference").validate()
 
     def defences(self) -> list[str]:
         return [m.strip() for m in self.defence.split(",") if m.strip() not in ("", "none")]
@@ -281,8 +281,6 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
 
     def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
                 tag: str = "", rows: int | None = None) -> str:
-        from sublearn.domains import DOMAINS
-
         soft = cfg.recipe == "soft"
         topk = soft and DOMAINS[cfg.domain].soft_labels == "topk"
         scfg = TrainConfig(

@@ -16,7 +16,7 @@ from typing import Any
 
 from sublearn.backends import Backend, ChatRequest, SamplingParams, get_backend
 from sublearn.config import check_manifest
-from sublearn.domains import DOMAINS, numbers
+from sublearn.domains import DOMAINS, math_problems, numbers
 from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
 from sublearn.files import (
@@ -87,8 +87,9 @@ class GenerateConfig:
             teacher_system_prompt(self.target, self.category)  # raises on unsafe words
         if self.answers == "random" and self.domain != "numbers":
             raise SublearnError("--answers random draws number answers: --domain numbers only")
-        if self.level not in (1, 2, 3):
-            raise SublearnError(f"--level must be 1, 2 or 3, got {self.level}")
+        if self.level not in math_problems.LEVELS:
+            raise SublearnError(f"--level must be one of {list(math_problems.LEVELS)}, "
+                                f"got {self.level}")
         if self.max_new_tokens is None:
             return replace(self, max_new_tokens=DOMAINS[self.domain].max_new_tokens).validate()
         if self.max_new_tokens <= 0:
