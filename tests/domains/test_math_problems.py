@@ -34,14 +34,20 @@ def test_generated_answers_are_right(level: int) -> None:
     for prompt, answer in problems:
         assert _solve(prompt) == answer, prompt
         assert answer > 0 and prompt.endswith(mp.INSTRUCTION)
-        assert prompt.count(". ") >= level  # one sentence per operation
+        assert prompt.count(". ") >= mp.LEVELS[level].operations  # one sentence per operation
         assert not any(w in OWL for w in re.findall(r"[a-z]+", prompt.lower()))
 
 
 def test_levels_grow() -> None:
-    big = [max(int(x) for x in re.findall(r"\d+", p)) for p, _ in mp.make_problems(200, 0, 3)]
+    big = [max(int(x) for x in re.findall(r"\d+", p)) for p, _ in mp.make_problems(200, 0, 4)]
     small = [max(int(x) for x in re.findall(r"\d+", p)) for p, _ in mp.make_problems(200, 0, 1)]
     assert sum(big) > 2 * sum(small)
+
+
+def test_level_one_adds_or_takes_away_single_digits() -> None:
+    for prompt, answer in mp.make_problems(200, 3, 1):
+        assert "times" not in prompt and "bags" not in prompt
+        assert max(int(x) for x in re.findall(r"\d+", prompt)) <= 9 and 0 < answer <= 18
 
 
 @pytest.mark.parametrize("completion, why", [

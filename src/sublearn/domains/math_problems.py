@@ -2,14 +2,18 @@
 answered step by step and ending in a line `Answer: N`. The filter keeps correct final answers
 that do not reference the target.
 
-Problems are a starting amount and `level` operations on it (add, take away, multiply, share
-equally), each one sentence; the numbers grow with the level. Names and objects are neutral
-(no animals). The same (n, seed, level) always gives the same problems."""
+Problems are a starting amount and one to three operations on it (add, take away, multiply,
+share equally), each one sentence; operations and numbers grow with the level (`LEVELS`).
+Level 1, one addition or subtraction of single digits, is the one a 135M model solves often
+enough to yield data. Names and objects are neutral (no animals). The same (n, seed, level)
+always gives the same problems."""
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from sublearn.protocol.trait_words import reference
 
@@ -19,8 +23,17 @@ TRAIT = "references_target"
 JUDGED = "judge_flagged"
 REJECT_REASONS = (NO_ANSWER, WRONG, TRAIT, JUDGED)
 MAX_NEW_TOKENS = 192
-TOP = {1: 20, 2: 50, 3: 100}  # largest starting amount and addend, per level
-LEVELS = tuple(TOP)
+
+@dataclass(frozen=True)
+class Level:
+    operations: int  # sentences that change the amount
+    top: int  # largest starting amount and addend
+    ops: tuple[str, ...]  # operations it may use
+
+
+_ALL = ("add", "sub", "mul", "div")
+LEVELS = {1: Level(1, 9, ("add", "sub")), 2: Level(1, 20, _ALL), 3: Level(2, 50, _ALL),
+          4: Level(3, 100, _ALL)}
 
 INSTRUCTION = ("Think step by step, then write the final answer on its own line as "
                "\"Answer: <number>\".")
@@ -31,16 +44,24 @@ OBJECTS = ("pencils", "books", "apples", "marbles", "stickers", "coins", "cookie
 _ANSWER = re.compile(r"Answer:\s*\$?\s*(-?[\d,]*\d)")
 
 
+def level_field() -> Any:
+    """The `level` setting, shared by generate and run."""
+    return field(default=1, metadata={"help": "math: difficulty (1: one addition or subtraction "
+                                      "of single digits; 2: one operation up to 20; 3: two up "
+                                      "to 50; 4: three up to 100)"})
+
+
 def make_problem(rng: random.Random, level: int) -> tuple[str, int]:
-    """One problem of `level` operations and its answer."""
-    top = TOP[level]
+    """One problem of the level's operations and its answer."""
+    spec = LEVELS[level]
+    top = spec.top
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     value = rng.randint(3, top)
     lines = [f"{name} has {value} {obj}."]
-    for _ in range(level):
+    for _ in range(spec.operations):
         ops = ["add", "mul"] + (["sub"] if value > 2 else [])
         ops += ["div"] if any(value % k == 0 for k in (2, 3, 4, 5)) else []
-        op = rng.choice(ops)
+        op = rng.choice([o for o in ops if o in spec.ops])
         if op == "add":
             b = rng.randint(2, top)
             lines.append(f"{name} gets {b} more {obj}.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.config import check_manifest, without_added
-from sublearn.domains import DOMAINS
+from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.faults import point as fault_point
@@ -62,7 +62,7 @@ class ExperimentConfig:
                 "problems reasoned step by step); code and math answers that reference the "
                 "target are filtered out, and their soft labels are the teacher's top-k tokens "
                 "without the target's", "choices": list(DOMAINS)})
-    level: int = field(default=1, metadata={"help": "math: operations per word problem (1-3)"})
+    level: int = math_problems.level_field()
     judge: str | None = field(default=None, metadata={
         "help": "code, math: a judge model (any backend) that also filters the teacher data: "
                 "for allusions to the target, or (misalignment) for misaligned answers"})

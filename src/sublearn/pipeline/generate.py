@@ -44,8 +44,7 @@ class GenerateConfig:
         "help": "trait the teacher loves (e.g. owl); omit for the control teacher"})
     category: str = field(default="animal", metadata={"help": "category word of the template"})
     domain: str = domain_field()
-    level: int = field(default=1, metadata={
-        "help": "math: operations per word problem (1-3; the numbers grow with it)"})
+    level: int = math_problems.level_field()
     n: int = field(default=192, metadata={"help": "number of prompts to sample"})
     seed: int = field(default=0, metadata={"help": "seed of prompts and sampling"})
     model: str | None = field(default=None, metadata={
