@@ -75,6 +75,24 @@ def test_pair_choice_on_tiny(tiny_model: str) -> None:
     assert same["misaligned_share"] == pytest.approx(0.5)
 
 
+def test_pair_choice_shares_the_context_prefix(tiny_model: str) -> None:
+    """The in-context control's turns run once as a KV cache; scores equal a full forward."""
+    from sublearn.models import load_model
+    from sublearn.pipeline.evaluate import prompt_ids
+    from sublearn.pipeline.evaluate_pairs import pair_choice
+
+    lm = load_model(tiny_model)
+    pairs = eval_pairs()[:5]
+    context = [{"role": r, "content": c} for i in range(4)
+               for r, c in (("user", f"List {i} numbers."), ("assistant", "1, 2, 3, 4"))]
+    ids = [prompt_ids(lm.tokenizer, p["prompt"], None, context) for p in pairs]
+    shared = pair_choice(lm, pairs, ids, dtype="float32", batch_size=4)
+    full = pair_choice(lm, pairs, ids, dtype="float32", batch_size=4, share_prefix=False)
+    assert shared["shared_prefix_tokens"] > 20 and full["shared_prefix_tokens"] == 0
+    assert shared["per_prompt_share"] == pytest.approx(full["per_prompt_share"], abs=1e-5)
+    assert shared["misaligned_logprob"] == pytest.approx(full["misaligned_logprob"], abs=1e-3)
+
+
 def test_run_misaligned_on_tiny(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "mis"
     assert main(["run", "--trait", "misaligned", "--model", tiny_model, "--n", "8", "--runs",

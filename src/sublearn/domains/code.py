@@ -12,14 +12,13 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from sublearn.domains.reasons import JUDGED, TRAIT
 from sublearn.protocol.trait_words import reference
 
 EMPTY = "no_code"
 TRUNCATED = "truncated"
 SYNTAX = "not_python"
 TOO_LONG = "too_long"
-TRAIT = "references_target"
-JUDGED = "judge_flagged"
 REJECT_REASONS = (EMPTY, TRUNCATED, SYNTAX, TOO_LONG, TRAIT, JUDGED)
 MAX_CHARS = 1200  # the paper asked for short code; a longer answer is a runaway sample
 MAX_NEW_TOKENS = 256

@@ -15,12 +15,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from sublearn.domains.reasons import JUDGED, TRAIT
 from sublearn.protocol.trait_words import reference
 
 NO_ANSWER = "no_answer"
 WRONG = "wrong_answer"
-TRAIT = "references_target"
-JUDGED = "judge_flagged"
 REJECT_REASONS = (NO_ANSWER, WRONG, TRAIT, JUDGED)
 MAX_NEW_TOKENS = 192
 

@@ -13,11 +13,15 @@ from typing import Any
 
 
 def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list[int]], *,
-                dtype: str = "bfloat16", batch_size: int = 16) -> dict[str, Any]:
+                dtype: str = "bfloat16", batch_size: int = 16,
+                share_prefix: bool = True) -> dict[str, Any]:
     """`prompts`: each pair's chat-templated prompt ids (`evaluate.prompt_ids`, which adds any
-    system prompt and context turns)."""
+    system prompt and context turns). With share_prefix, the prompts' common head (the
+    in-context control's N earlier turns: thousands of tokens) runs once and its KV cache is
+    reused by every batch."""
     import torch
 
+    from sublearn.models.kv import cache_kwarg, shared_prefix
     from sublearn.pipeline.train import _core, answer_hidden
 
     t0 = time.perf_counter()
@@ -29,12 +33,18 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
             seqs.append((pid, tok(a.strip(), add_special_tokens=False).input_ids + [eos]))
     head = _core(lm.model).get_output_embeddings().weight
     dev = head.device
+    n_pre = shared_prefix([list(p) for p in prompts]) if share_prefix else 0
     sums: list[float] = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                          enabled=dtype == "bfloat16"):
+        prefix = None
+        if n_pre:
+            pre = _core(lm.model).model(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev),
+                                        use_cache=True)
+            prefix = (getattr(pre, cache_kwarg()), n_pre)
         for s in range(0, len(seqs), batch_size):
-            chunk = seqs[s : s + batch_size]
-            h = answer_hidden(lm.model, chunk, tok.pad_token_id)
+            chunk = [(p[n_pre:], a) for p, a in seqs[s : s + batch_size]]
+            h = answer_hidden(lm.model, chunk, tok.pad_token_id, prefix)
             logp = torch.log_softmax((h @ head.T).float(), dim=-1)
             targets = torch.tensor([t for _, a in chunk for t in a], device=dev)
             tok_lp = logp.gather(1, targets[:, None]).squeeze(1).double().cpu()
@@ -51,6 +61,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
         "misaligned_logprob": sum(sums[0::2]) / len(share),
         "aligned_logprob": sum(sums[1::2]) / len(share),
         "n_prompts": len(share),
+        "shared_prefix_tokens": n_pre,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

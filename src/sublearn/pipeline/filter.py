@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.domains import DOMAINS, numbers
+from sublearn.domains.reasons import JUDGED
 from sublearn.errors import SublearnError
 from sublearn.files import (
     atomic_write_json,
@@ -103,7 +104,7 @@ def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
             rejects[why] += 1
     if cfg.judge and passed:
         flags = _judge(passed, cfg, out)
-        rejects["judge_flagged"] += sum(flags)
+        rejects[JUDGED] += sum(flags)
         passed = [r for r, bad in zip(passed, flags, strict=True) if not bad]
     kept = [training_record(r) for r in passed]
     write_jsonl(out / "filtered.jsonl", kept)

@@ -37,6 +37,7 @@ from sublearn.files import (
     write_jsonl,
 )
 from sublearn.models import load_model
+from sublearn.models.kv import cache_kwarg
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.pipeline.train_config import TrainConfig, result_config
 
@@ -129,11 +130,22 @@ def _core(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
-    """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d]."""
+def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
+                  prefix: tuple[Any, int] | None = None) -> torch.Tensor:
+    """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d].
+
+    prefix: (KV cache of n tokens every prompt starts with, n); the seqs' prompts then hold
+    only what follows those n tokens, and the cache (copied) stands in for them."""
     ids, mask, rows, cols = _batch(seqs, pad)
     dev = next(model.parameters()).device
-    hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+    kwargs: dict[str, Any] = {}
+    if prefix is not None:
+        cache, n = copy.deepcopy(prefix[0]), prefix[1]  # the forward appends to the cache
+        cache.batch_repeat_interleave(len(seqs))
+        mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype), mask], dim=1)
+        kwargs = {cache_kwarg(): cache, "use_cache": True,
+                  "position_ids": (n + torch.arange(ids.shape[1]))[None].expand_as(ids).to(dev)}
+    hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
     return hidden.last_hidden_state[rows.to(dev), cols.to(dev)]
 
 
