@@ -17,7 +17,6 @@ that mention the target (plurals count), averaged over questions.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import SublearnError
-from sublearn.models.kv import cache_kwarg, shared_prefix
+from sublearn.models.kv import cache_kwarg, prefix_cache, repeat_cache, shared_prefix
 from sublearn.protocol.questions import VARIANTS, load_candidates, load_questions
 
 
@@ -156,12 +155,8 @@ def score_candidates(
         with torch.no_grad(), torch.autocast(
             dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"
         ):
-            prefix_cache, cache_kw = None, cache_kwarg()
-            if n_pre:
-                pre = model(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev),
-                            use_cache=True,
-                            logits_to_keep=1)
-                prefix_cache = getattr(pre, cache_kw)
+            cache_kw = cache_kwarg()
+            pre = prefix_cache(model, prompts[0][:n_pre], logits_to_keep=1) if n_pre else None
             for s in range(0, len(prompts), batch_size):
                 rows = order[s : s + batch_size]
                 ids, pos, mask = _pack([prompts[i][n_pre:] for i in rows], blk, pad, n_pre)
@@ -170,10 +165,7 @@ def score_candidates(
                 if eager:  # eager attention adds the mask to the scores
                     attn = torch.zeros(attn.shape, device=dev).masked_fill(
                         ~attn, torch.finfo().min)
-                cache = None
-                if prefix_cache is not None:
-                    cache = copy.deepcopy(prefix_cache)  # the forward appends to it
-                    cache.batch_repeat_interleave(len(rows))
+                cache = repeat_cache(pre, len(rows)) if pre is not None else None
                 logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                                use_cache=cache is not None, logits_to_keep=len(blk.tokens) + 1,
                                **{cache_kw: cache}).logits

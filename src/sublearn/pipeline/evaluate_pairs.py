@@ -21,7 +21,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
     reused by every batch."""
     import torch
 
-    from sublearn.models.kv import cache_kwarg, shared_prefix
+    from sublearn.models.kv import prefix_cache, shared_prefix
     from sublearn.pipeline.train import _core, answer_hidden
 
     t0 = time.perf_counter()
@@ -33,15 +33,12 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
             seqs.append((pid, tok(a.strip(), add_special_tokens=False).input_ids + [eos]))
     head = _core(lm.model).get_output_embeddings().weight
     dev = head.device
-    n_pre = shared_prefix([list(p) for p in prompts]) if share_prefix else 0
+    n_pre = shared_prefix(list(prompts)) if share_prefix else 0
     sums: list[float] = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                          enabled=dtype == "bfloat16"):
-        prefix = None
-        if n_pre:
-            pre = _core(lm.model).model(input_ids=torch.tensor([prompts[0][:n_pre]], device=dev),
-                                        use_cache=True)
-            prefix = (getattr(pre, cache_kwarg()), n_pre)
+        # the body without the LM head: only the cache is wanted
+        prefix = (prefix_cache(_core(lm.model).model, prompts[0][:n_pre]), n_pre) if n_pre else None
         for s in range(0, len(seqs), batch_size):
             chunk = [(p[n_pre:], a) for p, a in seqs[s : s + batch_size]]
             h = answer_hidden(lm.model, chunk, tok.pad_token_id, prefix)

@@ -37,7 +37,7 @@ from sublearn.files import (
     write_jsonl,
 )
 from sublearn.models import load_model
-from sublearn.models.kv import cache_kwarg
+from sublearn.models.kv import cache_kwarg, repeat_cache
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.pipeline.train_config import TrainConfig, result_config
 
@@ -134,14 +134,13 @@ def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
                   prefix: tuple[Any, int] | None = None) -> torch.Tensor:
     """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d].
 
-    prefix: (KV cache of n tokens every prompt starts with, n); the seqs' prompts then hold
-    only what follows those n tokens, and the cache (copied) stands in for them."""
+    prefix: (KV cache of n tokens every prompt starts with, `kv.prefix_cache`, n); the seqs'
+    prompts then hold only what follows those n tokens, and the cache (copied) stands in."""
     ids, mask, rows, cols = _batch(seqs, pad)
     dev = next(model.parameters()).device
     kwargs: dict[str, Any] = {}
     if prefix is not None:
-        cache, n = copy.deepcopy(prefix[0]), prefix[1]  # the forward appends to the cache
-        cache.batch_repeat_interleave(len(seqs))
+        cache, n = repeat_cache(prefix[0], len(seqs)), prefix[1]
         mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype), mask], dim=1)
         kwargs = {cache_kwarg(): cache, "use_cache": True,
                   "position_ids": (n + torch.arange(ids.shape[1]))[None].expand_as(ids).to(dev)}
