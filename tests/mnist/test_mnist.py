@@ -178,6 +178,32 @@ def test_missing_files_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rc == 2 and stderr.count("\n") == 1 and "train-images-idx3-ubyte" in stderr
 
 
+def test_shared_head_student_has_other_hidden_layers_and_the_teachers_head() -> None:
+    import torch
+
+    sizes = [64, 8, 8, 13]
+    ref = mnist.init_mlp(sizes, 2, mnist.rng(0, mnist.STREAM_REF_INIT))
+    cross = mnist.init_mlp(sizes, 2, mnist.rng(0, mnist.STREAM_CROSS_INIT))
+    starts = mnist.student_starts(ref, cross)
+    assert set(starts) == set(mnist.CONDITIONS) - {"reference", "teacher"}
+    init, logits = starts["shared_head_aux"]
+    assert logits == mnist.AUX and len(init) == 6
+    assert all(a is b for a, b in zip(init[:4], cross[:4], strict=True))  # W1 b1 W2 b2
+    assert init[4] is ref[4] and init[5] is ref[5]  # the output head of θ0
+    assert not torch.equal(init[0], ref[0])
+
+
+def test_validation_split_holds_out_training_images_only() -> None:
+    test = mnist.load_data(MnistConfig())
+    val = mnist.load_data(MnistConfig(eval_split="validation"))
+    n = len(test["x_train"])
+    assert len(val["x_train"]) + len(val["x_test"]) == n
+    assert len(val["x_test"]) == math.ceil(0.2 * n)
+    assert "validation" in val["name"]
+    train = {tuple(r) for r in test["x_train"].tolist()}
+    assert all(tuple(r) in train for r in val["x_test"].tolist())  # training images only
+
+
 # -- end to end ---------------------------------------------------------------------------
 
 
