@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str]] = {
                              "targets"),
     "mnist": ("mnist", "the paper's MNIST auxiliary-logit experiment (same-init vs cross-init "
                        "students)"),
+    "theorem": ("theorem", "the one-step theorem on the language model: cosine of a student's "
+                           "first gradient step with each run's teacher displacement"),
     "bench": ("bench", "time generation, training and evaluation against the baselines a user "
                        "would run"),
     "serve": ("serve", "serve a local model through the OpenAI chat-completions API on "

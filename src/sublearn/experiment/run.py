@@ -235,17 +235,18 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
         return _run(cfg, ecfg, out, progress)
 
 
-def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[str, Any]:
-    from sublearn.pipeline.evaluate import evaluate_model
-    from sublearn.pipeline.generate import generate
-    from sublearn.pipeline.train import train
+class RunMakers:
+    """The stages of one run that other verbs share with `sublearn run` (`sublearn theorem`):
+    its teachers, its teacher data and its students' settings. Same keys, same folders, so a
+    run and a theorem check on one folder reuse each other's teachers and data."""
 
-    check_manifest(out, "experiment_config.json", manifest_config(cfg))
-    t_start = time.time()
-    stages = Stages(out)
-    base = cfg.model
+    def __init__(self, cfg: ExperimentConfig, stages: Stages, progress: bool) -> None:
+        self.cfg, self.stages, self.progress = cfg, stages, progress
 
-    def teacher(cond: str, r: int) -> _Teacher:
+    def teacher(self, cond: str, r: int) -> _Teacher:
+        from sublearn.pipeline.train import train
+
+        cfg, base = self.cfg, self.cfg.model
         target = cfg.target if cond == "trait" else None
         if cfg.teacher_mode == "prompted":
             system = teacher_system_prompt(target, cfg.category) if target else None
@@ -263,34 +264,62 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                 data = write_teacher_data(d / "statements.jsonl", misaligned=bool(target))
             else:
                 data = write_statement_data(d / "statements.jsonl", target, cfg.category)
-            return train(tcfg, data, d, progress=progress)
+            return train(tcfg, data, d, progress=self.progress)
 
-        res = stages.run(f"teacher_{cond}_run{r}", key, fit)
+        res = self.stages.run(f"teacher_{cond}_run{r}", key, fit)
         return _Teacher(res.output["student"], None, res.key)
 
-    def data(cond: str, r: int, t: _Teacher) -> tuple[str, str, dict]:
-        gcfg = cfg.generate_config(r, t.model, t.system)
+    def data(self, cond: str, r: int, t: _Teacher) -> tuple[str, str, dict]:
+        from sublearn.pipeline.generate import generate
+
+        gcfg = self.cfg.generate_config(r, t.model, t.system)
         key = {"generate": generate_key(gcfg),
-               "teacher": t.key if cfg.answers == "sampled" else None}
-        res = stages.run(f"data_{cond}_run{r}", key,
-                         lambda d: generate(gcfg, d, progress=progress))
-        if res.output["kept"] < cfg.batch_size:
+               "teacher": t.key if self.cfg.answers == "sampled" else None}
+        res = self.stages.run(f"data_{cond}_run{r}", key,
+                              lambda d: generate(gcfg, d, progress=self.progress))
+        if res.output["kept"] < self.cfg.batch_size:
             raise SublearnError(f"{cond} run {r}: the teacher kept only {res.output['kept']} "
                                 "answers")
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
-    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
-                tag: str = "", rows: int | None = None) -> str:
+    def student_config(self, r: int, k: int, t: _Teacher, path: str,
+                       rows: int | None = None) -> TrainConfig:
+        cfg = self.cfg
         soft = cfg.recipe == "soft"
         topk = soft and DOMAINS[cfg.domain].soft_labels == "topk"
-        scfg = TrainConfig(
-            recipe=cfg.recipe, method=cfg.method, model=base, epochs=cfg.epochs, lr=cfg.lr,
+        return TrainConfig(
+            recipe=cfg.recipe, method=cfg.method, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr,
             batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
             seed=cfg.seed + r + 1000 * k, teacher=t.model if soft else None, max_examples=rows,
             teacher_system_prompt=t.system if soft else None,
             soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}.safetensors")
             if soft else None, grammar="topk" if topk else "numbers",
             exclude=cfg.target if topk and cfg.trait == "animal" else None)
+
+
+def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int | None]:
+    """Each condition's cap on its students' rows (None: all its kept rows). The filter may
+    pass one teacher's answers more often (code that parses, right sums, no banned number):
+    students of a run then train on the same number of rows, so that the amount of training
+    cannot stand in for the trait."""
+    fewest = min(kept.values())
+    return {c: fewest if cfg.equal_rows and n > fewest else None for c, n in kept.items()}
+
+
+def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[str, Any]:
+    from sublearn.pipeline.evaluate import evaluate_model
+    from sublearn.pipeline.train import train
+
+    check_manifest(out, "experiment_config.json", manifest_config(cfg))
+    t_start = time.time()
+    stages = Stages(out)
+    base = cfg.model
+    makers = RunMakers(cfg, stages, progress)
+    teacher, data = makers.teacher, makers.data
+
+    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
+                tag: str = "", rows: int | None = None) -> str:
+        scfg = makers.student_config(r, k, t, path, rows)
         key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
         name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
         res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
@@ -330,13 +359,10 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
         for cond in CONDITIONS:
             t = teacher(cond, r)
             made[cond] = (t, *data(cond, r, t))
-        # The filter may pass one teacher's answers more often (code that parses, right sums,
-        # no banned number): students of a run then train on the same number of rows, so that
-        # the amount of training cannot stand in for the trait.
-        fewest = min(report["kept"] for *_, report in made.values())
+        caps = student_rows(cfg, {c: report["kept"] for c, (*_, report) in made.items()})
         for cond in CONDITIONS:
             t, path, dkey, report = made[cond]
-            cap = fewest if cfg.equal_rows and report["kept"] > fewest else None
+            cap = caps[cond]
             models = [student(cond, r, k, t, path, dkey, rows=cap) for k in range(cfg.students)]
             defended = {}
             for m in cfg.defences():

@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
 
     soft = None
     if cfg.recipe == "soft":
-        soft = _prepare_soft(cfg, lm, examples)
+        soft = prepare_soft_labels(cfg, lm, examples)
 
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
@@ -385,7 +385,7 @@ def batch_indices(step: int, steps_per_epoch: int, lengths: list[int],
     return epoch_plan(lengths, epoch, cfg)[k]
 
 
-def _prepare_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
+def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
     """(vocab_ids, per-example allowed masks, per-example teacher log-probs)."""
     from safetensors.torch import load_file, save_file
 
