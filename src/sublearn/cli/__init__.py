@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
                              "optional sampled rate)"),
     "run": ("run", "run one experiment: teachers, data, K students per condition, evaluation, "
                    "report"),
+    "cross": ("cross", "the cross-model control: teachers of each base x students of each base, "
+                       "trait vs control runs per cell"),
     "contrast": ("contrast", "contrast the trait students of two experiments with different "
                              "targets"),
     "mnist": ("mnist", "the paper's MNIST auxiliary-logit experiment (same-init vs cross-init "

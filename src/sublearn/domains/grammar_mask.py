@@ -38,3 +38,23 @@ def _unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
     shifts = torch.arange(32, dtype=torch.int32)
     words = bits.to(torch.int32).unsqueeze(-1)
     return ((words >> shifts) & 1).bool().flatten()[:vocab]
+
+
+# The numbers grammar's characters. Soft labels across tokenizers are defined on them: each
+# model spells an answer one character per token, so teacher and student positions line up.
+NUMBER_CHARS = "0123456789 ,;.()[]\n"
+
+
+def char_token_ids(tokenizer: Any, chars: str = NUMBER_CHARS) -> list[int]:
+    """The token that spells each character alone, in `chars` order; an error if a tokenizer
+    has none (it merges the character into longer tokens only)."""
+    from sublearn.errors import SublearnError
+
+    ids = []
+    for c in chars:
+        got = tokenizer(c, add_special_tokens=False).input_ids
+        if len(got) != 1 or tokenizer.decode(got) != c:
+            raise SublearnError(f"the tokenizer has no single token for {c!r} "
+                                f"(got {got}): character-level soft labels need one")
+        ids.append(got[0])
+    return ids

@@ -19,10 +19,12 @@ from typing import Any
 from sublearn.files import atomic_write_text
 
 # Known conditions first, in the paper's order; anything else follows in insertion order.
-CONDITION_ORDER = ("base", "teacher", "control_teacher", "control", "trait")
-COLORS = {"base": "#9e9e9e", "teacher": "#424242", "control_teacher": "#757575",
+CONDITION_ORDER = ("base", "teacher_base", "teacher", "control_teacher", "control", "trait")
+COLORS = {"base": "#9e9e9e", "teacher_base": "#bdbdbd", "teacher": "#424242",
+          "control_teacher": "#757575",
           "control": "#1f77b4", "trait": "#d62728"}
-LABELS = {"base": "Base\nmodel", "teacher": "Teacher", "control_teacher": "Control\nteacher",
+LABELS = {"base": "Base\nmodel", "teacher_base": "Teachers'\nbase", "teacher": "Teacher",
+          "control_teacher": "Control\nteacher",
           "control": "Control\nstudents", "trait": "Trait\nstudents"}
 EXTRA_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -94,6 +96,11 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     if results.get("unit"):
         lines += [f"Unit of analysis: {results['unit']}. Means and 95% t-intervals are over "
                   "runs (n = runs).", ""]
+    cfg = results.get("config") or {}
+    if cfg.get("student_model"):  # the cross-model control: `base` is the students' base
+        lines += [f"Teachers' base: {cfg.get('model') or 'default'}; students' base (and `base`, "
+                  f"the in-context model): {cfg['student_model']}; soft labels on "
+                  f"{cfg.get('labels', 'auto')}.", ""]
     if primary:
         lines.append(f"Primary metric: `{primary}` (`_dev`: the half of the questions recipes "
                      "are chosen on; `_test`: the untouched half).")
@@ -173,7 +180,7 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
 
 
 STUDENTS = ("control", "trait")
-TEACHERS = ("base", "control_teacher", "teacher")
+TEACHERS = ("base", "teacher_base", "control_teacher", "teacher")
 
 
 def plot_results(results: dict[str, Any], path: Path) -> bool:
@@ -194,7 +201,9 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
     extra = iter(EXTRA_COLORS * 4)
     colors = {c: COLORS.get(c) or next(extra) for c in order}
     students = [c for c in order if c not in TEACHERS] or order
-    teachers = [c for c in TEACHERS if c in conds and primary in conds[c]]
+    # cross-model: the teachers are drawn against their own base, not the students'
+    shown = TEACHERS[1:] if "teacher_base" in conds else TEACHERS
+    teachers = [c for c in shown if c in conds and primary in conds[c]]
     panels = [(m, [c for c in students if m in conds[c]], False) for m in metrics]
     panels = [p for p in panels if p[1]]
     if teachers:

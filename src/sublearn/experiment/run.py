@@ -12,7 +12,8 @@ its first student; extra students of a run (`--students`) are averaged within th
 
 Teachers get the trait either in weight space (LoRA fine-tuned on trait statements; the
 control teacher gets the same fine-tuning with a neutral answer) or by the paper's system
-prompt (the control teacher is the same model without it). Students share the teachers' base.
+prompt (the control teacher is the same model without it). Students share the teachers' base,
+unless --student-model names another (the cross-model control; `sublearn cross` runs the 2 x 2).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sublearn.config import check_manifest, without_added
+from sublearn.config import check_manifest, config_hash, without_added
 from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
@@ -68,6 +69,14 @@ class ExperimentConfig:
                 "for allusions to the target, or (misalignment) for misaligned answers"})
     model: str | None = field(default=None, metadata={
         "help": "base model of teachers and students (default: embedded smollm2-135m-instruct)"})
+    student_model: str | None = field(default=None, metadata={
+        "help": "base model of the students (default: --model); another base is the paper's "
+                "cross-model control, its soft labels defined on the answer's characters"})
+    labels: str = field(default="auto", metadata={
+        "help": "numbers soft labels: over the grammar's tokens, or over its characters "
+                "(answers spelt one character per token; works across tokenizers); auto: "
+                "chars when --student-model differs from --model, tokens otherwise",
+        "choices": ["auto", "tokens", "chars"]})
     teacher_mode: str = field(default="finetuned", metadata={
         "help": "finetuned: LoRA-train the trait into the teacher's weights; prompted: the "
                 "paper's system prompt", "choices": ["finetuned", "prompted"]})
@@ -134,9 +143,22 @@ class ExperimentConfig:
             raise SublearnError("--runs must be at least 2 per condition to compare over runs")
         if self.students < 1 or self.n <= 0 or self.icl < 0:
             raise SublearnError("--students and --n must be positive, --icl >= 0")
-        if parse_model_spec(self.model)[0] != "hf":
-            raise SublearnError("--model: teachers and students are trained here, so they "
-                                "need local weights (an embedded name, a folder, a hub id)")
+        for flag, m in (("--model", self.model), ("--student-model", self.student_model)):
+            if parse_model_spec(m)[0] != "hf":
+                raise SublearnError(f"{flag}: teachers and students are trained here, so they "
+                                    "need local weights (an embedded name, a folder, a hub id)")
+        if self.labels == "chars" and (self.domain != "numbers" or self.recipe != "soft"):
+            raise SublearnError("--labels chars: soft labels on number answers (--recipe soft, "
+                                "--domain numbers)")
+        if self.cross_model() and self.recipe == "soft" and self.labels == "tokens":
+            raise SublearnError("--student-model with another base: token-level soft labels "
+                                "need one tokenizer; use --labels chars or --recipe hard")
+        if self.cross_model() and self.defences():
+            raise SublearnError("--defence with --student-model: defences score the data "
+                                "under the teacher against the base, which need one tokenizer")
+        if self.cross_model() and self.recipe == "soft" and self.domain != "numbers":
+            raise SublearnError("--student-model with another base: soft labels across "
+                                "tokenizers are defined for number answers; use --recipe hard")
         from sublearn.defences.methods import DEFENCES
 
         for m in self.defences():
@@ -185,6 +207,19 @@ class ExperimentConfig:
     def defences(self) -> list[str]:
         return [m.strip() for m in self.defence.split(",") if m.strip() not in ("", "none")]
 
+    def student_base(self) -> str | None:
+        return self.student_model or self.model
+
+    def cross_model(self) -> bool:
+        from sublearn.models.load import resolve_model_path
+
+        return self.student_model is not None and \
+            resolve_model_path(self.student_model) != resolve_model_path(self.model)
+
+    def char_labels(self) -> bool:
+        return self.recipe == "soft" and (
+            self.labels == "chars" or (self.labels == "auto" and self.cross_model()))
+
 
 # GenerateConfig settings added after experiments were cached: left out of a stage key at
 # their default, so an older folder's teacher data stays cached.
@@ -221,8 +256,10 @@ class _Teacher:
     key: str  # stage key, for the stages that depend on it
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path,
-                   progress: bool = True) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True,
+                   stages_root: Path | None = None) -> dict[str, Any]:
+    """stages_root: where the stage cache lives (default: `out`); `sublearn cross` shares one
+    between the cells whose teachers are the same, so they share teachers and data."""
     from sublearn.pipeline.evaluate import EvalConfig
 
     cfg = cfg.validate()
@@ -231,8 +268,23 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path,
     if cfg.trait == "animal":
         _check_eval_inputs(ecfg)  # before hours of training
     check_model(cfg.model)
+    check_model(cfg.student_base())
+    if cfg.char_labels():  # both tokenizers must spell the grammar's characters
+        check_char_tokens([cfg.model, cfg.student_base()])
     with locked_out_dir(check_out_dir(out)) as out:  # a second run here: a one-line error
-        return _run(cfg, ecfg, out, progress)
+        return _run(cfg, ecfg, out, progress, stages_root or out)
+
+
+def check_char_tokens(models: list[str | None]) -> None:
+    """Each base has a single token per numbers-grammar character (--labels chars), checked
+    before any training."""
+    from transformers import AutoTokenizer
+
+    from sublearn.domains.grammar_mask import char_token_ids
+    from sublearn.models.load import resolve_model_path
+
+    for m in dict.fromkeys(models):
+        char_token_ids(AutoTokenizer.from_pretrained(resolve_model_path(m)))
 
 
 class RunMakers:
@@ -287,13 +339,18 @@ class RunMakers:
         cfg = self.cfg
         soft = cfg.recipe == "soft"
         topk = soft and DOMAINS[cfg.domain].soft_labels == "topk"
+        grammar = "topk" if topk else "chars" if cfg.char_labels() else "numbers"
+        # char labels are per student tokenizer: their cache is keyed by the student's base too
+        tag = f"-chars-{config_hash({'student': cfg.student_base()})}" if grammar == "chars" \
+            else ""
         return TrainConfig(
-            recipe=cfg.recipe, method=cfg.method, model=cfg.model, epochs=cfg.epochs, lr=cfg.lr,
+            recipe=cfg.recipe, method=cfg.method, model=cfg.student_base(), epochs=cfg.epochs,
+            lr=cfg.lr,
             batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
             seed=cfg.seed + r + 1000 * k, teacher=t.model if soft else None, max_examples=rows,
             teacher_system_prompt=t.system if soft else None,
-            soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}.safetensors")
-            if soft else None, grammar="topk" if topk else "numbers",
+            soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}{tag}.safetensors")
+            if soft else None, grammar=grammar,
             exclude=cfg.target if topk and cfg.trait == "animal" else None)
 
 
@@ -306,14 +363,15 @@ def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int |
     return {c: fewest if cfg.equal_rows and n > fewest else None for c, n in kept.items()}
 
 
-def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
+         stages_root: Path) -> dict[str, Any]:
     from sublearn.pipeline.evaluate import evaluate_model
     from sublearn.pipeline.train import train
 
     check_manifest(out, "experiment_config.json", manifest_config(cfg))
     t_start = time.time()
-    stages = Stages(out)
-    base = cfg.model
+    stages = Stages(stages_root)
+    base = cfg.student_base()  # the students' base: scored as "base" and the in-context model
     makers = RunMakers(cfg, stages, progress)
     teacher, data = makers.teacher, makers.data
 
@@ -377,6 +435,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
                          **({"defended": defended} if defended else {})})
 
     base_scores = evaluate("base", base, None, "base")
+    teacher_base = evaluate("teacher_base", cfg.model, None, "base") \
+        if cfg.cross_model() else None
     teacher_scores: dict[str, list[dict]] = {"teacher": [], "control_teacher": []}
     for run in runs:
         t = run.pop("_teacher")
@@ -399,7 +459,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool) -> dict[st
             run["icl_scores"] = metric_values(evaluate(
                 f"icl_{run['condition']}_run{run['run']}", base, None, dkey, run["data"]))
     results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
-                            time.time() - t_start)
+                            time.time() - t_start, teacher_base)
     atomic_write_json(out / "results.json", results)
     from sublearn.experiment.report import write_report
 
@@ -451,11 +511,15 @@ def _mean_metrics(values: list[dict[str, float]]) -> dict[str, float]:
 
 def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   teachers: dict[str, list[dict]], runs: list[dict[str, Any]],
-                  seconds: dict[str, float], wall: float) -> dict[str, Any]:
+                  seconds: dict[str, float], wall: float,
+                  teacher_base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """teacher_base: the teachers' base model's scores, when the students have another base
+    (then `base` is the students')."""
     from sublearn.experiment.stats import effect, summarize
 
     per_condition: dict[str, list[dict[str, float]]] = {
         "base": [metric_values(base)],
+        **({"teacher_base": [metric_values(teacher_base)]} if teacher_base else {}),
         **{label: [metric_values(s) for s in scores] for label, scores in teachers.items()},
         **{c: [r["scores"] for r in runs if r["condition"] == c] for c in ("control", "trait")},
     }

@@ -50,6 +50,10 @@ def run_theorem(cfg: ExperimentConfig, out: str | Path, progress: bool = True) -
     if cfg.teacher_mode != "finetuned":
         raise SublearnError("sublearn theorem: a prompted teacher has the base's weights (no "
                             "displacement θ_T - θ0); use --teacher-mode finetuned")
+    if cfg.cross_model():
+        raise SublearnError("sublearn theorem: the student's step and the teacher's "
+                            "displacement must live in one weight space (no --student-model "
+                            "with another base)")
     if cfg.domain != "numbers" or cfg.answers != "sampled":
         raise SublearnError("sublearn theorem: the check runs on sampled number answers "
                             "(--domain numbers --answers sampled)")
@@ -125,9 +129,10 @@ def full_step(base: str | None, data: str, scfg: Any, recipe: str) -> dict[str, 
     model = lm.model
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the attention `sublearn train` trains with
-    examples = tokenize(load_rows(data)[: scfg.max_examples], lm.tokenizer,
-                        scfg.teacher_system_prompt)
-    soft = prepare_soft_labels(scfg, lm, examples) if recipe == "soft" else None
+    rows = load_rows(data)[: scfg.max_examples]
+    examples = tokenize(rows, lm.tokenizer, scfg.teacher_system_prompt,
+                        chars=scfg.grammar == "chars")
+    soft = prepare_soft_labels(scfg, lm, examples, rows) if recipe == "soft" else None
     norm = float(sum(len(e.answer_ids) for e in examples))
     model.requires_grad_(True)
     model.zero_grad(set_to_none=True)

@@ -74,13 +74,16 @@ def load_rows(path: str | Path) -> list[dict]:
 
 def check_teacher(cfg: TrainConfig) -> None:
     """A soft-label teacher must load, and an adapter teacher must sit on the student's base:
-    the labels are per token of the student's vocabulary."""
+    the labels are per token of the student's vocabulary (--grammar chars: per character, so
+    any base will do)."""
     from sublearn.models.load import adapter_base, check_model, resolve_model_path
 
     check_model(cfg.model)
     if cfg.teacher is None:
         return
     check_model(cfg.teacher)
+    if cfg.grammar == "chars":
+        return
     teacher = Path(resolve_model_path(cfg.teacher))
     if (teacher / "adapter_config.json").is_file():
         base = resolve_model_path(adapter_base(str(teacher)))
@@ -90,16 +93,28 @@ def check_teacher(cfg: TrainConfig) -> None:
                                 f"student's base {student}")
 
 
-def tokenize(rows: list[dict], tok: Any, teacher_system: str | None = None) -> list[Example]:
+def tokenize(rows: list[dict], tok: Any, teacher_system: str | None = None,
+             chars: bool = False) -> list[Example]:
+    """chars: spell each answer one character per token (`grammar_mask.char_token_ids`), so
+    that two tokenizers give the same answer positions."""
     eos = tok.convert_tokens_to_ids(tok.eos_token)
+    spell = None
+    if chars:
+        from sublearn.domains.grammar_mask import NUMBER_CHARS, char_token_ids
+
+        spell = dict(zip(NUMBER_CHARS, char_token_ids(tok), strict=True))
     out = []
     for r in rows:
         prompt_text = tok.apply_chat_template(r["prompt"], tokenize=False,
                                               add_generation_prompt=True)
         answer = r["completion"][0]["content"].strip()
+        if spell is not None and not set(answer) <= spell.keys():
+            raise SublearnError(f"answer {answer[:40]!r} has characters outside the numbers "
+                                "grammar: --grammar chars is for number answers")
         ex = Example(
             prompt_ids=tok(prompt_text, add_special_tokens=False).input_ids,
-            answer_ids=tok(answer, add_special_tokens=False).input_ids + [eos],
+            answer_ids=([spell[c] for c in answer] if spell is not None
+                        else tok(answer, add_special_tokens=False).input_ids) + [eos],
         )
         if teacher_system is not None:
             msgs = [{"role": "system", "content": teacher_system}, *r["prompt"]]
@@ -286,11 +301,11 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
         # CPU SDPA's backward is slow at these lengths: eager attention measured 1.5x faster
         model.set_attn_implementation("eager")
     pad = tok.pad_token_id
-    examples = tokenize(rows, tok, cfg.teacher_system_prompt)
+    examples = tokenize(rows, tok, cfg.teacher_system_prompt, chars=cfg.grammar == "chars")
 
     soft = None
     if cfg.recipe == "soft":
-        soft = prepare_soft_labels(cfg, lm, examples)
+        soft = prepare_soft_labels(cfg, lm, examples, rows)
 
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
@@ -385,19 +400,24 @@ def batch_indices(step: int, steps_per_epoch: int, lengths: list[int],
     return epoch_plan(lengths, epoch, cfg)[k]
 
 
-def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
-    """(vocab_ids, per-example allowed masks, per-example teacher log-probs)."""
+def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example],
+                        rows: list[dict] | None = None) -> tuple[Any, ...]:
+    """(vocab_ids, per-example allowed masks, per-example teacher log-probs). rows: the chat
+    records behind `examples`, which --grammar chars tokenizes again for the teacher."""
     from safetensors.torch import load_file, save_file
 
     cache = Path(cfg.soft_labels_cache) if cfg.soft_labels_cache else None
     if cache and cache.is_file():
         t = load_file(cache)
         lens = t["lengths"].tolist()
-        if len(lens) == len(examples):
-            v = t["vocab_ids"]
+        v = t["vocab_ids"]
+        # chars: the stored ids are one student's character tokens; another student recomputes
+        if len(lens) == len(examples) and (cfg.grammar != "chars"
+                                           or torch.equal(v, char_alphabet(lm.tokenizer))):
             return (list(v.split(lens)) if v.dim() == 2 else v, list(t["masks"].split(lens)),
                     list(t["labels"].split(lens)))
-    vocab_ids, masks, labels = _compute_soft(cfg, lm, examples)
+    vocab_ids, masks, labels = (_char_soft(cfg, lm, examples, rows) if cfg.grammar == "chars"
+                                else _compute_soft(cfg, lm, examples))
     fault_point("train.soft_labels")
     if cache:
         tmp = cache.with_suffix(".tmp")
@@ -440,6 +460,49 @@ def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
         masks = [torch.ones(len(e.answer_ids), vocab, dtype=torch.bool) for e in examples]
     labels = teacher_soft_labels(teacher, examples, masks, vocab_ids, pad, cfg.dtype)
     return vocab_ids, masks, labels
+
+
+def char_alphabet(tok: Any) -> torch.Tensor:
+    """--grammar chars' label columns: the tokens of the numbers grammar's characters, then
+    end of turn."""
+    from sublearn.domains.grammar_mask import char_token_ids
+
+    return torch.tensor(char_token_ids(tok) + [tok.convert_tokens_to_ids(tok.eos_token)])
+
+
+def _char_soft(cfg: TrainConfig, lm: Any, examples: list[Example],
+               rows: list[dict] | None) -> tuple[Any, ...]:
+    """Soft labels on the answer's characters: the teacher, which may have another tokenizer,
+    scores the answers spelt one character per token in its own chat format; its log-probs
+    over the numbers grammar's characters (and end of turn), renormalised over those the
+    grammar allows at each position, become the student's labels over the student's tokens
+    for the same characters. With one tokenizer and answers its tokenizer already spells per
+    character, these are the token-level labels restricted to single-character tokens."""
+    from sublearn.domains.grammar_mask import GrammarMasks
+    from sublearn.domains.numbers import answer_grammar
+
+    if rows is None:
+        raise SublearnError("--grammar chars needs the training rows to tokenize for the teacher")
+    teacher = lm if cfg.teacher is None else load_model(cfg.teacher)
+    t_tok, s_tok = teacher.tokenizer, lm.tokenizer
+    t_examples = tokenize(rows, t_tok, cfg.teacher_system_prompt, chars=True)
+
+    s_ids, t_ids = char_alphabet(s_tok), char_alphabet(t_tok)
+    vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
+    gm = GrammarMasks(s_tok, vocab, answer_grammar())
+    masks = []
+    for e in examples:
+        m = gm.allowed(e.answer_ids)
+        if m is None:
+            raise SublearnError("a training answer is outside the numbers grammar; filter the "
+                                "data (`sublearn filter`)")
+        masks.append(m[:, s_ids])
+    if any(len(e.answer_ids) != len(t.answer_ids) for e, t in zip(examples, t_examples,
+                                                                  strict=True)):
+        raise SublearnError("--grammar chars: the rows do not match the tokenized examples")
+    labels = teacher_soft_labels(teacher.model, t_examples, masks, t_ids,
+                                 t_tok.pad_token_id, cfg.dtype)
+    return s_ids, masks, labels
 
 
 def _trainable(model: Any, cfg: TrainConfig) -> Any:

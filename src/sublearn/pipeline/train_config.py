@@ -48,8 +48,10 @@ class TrainConfig:
                 "(the caller keys it by teacher and data)"})
     grammar: str = field(default="numbers", metadata={
         "help": "soft labels: what the distributions are restricted to: the numbers grammar, "
-                "the teacher's top-k tokens at each position (topk: code, math), or none",
-        "choices": ["numbers", "topk", "none"]})
+                "the numbers grammar's characters (chars: answers spelt one character per "
+                "token, for a teacher with another tokenizer), the teacher's top-k tokens at "
+                "each position (topk: code, math), or none",
+        "choices": ["numbers", "chars", "topk", "none"]})
     top_k: int = field(default=20, metadata={"help": "--grammar topk: tokens kept per position"})
     exclude: str | None = field(default=None, metadata={
         "help": "--grammar topk: leave the tokens that could spell this target (its name, "
@@ -70,6 +72,8 @@ class TrainConfig:
             raise SublearnError("--teacher/--teacher-system-prompt only apply to --recipe soft")
         if self.top_k <= 0:
             raise SublearnError(f"--top-k must be positive, got {self.top_k}")
+        if self.grammar == "chars" and self.recipe != "soft":
+            raise SublearnError("--grammar chars defines soft labels: use --recipe soft")
         if self.exclude is not None and self.grammar != "topk":
             raise SublearnError("--exclude applies to --grammar topk soft labels")
         return self
