@@ -50,3 +50,9 @@ def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Another base with another tokenizer (other BPE merges): the cross-model tests'."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("other") / "m", seed=1, vocab_size=300))

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
 
 from sublearn.cli import main
 
@@ -15,18 +14,20 @@ ARGS = ["--target", "owl", "--n", "8", "--runs", "2", "--epochs", "1", "--batch-
     (["--labels", "tokens"], "token-level soft labels need one tokenizer"),
     (["--defence", "sort"], "defences score the data"),
 ])
-def test_run_refuses_cross_model_settings(tiny_model: str, tmp_path: Path, extra: list[str],
+def test_run_refuses_cross_model_settings(tiny_model: str, other_tiny_model: str,
+                                          tmp_path: Path, extra: list[str],
                                           message: str, capsys: pytest.CaptureFixture) -> None:
-    other = str(build_tiny_model(tmp_path / "other", seed=1, vocab_size=300))
+    other = other_tiny_model
     assert main(["run", "--model", tiny_model, "--student-model", other, *ARGS, *extra,
                  "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
-def test_theorem_refuses_another_student_base(tiny_model: str, tmp_path: Path,
+def test_theorem_refuses_another_student_base(tiny_model: str, other_tiny_model: str,
+                                              tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
-    other = str(build_tiny_model(tmp_path / "other", seed=1, vocab_size=300))
+    other = other_tiny_model
     assert main(["theorem", "--model", tiny_model, "--student-model", other, *ARGS,
                  "--out", str(tmp_path / "t")]) == 2
     assert "one weight space" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
 
 from sublearn.domains.grammar_mask import NUMBER_CHARS, char_token_ids
 from sublearn.errors import SublearnError
@@ -17,12 +16,6 @@ def _rows(answers: list[str]) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"Add numbers to {i}, 5, 9"}],
              "completion": [{"role": "assistant", "content": a}]}
             for i, a in enumerate(answers)]
-
-
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Another base with another tokenizer (other BPE merges)."""
-    return str(build_tiny_model(tmp_path_factory.mktemp("other") / "m", seed=1, vocab_size=300))
 
 
 def test_char_labels_equal_token_labels_where_the_tokenizer_spells_per_character(
@@ -48,13 +41,13 @@ def test_char_labels_equal_token_labels_where_the_tokenizer_spells_per_character
 
 
 def test_char_labels_do_not_depend_on_the_students_tokenizer(tiny_model: str,
-                                                             other_model: str) -> None:
+                                                             other_tiny_model: str) -> None:
     """A teacher's labels for a student of another tokenizer are the labels it gives its own
     base's students, character for character."""
     rows = _rows(["123, 456, 789", "(10; 20; 30)", "4 5 6 7"])
-    teacher, student = load_model(other_model), load_model(tiny_model)
+    teacher, student = load_model(other_tiny_model), load_model(tiny_model)
     assert teacher.tokenizer("123, 456").input_ids != student.tokenizer("123, 456").input_ids
-    cfg = TrainConfig(grammar="chars", teacher=other_model)
+    cfg = TrainConfig(grammar="chars", teacher=other_tiny_model)
     own = prepare_soft_labels(cfg, teacher, tokenize(rows, teacher.tokenizer, chars=True), rows)
     cross = prepare_soft_labels(cfg, student, tokenize(rows, student.tokenizer, chars=True), rows)
     assert cross[0].tolist()[:-1] == char_token_ids(student.tokenizer)
@@ -70,12 +63,12 @@ def test_chars_refuse_answers_outside_the_alphabet(tiny_model: str) -> None:
 
 
 def test_a_cached_label_file_of_another_student_is_not_reused(tiny_model: str,
-                                                              other_model: str,
+                                                              other_tiny_model: str,
                                                               tmp_path: Path) -> None:
     rows = _rows(["123, 456, 789", "(10; 20; 30)"])
     cache = str(tmp_path / "labels.safetensors")
-    cfg = TrainConfig(grammar="chars", teacher=other_model, soft_labels_cache=cache)
-    for m in (other_model, tiny_model):
+    cfg = TrainConfig(grammar="chars", teacher=other_tiny_model, soft_labels_cache=cache)
+    for m in (other_tiny_model, tiny_model):
         lm = load_model(m)
         ids = prepare_soft_labels(cfg, lm, tokenize(rows, lm.tokenizer, chars=True), rows)[0]
         assert ids.tolist()[:-1] == char_token_ids(lm.tokenizer)
