@@ -203,7 +203,7 @@ def test_damaged_model_cache_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_pat
     (folder / embedded.MANIFEST).write_text(json.dumps(
         {"model.safetensors": file_sha256(folder / "model.safetensors")}))
     rebuilt: list[Path] = []
-    monkeypatch.setattr(embedded, "_convert", lambda gguf, target: rebuilt.append(target))
+    monkeypatch.setattr(embedded, "_convert", lambda gguf, target, model: rebuilt.append(target))
     monkeypatch.setattr(embedded, "_verified", set())
     assert embedded.embedded_path("smollm2-135m-instruct") == folder and not rebuilt
     (folder / "model.safetensors").write_bytes(b"weightz")  # one byte changed on disk
