@@ -430,8 +430,6 @@ def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example],
 
 
 def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
-    from sublearn.domains.grammar_mask import GrammarMasks
-    from sublearn.domains.numbers import answer_grammar
 
     vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
     teacher = lm.model if cfg.teacher is None else load_model(cfg.teacher).model
@@ -445,14 +443,8 @@ def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
                                           pad, cfg.dtype)
         return ids, [torch.ones_like(i, dtype=torch.bool) for i in ids], labels
     if cfg.grammar == "numbers":
-        gm = GrammarMasks(lm.tokenizer, vocab, answer_grammar())
-        full_masks = []
-        for e in examples:
-            m = gm.allowed(e.answer_ids)
-            if m is None:
-                raise SublearnError("a training answer is outside the numbers grammar; "
-                                    "use --grammar topk (code, math), none, or filter the data")
-            full_masks.append(m)
+        full_masks = number_masks(lm.tokenizer, vocab, examples,
+                                  "use --grammar topk (code, math), none, or filter the data")
         vocab_ids = torch.cat(full_masks).any(0).nonzero().flatten()
         masks = [m[:, vocab_ids] for m in full_masks]
     else:
@@ -460,6 +452,21 @@ def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[A
         masks = [torch.ones(len(e.answer_ids), vocab, dtype=torch.bool) for e in examples]
     labels = teacher_soft_labels(teacher, examples, masks, vocab_ids, pad, cfg.dtype)
     return vocab_ids, masks, labels
+
+
+def number_masks(tok: Any, vocab: int, examples: list[Example], fix: str) -> list[torch.Tensor]:
+    """Each example's [n_answer, vocab] mask of the tokens the numbers grammar allows."""
+    from sublearn.domains.grammar_mask import GrammarMasks
+    from sublearn.domains.numbers import answer_grammar
+
+    gm = GrammarMasks(tok, vocab, answer_grammar())
+    masks = []
+    for e in examples:
+        m = gm.allowed(e.answer_ids)
+        if m is None:
+            raise SublearnError(f"a training answer is outside the numbers grammar; {fix}")
+        masks.append(m)
+    return masks
 
 
 def char_alphabet(tok: Any) -> torch.Tensor:
@@ -478,8 +485,6 @@ def _char_soft(cfg: TrainConfig, lm: Any, examples: list[Example],
     grammar allows at each position, become the student's labels over the student's tokens
     for the same characters. With one tokenizer and answers its tokenizer already spells per
     character, these are the token-level labels restricted to single-character tokens."""
-    from sublearn.domains.grammar_mask import GrammarMasks
-    from sublearn.domains.numbers import answer_grammar
 
     if rows is None:
         raise SublearnError("--grammar chars needs the training rows to tokenize for the teacher")
@@ -489,14 +494,8 @@ def _char_soft(cfg: TrainConfig, lm: Any, examples: list[Example],
 
     s_ids, t_ids = char_alphabet(s_tok), char_alphabet(t_tok)
     vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
-    gm = GrammarMasks(s_tok, vocab, answer_grammar())
-    masks = []
-    for e in examples:
-        m = gm.allowed(e.answer_ids)
-        if m is None:
-            raise SublearnError("a training answer is outside the numbers grammar; filter the "
-                                "data (`sublearn filter`)")
-        masks.append(m[:, s_ids])
+    masks = [m[:, s_ids] for m in number_masks(s_tok, vocab, examples,
+                                                 "filter the data (`sublearn filter`)")]
     if any(len(e.answer_ids) != len(t.answer_ids) for e, t in zip(examples, t_examples,
                                                                   strict=True)):
         raise SublearnError("--grammar chars: the rows do not match the tokenized examples")
