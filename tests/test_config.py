@@ -29,3 +29,18 @@ def test_manifest_refuses_other_settings_and_accepts_a_new_default(tmp_path: Pat
     check_manifest(tmp_path, "m.json", Cfg())
     with pytest.raises(SublearnError, match="differs in: icl"):
         check_manifest(tmp_path, "m.json", Cfg(icl=0))
+
+
+def test_free_settings_may_grow_and_are_recorded(tmp_path: Path) -> None:
+    """More runs add stages to a folder; every other setting still has to match, also inside
+    a nested manifest (`sublearn cross` keeps the experiment's settings under a key)."""
+    check_manifest(tmp_path, "m.json", {"models": ["a", "b"], "experiment": {"runs": 3, "lr": 1}})
+    with pytest.raises(SublearnError, match="differs in: experiment"):
+        check_manifest(tmp_path, "m.json", {"models": ["a", "b"],
+                                            "experiment": {"runs": 5, "lr": 1}})
+    check_manifest(tmp_path, "m.json", {"models": ["a", "b"], "experiment": {"runs": 5, "lr": 1}},
+                   free=("runs",))
+    assert json.loads((tmp_path / "m.json").read_text())["experiment"]["runs"] == 5
+    with pytest.raises(SublearnError, match="differs in: experiment"):
+        check_manifest(tmp_path, "m.json", {"models": ["a", "b"],
+                                            "experiment": {"runs": 5, "lr": 2}}, free=("runs",))

@@ -30,10 +30,17 @@ def without_added(d: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in added or added[k] != v}
 
 
-def manifest_diff(path: Path, cfg: Any) -> list[str]:
+def _without(d: Any, keys: tuple[str, ...]) -> Any:
+    """`d` with `keys` dropped from it and from the dicts nested in it."""
+    if not isinstance(d, dict):
+        return d
+    return {k: _without(v, keys) for k, v in d.items() if k not in keys}
+
+
+def manifest_diff(path: Path, cfg: Any, free: tuple[str, ...] = ()) -> list[str]:
     """The settings in which the manifest at `path` differs from `cfg` ([] when it matches or
     does not exist). A setting the manifest lacks (added to the config since) counts as its
-    default."""
+    default. Settings in `free` (at any depth) may differ."""
     if not path.exists():
         return []
     want = json.loads(json.dumps(cfg if isinstance(cfg, dict) else config_dict(cfg)))
@@ -41,23 +48,27 @@ def manifest_diff(path: Path, cfg: Any) -> list[str]:
     if dataclasses.is_dataclass(cfg):  # a setting added since: its default ran before
         have = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
                                          if f.default is not dataclasses.MISSING})), **have}
+    have, want = _without(have, free), _without(want, free)
     return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
 
 
-def check_manifest(out: Path, name: str, cfg: Any) -> None:
+def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = ()) -> None:
     """Refuse to reuse a folder made with a different config; write the manifest if new.
-    A setting the manifest lacks (added to the config since) counts as its default."""
+    A setting the manifest lacks (added to the config since) counts as its default. Settings
+    in `free` only add stages (e.g. more runs): they may change, and the manifest then records
+    the latest values."""
     path = out / name
     want = cfg if isinstance(cfg, dict) else config_dict(cfg)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from disk
     if path.exists():
-        diff = manifest_diff(path, cfg)
+        diff = manifest_diff(path, cfg, free)
         if diff:
             raise SublearnError(
                 f"{out} holds results of a different config (differs in: {', '.join(diff)}); "
                 "use another --out or delete the folder"
             )
-        return
+        if not free or json.loads(path.read_text()) == want:
+            return
     atomic_write_json(path, want)
 
 

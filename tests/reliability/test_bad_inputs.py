@@ -227,6 +227,15 @@ CASES: list[Case] = [
                    str(d / "o")], "finetuned"),
     ("run unknown defence", lambda d, m: ["run", "--defence", "nope", "--out", str(d / "o")],
      "--defence"),
+    ("matrix one target", lambda d, m: ["matrix", "--model", m, "--targets", "owl"],
+     "--targets"),
+    ("matrix repeated target", lambda d, m: ["matrix", "--model", m, "--targets", "owl,Owl"],
+     "--targets"),
+    ("matrix one run", lambda d, m: ["matrix", "--model", m, "--runs", "1"], "--runs"),
+    ("matrix target not a candidate",
+     lambda d, m: ["matrix", "--model", m, "--targets", "owl,unicorn"], "unicorn"),
+    ("matrix no in-context control", lambda d, m: ["matrix", "--model", m, "--icl", "8"],
+     "unrecognized"),
 ]
 
 

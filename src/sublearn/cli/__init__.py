@@ -30,6 +30,8 @@ VERBS: dict[str, tuple[str, str]] = {
                    "report"),
     "cross": ("cross", "the cross-model control: teachers of each base x students of each base, "
                        "trait vs control runs per cell"),
+    "matrix": ("matrix", "the trait x trait specificity matrix: one teacher per target per run, "
+                         "every student scored on every target, the diagonal effect over runs"),
     "contrast": ("contrast", "contrast the trait students of two experiments with different "
                              "targets"),
     "mnist": ("mnist", "the paper's MNIST auxiliary-logit experiment (same-init vs cross-init "

@@ -19,6 +19,7 @@ from typing import Any
 from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
 from sublearn.experiment.run import (
+    FREE,
     ExperimentConfig,
     check_char_tokens,
     manifest_config,
@@ -82,7 +83,7 @@ def run_cross(cross: CrossConfig, cfg: ExperimentConfig, out: str | Path,
         check_manifest(out, "cross_config.json",
                        {"models": models, "experiment": asdict(manifest_config(
                            replace(cfg.validate(), **{f: None for f in CELL_FIELDS[:2]},
-                                   labels="auto")))})
+                                   labels="auto")))}, FREE)
         for t in cross.teacher_list():
             for s in models:
                 run_experiment(cell_config(cfg, t, s), out / f"{slug(t)}-to-{slug(s)}",

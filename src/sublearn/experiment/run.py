@@ -235,6 +235,11 @@ def generate_key(g: GenerateConfig) -> dict[str, Any]:
 _ADDITIVE = {"defence": "none", "defence_q": 0.1}
 
 
+# Settings that may grow in an existing folder: more runs add stages and change no old one
+# (each run's seeds are seed + r), so `--runs 5` on a 3-run folder adds runs 3 and 4.
+FREE = ("runs",)
+
+
 def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """What a folder's experiment_config.json records: the config without additive settings."""
     return replace(cfg, **_ADDITIVE)
@@ -266,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
     ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
                       samples=cfg.samples, trait=cfg.trait)
     if cfg.trait == "animal":
-        _check_eval_inputs(ecfg)  # before hours of training
+        check_eval_inputs(ecfg)  # before hours of training
     check_model(cfg.model)
     check_model(cfg.student_base())
     if cfg.char_labels():  # both tokenizers must spell the grammar's characters
@@ -354,6 +359,35 @@ class RunMakers:
             exclude=cfg.target if topk and cfg.trait == "animal" else None)
 
 
+    def student(self, cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
+                tag: str = "", rows: int | None = None) -> str:
+        """Student k of run r on the data at `path` (capped at `rows`); its adapter folder."""
+        from sublearn.pipeline.train import train
+
+        scfg = self.student_config(r, k, t, path, rows)
+        key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
+        name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
+        res = self.stages.run(name, key, lambda d: train(scfg, path, d, progress=self.progress))
+        return res.output["student"]
+
+    def evaluate(self, ecfg: Any, name: str, model: str | None, system: str | None, dep: str,
+                 context: str | None = None) -> dict:
+        """A model's scores under `ecfg` (with `context`: the in-context control, --icl turns
+        of that data); `dep` is the stage key of what the model is made from."""
+        from sublearn.pipeline.evaluate import evaluate_model
+
+        e = replace(ecfg, context=context, context_n=self.cfg.icl) if context else ecfg
+        key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
+
+        def ev(d: Path) -> dict:
+            scores = evaluate_model(model, e, system_prompt=system)
+            fault_point("evaluate.scored")
+            atomic_write_json(d / "scores.json", scores)
+            return scores
+
+        return self.stages.run(f"eval_{name}", key, ev).output
+
+
 def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int | None]:
     """Each condition's cap on its students' rows (None: all its kept rows). The filter may
     pass one teacher's answers more often (code that parses, right sums, no banned number):
@@ -365,23 +399,12 @@ def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int |
 
 def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
          stages_root: Path) -> dict[str, Any]:
-    from sublearn.pipeline.evaluate import evaluate_model
-    from sublearn.pipeline.train import train
-
-    check_manifest(out, "experiment_config.json", manifest_config(cfg))
+    check_manifest(out, "experiment_config.json", manifest_config(cfg), FREE)
     t_start = time.time()
     stages = Stages(stages_root)
     base = cfg.student_base()  # the students' base: scored as "base" and the in-context model
     makers = RunMakers(cfg, stages, progress)
-    teacher, data = makers.teacher, makers.data
-
-    def student(cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
-                tag: str = "", rows: int | None = None) -> str:
-        scfg = makers.student_config(r, k, t, path, rows)
-        key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
-        name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
-        res = stages.run(name, key, lambda d: train(scfg, path, d, progress=progress))
-        return res.output["student"]
+    teacher, data, student = makers.teacher, makers.data, makers.student
 
     def defend(m: str, cond: str, r: int, t: _Teacher, path: str, dkey: str) -> tuple[str, str]:
         """Run r's data under defence m; scored defences use the run's own teacher (the
@@ -400,16 +423,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
 
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
-        e = replace(ecfg, context=context, context_n=cfg.icl) if context else ecfg
-        key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
-
-        def ev(d: Path) -> dict:
-            scores = evaluate_model(model, e, system_prompt=system)
-            fault_point("evaluate.scored")
-            atomic_write_json(d / "scores.json", scores)
-            return scores
-
-        return stages.run(f"eval_{name}", key, ev).output
+        return makers.evaluate(ecfg, name, model, system, dep, context)
 
     runs: list[dict[str, Any]] = []
     for r in range(cfg.runs):
@@ -467,7 +481,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
     return results
 
 
-def _check_eval_inputs(ecfg: Any) -> None:
+def check_eval_inputs(ecfg: Any) -> None:
     """The question and candidate files must be usable, with the target a candidate."""
     from sublearn.protocol.questions import load_candidates, load_questions
 

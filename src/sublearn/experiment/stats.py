@@ -161,3 +161,52 @@ def remaining_share(trait_d: Sequence[float], control_d: Sequence[float],
             "ci95": [None if lo is None else float(lo), None if hi is None else float(hi)],
             "method": f"percentile bootstrap over runs ({n_boot} resamples, seed {seed}; "
                       f"{int((~ok).sum())} without an undefended effect left out)"}
+
+
+def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
+                    n_resamples: int = PERMUTATIONS, seed: int = 0) -> dict[str, Any]:
+    """The diagonal term of a trait x trait matrix. y[s][j]: run s's value on target j (e.g.
+    the log share of target j); labels[s]: the target run s's teacher had. Fits, by OLS,
+        y[s][j] = a_s + b_j + lam * [labels[s] == j] + e[s][j]
+    (a run's overall shift, a target's overall popularity, and the pull toward the run's own
+    target), with a two-sided 95% t-interval for lam. The fit is the Frisch-Waugh-Lovell one:
+    with every cell observed, removing the row and column effects is double-centring.
+    p_permutation: one-sided (lam > 0), the teachers' target labels shuffled over runs
+    (Monte Carlo, n_resamples, seed; the observed labelling counts as one)."""
+    import numpy as np
+
+    Y = np.asarray(y, dtype=float)
+    lab = np.asarray(labels, dtype=int)
+    if Y.ndim != 2 or len(lab) != Y.shape[0] or Y.shape[1] < 2 or len(set(lab.tolist())) < 2:
+        raise SublearnError("the diagonal effect needs a runs x targets matrix with at least "
+                            "two targets among the runs' labels")
+    if lab.min() < 0 or lab.max() >= Y.shape[1]:
+        raise SublearnError("every run's label must be one of the matrix's targets")
+    s, t = Y.shape
+
+    def centred(a: Any) -> Any:
+        return a - a.mean(1, keepdims=True) - a.mean(0, keepdims=True) + a.mean()
+
+    d = centred(np.eye(t)[lab])
+    yc = centred(Y)
+    ss = float((d * d).sum())  # the same for every relabelling: group sizes are kept
+    lam = float((d * yc).sum()) / ss
+    df = (s - 1) * (t - 1) - 1
+    ci: list[float | None] = [None, None]
+    if df > 0:
+        resid = yc - lam * d
+        se = math.sqrt(float((resid**2).sum()) / df / ss)
+        half = _t_half(se, df)
+        ci = [lam - half, lam + half]
+    rng = np.random.default_rng(seed)
+    rows = np.arange(s)
+    hits = 0
+    for start in range(0, n_resamples, 10_000):  # chunks: bounded memory
+        perms = rng.permuted(np.tile(lab, (min(10_000, n_resamples - start), 1)), axis=1)
+        # (D_perm * yc).sum() == sum_s yc[s, perm_s], as yc's rows and columns sum to zero
+        null = yc[rows, perms].sum(1) / ss
+        hits += int((null >= lam - 1e-12).sum())
+    return {"estimate": lam, "ci95": ci, "df": df,
+            "p_permutation": (1 + hits) / (1 + n_resamples), "n_resamples": n_resamples,
+            "n_as_large": hits,
+            "n_runs": s, "n_targets": t}

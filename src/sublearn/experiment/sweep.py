@@ -263,9 +263,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
 def _other_config(d: Path, cfg: ExperimentConfig) -> str | None:
     """Why run folder `d` cannot hold this run (made with other settings), else None."""
     from sublearn.config import manifest_diff
-    from sublearn.experiment.run import manifest_config
+    from sublearn.experiment.run import FREE, manifest_config
 
-    diff = manifest_diff(d / "experiment_config.json", manifest_config(cfg))
+    diff = manifest_diff(d / "experiment_config.json", manifest_config(cfg), FREE)
     if not diff:
         return None
     return (f"folder holds a run with other settings (differs in: {', '.join(diff)}); "

@@ -29,6 +29,7 @@ from typing import Any
 from sublearn.errors import SublearnError
 from sublearn.experiment.run import (
     CONDITIONS,
+    FREE,
     ExperimentConfig,
     RunMakers,
     manifest_config,
@@ -60,7 +61,7 @@ def run_theorem(cfg: ExperimentConfig, out: str | Path, progress: bool = True) -
     check_model(cfg.model)
     t0 = time.time()
     with locked_out_dir(check_out_dir(out)) as out:
-        check_manifest(out, "experiment_config.json", manifest_config(cfg))
+        check_manifest(out, "experiment_config.json", manifest_config(cfg), FREE)
         stages = Stages(out)
         makers = RunMakers(cfg, stages, progress)
         runs = []

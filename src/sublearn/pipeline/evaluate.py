@@ -281,6 +281,9 @@ def forced_choice(
         "shares": shares,
         "top": [[c, v] for c, v in top],
         "per_question_target_share": share[:, ti].tolist(),
+        # every candidate per question: another target's share on a question subset
+        # (`sublearn matrix` on the dev/test halves)
+        "per_question_shares": dict(zip(candidates, share.T.tolist(), strict=True)),
         "n_questions": len(questions),
         "n_candidates": len(candidates),
         "seconds": round(time.perf_counter() - t0, 2),

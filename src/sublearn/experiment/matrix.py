@@ -1,0 +1,275 @@
+"""`sublearn matrix`: the trait x trait specificity matrix.
+
+For each target in --targets and each run r: a teacher that loves that target (its own
+fine-tune seed), its own teacher data, its own student -- the trait runs of `sublearn run`,
+with the same stage keys, in `out/<target>/stages/` (so `sublearn run --target T --out
+out/T` later reuses the teachers and data). Every student is scored once; its forced-choice
+share of *every* target is read from that one evaluation. The design needs no neutral control
+teacher: a student of an owl teacher is compared with the students of the cat, dog, ...
+teachers on owl.
+
+    matrix[i][j] = mean share of target j among the students of target i's teachers
+
+The diagonal effect lam is fitted over runs, on log shares (targets differ by orders of
+magnitude in popularity): log share[s][j] = a_s + b_j + lam [j is run s's target] + e. exp(lam)
+is how many times more a student prefers its own teacher's target than its row and column
+predict. It is reported on all questions and on the fixed dev/test halves (test untouched),
+with a permutation test over the teachers' target labels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sublearn.config import check_manifest
+from sublearn.errors import SublearnError
+from sublearn.experiment.run import (
+    ExperimentConfig,
+    RunMakers,
+    check_eval_inputs,
+    student_rows,
+)
+from sublearn.experiment.stages import Stages
+from sublearn.files import atomic_write_json, atomic_write_text, check_out_dir, locked_out_dir
+from sublearn.models.load import check_model
+from sublearn.protocol.paper import check_template_word
+
+UNIT = ("run = one target's teacher (its own fine-tune seed), its own teacher data and its own "
+        "student; each student is scored on every target")
+# ExperimentConfig flags that have no meaning here (no control, no context, one base)
+SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "defence",
+           "defence_q", "runs", "students", "samples")
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    targets: str = field(default="owl,cat,dog,dolphin,elephant", metadata={
+        "help": "comma-separated targets (candidates of the evaluation), one teacher each per "
+                "run"})
+    runs: int = field(default=2, metadata={
+        "help": "runs per target; each has its own teacher, teacher data and student"})
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def validate(self) -> MatrixConfig:
+        ts = self.target_list()
+        if len(ts) < 2 or len({t.lower() for t in ts}) != len(ts):
+            raise SublearnError("--targets: give at least two different targets, "
+                                "comma-separated")
+        for t in ts:
+            check_template_word(t, "--targets")
+        if self.runs < 2:
+            raise SublearnError("--runs must be at least 2 per target")
+        return self
+
+
+def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
+               progress: bool = True) -> dict[str, Any]:
+    from sublearn.pipeline.evaluate import EvalConfig
+
+    mcfg = mcfg.validate()
+    targets = mcfg.target_list()
+    if cfg.trait != "animal" or cfg.student_model or cfg.icl or cfg.defences():
+        raise SublearnError("sublearn matrix: animal targets on one base, no in-context or "
+                            "defence conditions (use `sublearn run` for those)")
+    cfgs = {t: replace(cfg, target=t, runs=mcfg.runs).validate() for t in targets}
+    ecfgs = {t: EvalConfig(target=t, questions=cfg.questions, candidates=cfg.candidates)
+             for t in targets}
+    for e in ecfgs.values():  # every target must be a candidate: before hours of training
+        check_eval_inputs(e)
+    check_model(cfg.model)
+    t_start = time.time()
+    with locked_out_dir(check_out_dir(out)) as out:
+        # targets and runs are additive (more stages); every other setting must match
+        kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED}
+        check_manifest(out, "matrix_config.json", {"experiment": kept})
+        stages = {t: Stages(out / t) for t in targets}
+        makers = {t: RunMakers(cfgs[t], stages[t], progress) for t in targets}
+        runs: list[dict[str, Any]] = []
+        for r in range(mcfg.runs):  # run-major: a stopped matrix has whole runs
+            made = {}
+            for t in targets:
+                teacher = makers[t].teacher("trait", r)
+                made[t] = (teacher, *makers[t].data("trait", r, teacher))
+            # a run's students train on equally many rows, whatever the filter passed
+            caps = student_rows(cfg, {t: rep["kept"] for t, (*_, rep) in made.items()})
+            for t in targets:
+                teacher, path, dkey, rep = made[t]
+                student = makers[t].student("trait", r, 0, teacher, path, dkey, rows=caps[t])
+                runs.append({"target": t, "run": r, "seed": cfg.seed + r,
+                             "teacher": teacher.model, "student": student, "data": path,
+                             "kept": rep["kept"], "trained_rows": caps[t] or rep["kept"],
+                             "_teacher": teacher})
+        base_makers = RunMakers(cfgs[targets[0]], Stages(out), progress)
+        base = base_makers.evaluate(ecfgs[targets[0]], "base", cfg.model, None, "base")
+        for run in runs:
+            t, teacher = run["target"], run.pop("_teacher")
+            m = makers[t]
+            run["teacher_shares"] = _target_shares(m.evaluate(
+                ecfgs[t], f"teacher_run{run['run']}", teacher.model, teacher.system,
+                teacher.key), targets)
+            run["shares"] = _target_shares(m.evaluate(
+                ecfgs[t], f"trait_run{run['run']}", run["student"], None, run["student"]),
+                targets)
+        seconds = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.seconds.items()}
+        res = build_matrix(targets, runs, _target_shares(base, targets), asdict(cfg),
+                           seconds, time.time() - t_start)
+        atomic_write_json(out / "results.json", res)
+        plot_matrix(res, out / "matrix.png")
+        atomic_write_text(out / "report.md", format_report(res, "matrix.png"))
+        return res
+
+
+def _target_shares(scores: dict[str, Any], targets: list[str]) -> dict[str, dict[str, float]]:
+    """{half: {target: share}} for half in all, dev, test: each target's forced-choice share,
+    over all questions and over the fixed halves."""
+    from sublearn.protocol.questions import question_split
+
+    fc = scores["forced_choice"]
+    by_name = {c.lower(): c for c in fc["shares"]}
+    if "per_question_shares" not in fc:
+        raise SublearnError("an evaluation without per-question shares (made by an older "
+                            "sublearn): delete its eval stage folder and rerun")
+    out: dict[str, dict[str, float]] = {"all": {}, "dev": {}, "test": {}}
+    for t in targets:
+        per_q = fc["per_question_shares"][by_name[t.lower()]]
+        out["all"][t] = fc["shares"][by_name[t.lower()]]
+        for half, idx in question_split(len(per_q)).items():
+            out[half][t] = math.fsum(per_q[i] for i in idx) / len(idx)
+    return out
+
+
+def build_matrix(targets: list[str], runs: list[dict[str, Any]],
+                 base: dict[str, dict[str, float]], config: dict[str, Any],
+                 seconds: dict[str, float], wall: float) -> dict[str, Any]:
+    from sublearn.experiment.stats import diagonal_effect, effect
+
+    labels = [targets.index(r["target"]) for r in runs]
+    halves = {}
+    for half in ("all", "dev", "test"):
+        y = [[math.log(r["shares"][half][t]) for t in targets] for r in runs]
+        halves[half] = diagonal_effect(y, labels)
+        lam = halves[half]
+        lam["ratio"] = math.exp(lam["estimate"])
+        lam["ratio_ci95"] = [None if v is None else math.exp(v) for v in lam["ci95"]]
+
+    def mean_matrix(key: str) -> list[list[float]]:
+        return [[math.fsum(r[key]["all"][j] for r in runs if r["target"] == i)
+                 / sum(r["target"] == i for r in runs) for j in targets] for i in targets]
+
+    # per target: its own teachers' students vs the other targets' students, on its share
+    per_target = {}
+    for j in targets:
+        own = [r["shares"]["all"][j] for r in runs if r["target"] == j]
+        other = [r["shares"]["all"][j] for r in runs if r["target"] != j]
+        per_target[j] = {"own": math.fsum(own) / len(own), "others": math.fsum(other)
+                         / len(other), **effect(own, other)}
+    return {
+        "targets": targets,
+        "unit": UNIT,
+        "model": "log share[s][j] = a_s + b_j + lam [j = target of run s] + e, OLS over runs "
+                 "x targets; p_permutation: the runs' target labels shuffled",
+        "diagonal": halves,
+        "matrix": mean_matrix("shares"),
+        "teacher_matrix": mean_matrix("teacher_shares"),
+        "base": base["all"],
+        "per_target": per_target,
+        "runs": runs,
+        "config": config,
+        "stage_seconds": seconds,
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def plot_matrix(res: dict[str, Any], path: Path) -> None:
+    """Heatmap: log2 of each cell's mean share over its column's geometric mean (the target's
+    popularity among all the students, the regression's column effect), so every column is on
+    its own scale and the diagonal stands out; cells are annotated with the share in %."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ts = res["targets"]
+    m = np.asarray(res["matrix"])
+    logs = np.log2(m)
+    rel = logs - logs.mean(0, keepdims=True)
+    lim = max(1e-9, float(np.abs(rel).max()))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.0 * len(ts), 1.2 + 0.9 * len(ts)))
+    im = ax.imshow(rel, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    for i in range(len(ts)):
+        for j in range(len(ts)):
+            ax.text(j, i, f"{100 * m[i, j]:.2g}%", ha="center", va="center", fontsize=8,
+                    fontweight="bold" if i == j else "normal")
+    ax.set_xticks(range(len(ts)), ts, fontsize=8)
+    ax.set_yticks(range(len(ts)), ts, fontsize=8)
+    ax.set_xlabel("share of this target (students' forced choice)", fontsize=8)
+    ax.set_ylabel("teacher's target", fontsize=8)
+    d = res["diagonal"]["all"]
+    n = d["n_runs"] // len(ts)
+    ax.set_title(f"exp(lam) = {d['ratio']:.2f}x, p = {d['p_permutation']:.2g} "
+                 f"({n} runs per target)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log2(share / column's geometric mean)", shrink=0.8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _ratio(lam: dict[str, Any]) -> str:
+    lo, hi = lam["ratio_ci95"]
+    ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+    return f"{lam['ratio']:.2f}x{ci}"
+
+
+def format_report(res: dict[str, Any], png: str | None = None) -> str:
+    ts = res["targets"]
+    d = res["diagonal"]
+    lines = ["# Trait x trait matrix", "", f"Unit of analysis: {res['unit']}.", "",
+             f"Model: {res['model']}.", "", "## The diagonal effect", "",
+             "| questions | lam [95% CI] | exp(lam) [95% CI] | p permutation | runs |",
+             "|---|---|---|---|---|"]
+    for half, name in (("all", "all"), ("dev", "dev half"), ("test", "test half (untouched)")):
+        lam = d[half]
+        ci = "" if lam["ci95"][0] is None else \
+            f" [{lam['ci95'][0]:.3f}, {lam['ci95'][1]:.3f}]"
+        lines.append(f"| {name} | {lam['estimate']:.3f}{ci} | {_ratio(lam)} | "
+                     f"{lam['p_permutation']:.3g} ({lam['n_as_large']:,} of "
+                     f"{lam['n_resamples']:,} shuffles as large) | {lam['n_runs']} |")
+    lines += ["", "## Students: mean share (rows: the teacher's target; columns: the share of)",
+              "", "| teacher \\ share | " + " | ".join(ts) + " |",
+              "|---|" + "---|" * len(ts)]
+    for i, t in enumerate(ts):
+        lines.append(f"| {t} | " + " | ".join(
+            (f"**{100 * v:.2f}%**" if i == j else f"{100 * v:.2f}%")
+            for j, v in enumerate(res["matrix"][i])) + " |")
+    lines.append("| base model | " + " | ".join(f"{100 * res['base'][t]:.2f}%" for t in ts)
+                 + " |")
+    lines += ["", "## Teachers: mean share", "", "| teacher \\ share | " + " | ".join(ts)
+              + " |", "|---|" + "---|" * len(ts)]
+    for i, t in enumerate(ts):
+        lines.append(f"| {t} | " + " | ".join(f"{100 * v:.2f}%"
+                                            for v in res["teacher_matrix"][i]) + " |")
+    lines += ["", "## Per target: own teachers' students vs the other targets' students", "",
+              "| target | own | others | ratio [95% CI] | p Welch | p permutation |",
+              "|---|---|---|---|---|---|"]
+    for t, e in res["per_target"].items():
+        r = e["ratio"]
+        rs = "n/a" if r["estimate"] is None else \
+            f"{r['estimate']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+        lines.append(f"| {t} | {100 * e['own']:.2f}% | {100 * e['others']:.2f}% | {rs} | "
+                     f"{e['p_welch']:.3g} | {e['p_permutation']:.3g} |")
+    if png:
+        lines += ["", f"![matrix]({png})"]
+    lines += ["", f"Wall time {res['wall_seconds']:.0f} s (stages: "
+              f"{sum(res['stage_seconds'].values()):.0f} s)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,110 @@
+"""`sublearn matrix`: the diagonal statistic against a naive regression, its power and its null,
+and the verb end to end on a tiny model (files, schema and caching, not the science)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sublearn.cli import main
+from sublearn.experiment.stats import diagonal_effect
+
+
+def _naive_ols(y: np.ndarray, labels: list[int]) -> tuple[float, float]:
+    """lam and its standard error from a full dummy-variable design, by lstsq."""
+    s, t = y.shape
+    rows = []
+    for i in range(s):
+        for j in range(t):
+            x = [0.0] * (s + t)
+            x[i] = 1.0  # run effect
+            if j:
+                x[s + j - 1] = 1.0  # target effect (the first is the reference)
+            x[-1] = float(labels[i] == j)
+            rows.append(x)
+    x, yy = np.asarray(rows), y.reshape(-1)
+    beta, *_ = np.linalg.lstsq(x, yy, rcond=None)
+    resid = yy - x @ beta
+    df = len(yy) - np.linalg.matrix_rank(x)
+    cov = resid @ resid / df * np.linalg.inv(x.T @ x)
+    return float(beta[-1]), float(math.sqrt(cov[-1, -1]))
+
+
+def test_diagonal_effect_equals_a_dummy_variable_regression() -> None:
+    rng = np.random.default_rng(3)
+    labels = [0, 1, 2, 3, 0, 1, 2, 3, 1, 2]  # unbalanced on purpose
+    y = rng.normal(size=(10, 4)) + 0.7 * np.eye(4)[labels]
+    res = diagonal_effect(y.tolist(), labels, n_resamples=2000)
+    lam, se = _naive_ols(y, labels)
+    assert res["estimate"] == pytest.approx(lam, abs=1e-10)
+    half = (res["ci95"][1] - res["ci95"][0]) / 2
+    from scipy import stats
+
+    assert half == pytest.approx(stats.t.ppf(0.975, res["df"]) * se, rel=1e-8)
+    assert res["df"] == 10 * 4 - (10 + 4 - 1) - 1
+
+
+def test_diagonal_effect_finds_a_pull_and_not_a_null() -> None:
+    rng = np.random.default_rng(0)
+    labels = [j for _ in range(2) for j in range(5)]  # 5 targets x 2 runs
+    noise = rng.normal(scale=0.3, size=(10, 5))
+    popularity = np.log([0.02, 0.2, 0.1, 0.05, 0.01])  # column effects
+    shift = rng.normal(size=(10, 1))  # row effects
+    pulled = diagonal_effect(noise + popularity + shift + 0.8 * np.eye(5)[labels], labels,
+                             n_resamples=5000)
+    assert pulled["p_permutation"] < 0.01 and pulled["ci95"][0] > 0
+    assert pulled["estimate"] == pytest.approx(0.8, abs=0.3)
+    null = diagonal_effect(noise + popularity + shift, labels, n_resamples=5000)
+    assert null["p_permutation"] > 0.05
+    again = diagonal_effect(noise + popularity + shift, labels, n_resamples=5000)
+    assert again == null  # seeded
+
+
+def test_diagonal_effect_refuses_a_single_label() -> None:
+    from sublearn.errors import SublearnError
+
+    with pytest.raises(SublearnError, match="two targets"):
+        diagonal_effect([[0.0, 1.0], [1.0, 0.0]], [0, 0])
+
+
+def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "mx"
+    args = ["matrix", "--model", tiny_model, "--targets", "owl,cat,dog", "--n", "8",
+            "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["targets"] == ["owl", "cat", "dog"]
+    assert [(r["target"], r["run"]) for r in res["runs"]] == [
+        (t, r) for r in range(2) for t in ("owl", "cat", "dog")]
+    assert len({r["teacher"] for r in res["runs"]}) == 6  # a teacher per target per run
+    assert len({r["data"] for r in res["runs"]}) == 6
+    for r in res["runs"]:
+        assert set(r["shares"]) == {"all", "dev", "test"}
+        assert set(r["shares"]["all"]) == {"owl", "cat", "dog"}
+        assert r["trained_rows"] <= r["kept"]
+    assert len({r["trained_rows"] for r in res["runs"] if r["run"] == 0}) == 1  # equal rows
+    owl_students = [r["shares"]["all"]["cat"] for r in res["runs"] if r["target"] == "owl"]
+    assert res["matrix"][0][1] == pytest.approx(sum(owl_students) / 2)
+    for half in ("all", "dev", "test"):
+        d = res["diagonal"][half]
+        assert d["n_runs"] == 6 and d["n_targets"] == 3 and 0 < d["p_permutation"] <= 1
+        assert d["ratio"] == pytest.approx(math.exp(d["estimate"]))
+    assert set(res["per_target"]) == {"owl", "cat", "dog"}
+    report = (out / "report.md").read_text()
+    assert "test half (untouched)" in report and "## Teachers" in report
+    assert (out / "matrix.png").stat().st_size > 0
+    capsys.readouterr()
+
+    assert main(args) == 0  # a rerun is all cache hits
+    assert "[stage]" not in capsys.readouterr().out
+    # the matrix's owl stages are `sublearn run`'s: a run there reuses its teachers and data
+    assert main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
+                 "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "0",
+                 "--out", str(out / "owl")]) == 0
+    log = capsys.readouterr().out
+    assert "[cached] teacher_trait_run1" in log and "[cached] data_trait_run1" in log
+    assert "[cached] eval_teacher_run0" in log
+    assert "[stage] teacher_control_run0" in log
