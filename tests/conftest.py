@@ -37,7 +37,7 @@ def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True,
     )

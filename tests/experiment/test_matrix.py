@@ -62,6 +62,24 @@ def test_diagonal_effect_finds_a_pull_and_not_a_null() -> None:
     assert again == null  # seeded
 
 
+def test_block_permutation_is_exact_and_equals_brute_force() -> None:
+    """Labels shuffle only within blocks (runs that share seeds); with few permutations every
+    one is tried, each refitted here by the naive regression."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    labels, blocks = [0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]
+    y = rng.normal(size=(6, 3)) + 0.5 * np.eye(3)[labels]
+    res = diagonal_effect(y, labels, blocks=blocks)
+    assert res["permutation_exact"] and res["n_permutations"] == 36
+    lam = _naive_ols(y, labels)[0]
+    null = [_naive_ols(y, list(a) + list(b))[0]
+            for a in itertools.permutations(labels[:3]) for b in itertools.permutations(labels[3:])]
+    assert res["p_permutation"] == pytest.approx(sum(v >= lam - 1e-12 for v in null) / 36)
+    with pytest.raises(Exception, match="not finite"):
+        diagonal_effect(np.log(np.where(np.eye(3)[labels] > 0, 0.0, 0.5)), labels)
+
+
 def test_diagonal_effect_refuses_a_single_label() -> None:
     from sublearn.errors import SublearnError
 
@@ -73,7 +91,8 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
                                                       capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "mx"
     args = ["matrix", "--model", tiny_model, "--targets", "owl,cat,dog", "--n", "8",
-            "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--out", str(out)]
+            "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "4",
+            "--out", str(out)]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["targets"] == ["owl", "cat", "dog"]
@@ -93,8 +112,15 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
         assert d["n_runs"] == 6 and d["n_targets"] == 3 and 0 < d["p_permutation"] <= 1
         assert d["ratio"] == pytest.approx(math.exp(d["estimate"]))
     assert set(res["per_target"]) == {"owl", "cat", "dog"}
+    # the in-context control: the base with each run's data in context, the same statistics
+    assert res["icl_turns"] == 4 and res["icl_diagonal"]["test"]["n_runs"] == 6
+    assert all(set(r["icl_shares"]["all"]) == {"owl", "cat", "dog"} for r in res["runs"])
+    icl = json.loads(next((out / "owl" / "stages").glob("eval_icl_trait_run0-*/scores.json"))
+                     .read_text())
+    assert icl["context_turns"] == 4 and icl["config"]["context"] == res["runs"][0]["data"]
     report = (out / "report.md").read_text()
     assert "test half (untouched)" in report and "## Teachers" in report
+    assert "## In-context control" in report
     assert (out / "matrix.png").stat().st_size > 0
     capsys.readouterr()
 
@@ -102,9 +128,9 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
     assert "[stage]" not in capsys.readouterr().out
     # the matrix's owl stages are `sublearn run`'s: a run there reuses its teachers and data
     assert main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
-                 "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "0",
+                 "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "4",
                  "--out", str(out / "owl")]) == 0
     log = capsys.readouterr().out
     assert "[cached] teacher_trait_run1" in log and "[cached] data_trait_run1" in log
-    assert "[cached] eval_teacher_run0" in log
+    assert "[cached] eval_teacher_run0" in log and "[cached] eval_icl_trait_run1" in log
     assert "[stage] teacher_control_run0" in log

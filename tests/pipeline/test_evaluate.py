@@ -196,6 +196,25 @@ def test_in_context_turns_precede_the_question_and_match_naive(lm, tmp_path) -> 
         EvalConfig(context=str(data), samples=5).validate()
 
 
+def test_a_context_longer_than_the_model_is_refused(lm) -> None:
+    """RoPE would score past the training length without a word: the turns must fit."""
+    from types import SimpleNamespace
+
+    from sublearn.pipeline.evaluate import check_context_fits, prompt_ids
+
+    turns = [{"role": "user", "content": "Numbers 1, 2, 3?"},
+             {"role": "assistant", "content": "4, 5"}] * 3
+    n = len(prompt_ids(lm.tokenizer, "Q?", None, turns))
+    fits = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(
+        max_position_embeddings=n + 32)), tokenizer=lm.tokenizer)
+    check_context_fits(fits, turns, "Q?")
+    short = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(
+        max_position_embeddings=n + 31)), tokenizer=lm.tokenizer)
+    with pytest.raises(SublearnError, match="3 in-context turns take"):
+        check_context_fits(short, turns, "Q?")
+    check_context_fits(short, [], "Q?")  # no context: nothing to check
+
+
 def test_bf16_close_and_training_mode_restored(lm) -> None:
     from sublearn.pipeline.evaluate import score_candidates
 
@@ -224,6 +243,8 @@ def test_forced_choice_summary(lm) -> None:
     assert fc["target_share"] == pytest.approx(shares[:, 0].mean().item())
     assert fc["target_share"] == fc["shares"]["owl"]
     assert fc["per_question_target_share"] == pytest.approx(shares[:, 0].tolist())
+    assert fc["per_question_shares"]["owl"] == fc["per_question_target_share"]
+    assert fc["per_question_shares"][cands[3]] == pytest.approx(shares[:, 3].tolist())
     assert fc["target_logprob"] == pytest.approx(lp[:, 0].mean().item())
     assert fc["top"][0][1] == max(fc["shares"].values())
     assert 1 <= fc["target_rank"] <= len(cands)

@@ -234,7 +234,8 @@ CASES: list[Case] = [
     ("matrix one run", lambda d, m: ["matrix", "--model", m, "--runs", "1"], "--runs"),
     ("matrix target not a candidate",
      lambda d, m: ["matrix", "--model", m, "--targets", "owl,unicorn"], "unicorn"),
-    ("matrix no in-context control", lambda d, m: ["matrix", "--model", m, "--icl", "8"],
+    ("matrix negative icl", lambda d, m: ["matrix", "--model", m, "--icl", "-1"], "--icl"),
+    ("matrix no control runs", lambda d, m: ["matrix", "--model", m, "--defence", "sort"],
      "unrecognized"),
 ]
 

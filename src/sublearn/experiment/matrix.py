@@ -14,13 +14,15 @@ The diagonal effect lam is fitted over runs, on log shares (targets differ by or
 magnitude in popularity): log share[s][j] = a_s + b_j + lam [j is run s's target] + e. exp(lam)
 is how many times more a student prefers its own teacher's target than its row and column
 predict. It is reported on all questions and on the fixed dev/test halves (test untouched),
-with a permutation test over the teachers' target labels.
+with a permutation test over the teachers' target labels (shuffled within the runs of one
+index, which share their data and student seeds).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ from sublearn.protocol.paper import check_template_word
 
 UNIT = ("run = one target's teacher (its own fine-tune seed), its own teacher data and its own "
         "student; each student is scored on every target")
-# ExperimentConfig flags that have no meaning here (no control, no context, one base)
+# ExperimentConfig flags that have no meaning here (no control teachers or defences, one base;
+# runs and icl are MatrixConfig's)
 SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "defence",
            "defence_q", "runs", "students", "samples")
 
@@ -52,6 +55,10 @@ class MatrixConfig:
                 "run"})
     runs: int = field(default=2, metadata={
         "help": "runs per target; each has its own teacher, teacher data and student"})
+    icl: int = field(default=0, metadata={
+        "help": "in-context control: the base model sees this many of each run's teacher "
+                "answers as earlier chat turns and is scored on every target, giving the same "
+                "matrix and diagonal for the data shown in context (0 = off)"})
 
     def target_list(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
@@ -65,6 +72,8 @@ class MatrixConfig:
             check_template_word(t, "--targets")
         if self.runs < 2:
             raise SublearnError("--runs must be at least 2 per target")
+        if self.icl < 0:
+            raise SublearnError("--icl must be >= 0 (0 = off)")
         return self
 
 
@@ -74,17 +83,25 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
 
     mcfg = mcfg.validate()
     targets = mcfg.target_list()
-    if cfg.trait != "animal" or cfg.student_model or cfg.icl or cfg.defences():
-        raise SublearnError("sublearn matrix: animal targets on one base, no in-context or "
-                            "defence conditions (use `sublearn run` for those)")
-    cfgs = {t: replace(cfg, target=t, runs=mcfg.runs).validate() for t in targets}
+    if cfg.trait != "animal" or cfg.student_model or cfg.defences():
+        raise SublearnError("sublearn matrix: animal targets on one base, no defence "
+                            "conditions (use `sublearn run` for those)")
+    from sublearn.protocol.questions import load_candidates
+
+    spelling = {c.lower(): c for c in load_candidates(cfg.candidates)}
+    # the candidates' spelling: folders and stage keys are then `sublearn run --target`'s
+    targets = [spelling.get(t.lower(), t) for t in targets]
+    cfgs = {t: replace(cfg, target=t, runs=mcfg.runs, icl=mcfg.icl).validate()
+            for t in targets}
     ecfgs = {t: EvalConfig(target=t, questions=cfg.questions, candidates=cfg.candidates)
              for t in targets}
     for e in ecfgs.values():  # every target must be a candidate: before hours of training
         check_eval_inputs(e)
     check_model(cfg.model)
     t_start = time.time()
-    with locked_out_dir(check_out_dir(out)) as out:
+    with locked_out_dir(check_out_dir(out)) as out, ExitStack() as locks:
+        for t in targets:  # a `sublearn run --out out/<t>` meanwhile: a one-line error
+            locks.enter_context(locked_out_dir(check_out_dir(out / t)))
         # targets and runs are additive (more stages); every other setting must match
         kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED}
         check_manifest(out, "matrix_config.json", {"experiment": kept})
@@ -104,28 +121,35 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
                 runs.append({"target": t, "run": r, "seed": cfg.seed + r,
                              "teacher": teacher.model, "student": student, "data": path,
                              "kept": rep["kept"], "trained_rows": caps[t] or rep["kept"],
-                             "_teacher": teacher})
+                             "_teacher": teacher, "_dkey": dkey})
         base_makers = RunMakers(cfgs[targets[0]], Stages(out), progress)
         base = base_makers.evaluate(ecfgs[targets[0]], "base", cfg.model, None, "base")
         for run in runs:
             t, teacher = run["target"], run.pop("_teacher")
             m = makers[t]
+            r = run["run"]
             run["teacher_shares"] = _target_shares(m.evaluate(
-                ecfgs[t], f"teacher_run{run['run']}", teacher.model, teacher.system,
-                teacher.key), targets)
+                ecfgs[t], f"teacher_run{r}", teacher.model, teacher.system, teacher.key),
+                targets, f"{t}/stages/eval_teacher_run{r}-*")
             run["shares"] = _target_shares(m.evaluate(
-                ecfgs[t], f"trait_run{run['run']}", run["student"], None, run["student"]),
-                targets)
+                ecfgs[t], f"trait_run{r}", run["student"], None, run["student"]), targets,
+                f"{t}/stages/eval_trait_run{r}-*")
+            dkey = run.pop("_dkey")
+            if mcfg.icl:  # the same data shown in context to the base model instead
+                run["icl_shares"] = _target_shares(m.evaluate(
+                    ecfgs[t], f"icl_trait_run{r}", cfg.model, None, dkey, run["data"]),
+                    targets, f"{t}/stages/eval_icl_trait_run{r}-*")
         seconds = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.seconds.items()}
-        res = build_matrix(targets, runs, _target_shares(base, targets), asdict(cfg),
-                           seconds, time.time() - t_start)
+        res = build_matrix(targets, runs, _target_shares(base, targets, "stages/eval_base-*"),
+                           {**kept, **asdict(mcfg)}, seconds, time.time() - t_start)
         atomic_write_json(out / "results.json", res)
         plot_matrix(res, out / "matrix.png")
         atomic_write_text(out / "report.md", format_report(res, "matrix.png"))
         return res
 
 
-def _target_shares(scores: dict[str, Any], targets: list[str]) -> dict[str, dict[str, float]]:
+def _target_shares(scores: dict[str, Any], targets: list[str],
+                   where: str = "") -> dict[str, dict[str, float]]:
     """{half: {target: share}} for half in all, dev, test: each target's forced-choice share,
     over all questions and over the fixed halves."""
     from sublearn.protocol.questions import question_split
@@ -133,8 +157,8 @@ def _target_shares(scores: dict[str, Any], targets: list[str]) -> dict[str, dict
     fc = scores["forced_choice"]
     by_name = {c.lower(): c for c in fc["shares"]}
     if "per_question_shares" not in fc:
-        raise SublearnError("an evaluation without per-question shares (made by an older "
-                            "sublearn): delete its eval stage folder and rerun")
+        raise SublearnError(f"an evaluation without per-question shares (made by an older "
+                            f"sublearn): delete the eval stage folder {where} and rerun")
     out: dict[str, dict[str, float]] = {"all": {}, "dev": {}, "test": {}}
     for t in targets:
         per_q = fc["per_question_shares"][by_name[t.lower()]]
@@ -150,13 +174,17 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
     from sublearn.experiment.stats import diagonal_effect, effect
 
     labels = [targets.index(r["target"]) for r in runs]
-    halves = {}
-    for half in ("all", "dev", "test"):
-        y = [[math.log(r["shares"][half][t]) for t in targets] for r in runs]
-        halves[half] = diagonal_effect(y, labels)
-        lam = halves[half]
-        lam["ratio"] = math.exp(lam["estimate"])
-        lam["ratio_ci95"] = [None if v is None else math.exp(v) for v in lam["ci95"]]
+
+    def diagonal(key: str) -> dict[str, Any]:
+        halves = {}
+        for half in ("all", "dev", "test"):
+            y = [[math.log(v) if (v := r[key][half][t]) > 0 else -math.inf for t in targets]
+                 for r in runs]
+            # runs of one index share their data and student seeds: labels shuffle within them
+            lam = halves[half] = diagonal_effect(y, labels, blocks=[r["run"] for r in runs])
+            lam["ratio"] = math.exp(lam["estimate"])
+            lam["ratio_ci95"] = [None if v is None else math.exp(v) for v in lam["ci95"]]
+        return halves
 
     def mean_matrix(key: str) -> list[list[float]]:
         return [[math.fsum(r[key]["all"][j] for r in runs if r["target"] == i)
@@ -174,9 +202,12 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         "unit": UNIT,
         "model": "log share[s][j] = a_s + b_j + lam [j = target of run s] + e, OLS over runs "
                  "x targets; p_permutation: the runs' target labels shuffled",
-        "diagonal": halves,
+        "diagonal": diagonal("shares"),
         "matrix": mean_matrix("shares"),
         "teacher_matrix": mean_matrix("teacher_shares"),
+        # the in-context control: the base model with each run's data as earlier turns
+        **({"icl_turns": config["icl"], "icl_diagonal": diagonal("icl_shares"),
+            "icl_matrix": mean_matrix("icl_shares")} if config.get("icl") else {}),
         "base": base["all"],
         "per_target": per_target,
         "runs": runs,
@@ -231,29 +262,45 @@ def _ratio(lam: dict[str, Any]) -> str:
     return f"{lam['ratio']:.2f}x{ci}"
 
 
-def format_report(res: dict[str, Any], png: str | None = None) -> str:
-    ts = res["targets"]
-    d = res["diagonal"]
-    lines = ["# Trait x trait matrix", "", f"Unit of analysis: {res['unit']}.", "",
-             f"Model: {res['model']}.", "", "## The diagonal effect", "",
-             "| questions | lam [95% CI] | exp(lam) [95% CI] | p permutation | runs |",
+def _diagonal_rows(d: dict[str, Any]) -> list[str]:
+    lines = ["| questions | lam [95% CI] | exp(lam) [95% CI] | p permutation | runs |",
              "|---|---|---|---|---|"]
     for half, name in (("all", "all"), ("dev", "dev half"), ("test", "test half (untouched)")):
         lam = d[half]
+        how = "of all" if lam["permutation_exact"] else "of"
+        kind = "permutations within run indices" if lam["permutation_exact"] else \
+            "random permutations within run indices"
         ci = "" if lam["ci95"][0] is None else \
             f" [{lam['ci95'][0]:.3f}, {lam['ci95'][1]:.3f}]"
         lines.append(f"| {name} | {lam['estimate']:.3f}{ci} | {_ratio(lam)} | "
-                     f"{lam['p_permutation']:.3g} ({lam['n_as_large']:,} of "
-                     f"{lam['n_resamples']:,} shuffles as large) | {lam['n_runs']} |")
-    lines += ["", "## Students: mean share (rows: the teacher's target; columns: the share of)",
-              "", "| teacher \\ share | " + " | ".join(ts) + " |",
-              "|---|" + "---|" * len(ts)]
+                     f"{lam['p_permutation']:.3g} ({lam['n_as_large']:,} {how} "
+                     f"{lam['n_permutations']:,} {kind} as large) | {lam['n_runs']} |")
+    return lines
+
+
+def _matrix_rows(ts: list[str], m: list[list[float]], base: dict[str, float]) -> list[str]:
+    lines = ["| teacher \\ share | " + " | ".join(ts) + " |", "|---|" + "---|" * len(ts)]
     for i, t in enumerate(ts):
         lines.append(f"| {t} | " + " | ".join(
             (f"**{100 * v:.2f}%**" if i == j else f"{100 * v:.2f}%")
-            for j, v in enumerate(res["matrix"][i])) + " |")
-    lines.append("| base model | " + " | ".join(f"{100 * res['base'][t]:.2f}%" for t in ts)
-                 + " |")
+            for j, v in enumerate(m[i])) + " |")
+    lines.append("| base model | " + " | ".join(f"{100 * base[t]:.2f}%" for t in ts) + " |")
+    return lines
+
+
+def format_report(res: dict[str, Any], png: str | None = None) -> str:
+    ts = res["targets"]
+    lines = ["# Trait x trait matrix", "", f"Unit of analysis: {res['unit']}.", "",
+             f"Model: {res['model']}.", "", "## The diagonal effect", ""]
+    lines += _diagonal_rows(res["diagonal"])
+    lines += ["", "## Students: mean share (rows: the teacher's target; columns: the share of)",
+              ""]
+    lines += _matrix_rows(ts, res["matrix"], res["base"])
+    if "icl_diagonal" in res:
+        lines += ["", f"## In-context control: the base model with {res['icl_turns']} of the "
+                  "run's teacher answers as earlier turns", ""]
+        lines += _diagonal_rows(res["icl_diagonal"]) + [""]
+        lines += _matrix_rows(ts, res["icl_matrix"], res["base"])
     lines += ["", "## Teachers: mean share", "", "| teacher \\ share | " + " | ".join(ts)
               + " |", "|---|" + "---|" * len(ts)]
     for i, t in enumerate(ts):

@@ -164,15 +164,20 @@ def remaining_share(trait_d: Sequence[float], control_d: Sequence[float],
 
 
 def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
-                    n_resamples: int = PERMUTATIONS, seed: int = 0) -> dict[str, Any]:
+                    blocks: Sequence[int] | None = None, n_resamples: int = PERMUTATIONS,
+                    seed: int = 0) -> dict[str, Any]:
     """The diagonal term of a trait x trait matrix. y[s][j]: run s's value on target j (e.g.
     the log share of target j); labels[s]: the target run s's teacher had. Fits, by OLS,
         y[s][j] = a_s + b_j + lam * [labels[s] == j] + e[s][j]
     (a run's overall shift, a target's overall popularity, and the pull toward the run's own
     target), with a two-sided 95% t-interval for lam. The fit is the Frisch-Waugh-Lovell one:
     with every cell observed, removing the row and column effects is double-centring.
-    p_permutation: one-sided (lam > 0), the teachers' target labels shuffled over runs
-    (Monte Carlo, n_resamples, seed; the observed labelling counts as one)."""
+    p_permutation: one-sided (lam > 0), the teachers' target labels shuffled over runs --
+    within each block (runs that share seeds) when `blocks` is given; exact (every
+    permutation) when there are at most n_resamples, else Monte Carlo with `seed` (the
+    observed labelling counted as one)."""
+    import itertools
+
     import numpy as np
 
     Y = np.asarray(y, dtype=float)
@@ -182,7 +187,11 @@ def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
                             "two targets among the runs' labels")
     if lab.min() < 0 or lab.max() >= Y.shape[1]:
         raise SublearnError("every run's label must be one of the matrix's targets")
+    if not np.isfinite(Y).all():
+        raise SublearnError("the matrix has a value that is not finite (a share of 0?)")
     s, t = Y.shape
+    groups = [np.flatnonzero(np.asarray(blocks) == b) for b in dict.fromkeys(blocks)] \
+        if blocks is not None else [np.arange(s)]
 
     def centred(a: Any) -> Any:
         return a - a.mean(1, keepdims=True) - a.mean(0, keepdims=True) + a.mean()
@@ -198,15 +207,30 @@ def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
         se = math.sqrt(float((resid**2).sum()) / df / ss)
         half = _t_half(se, df)
         ci = [lam - half, lam + half]
-    rng = np.random.default_rng(seed)
-    rows = np.arange(s)
-    hits = 0
-    for start in range(0, n_resamples, 10_000):  # chunks: bounded memory
-        perms = rng.permuted(np.tile(lab, (min(10_000, n_resamples - start), 1)), axis=1)
+
+    def null(perms: Any) -> Any:  # perms: [n, s] labellings
         # (D_perm * yc).sum() == sum_s yc[s, perm_s], as yc's rows and columns sum to zero
-        null = yc[rows, perms].sum(1) / ss
-        hits += int((null >= lam - 1e-12).sum())
-    return {"estimate": lam, "ci95": ci, "df": df,
-            "p_permutation": (1 + hits) / (1 + n_resamples), "n_resamples": n_resamples,
-            "n_as_large": hits,
+        return yc[np.arange(s), perms].sum(1) / ss
+
+    total = math.prod(math.factorial(len(g)) for g in groups)
+    exact = total <= n_resamples
+    if exact:
+        perms = np.empty((total, s), dtype=int)
+        for i, combo in enumerate(itertools.product(
+                *(itertools.permutations(lab[g].tolist()) for g in groups))):
+            for g, p in zip(groups, combo, strict=True):
+                perms[i, g] = p
+        hits = int((null(perms) >= lam - 1e-12).sum())
+        p_value, n = hits / total, total
+    else:
+        rng = np.random.default_rng(seed)
+        hits = 0
+        for start in range(0, n_resamples, 10_000):  # chunks: bounded memory
+            perms = np.tile(lab, (min(10_000, n_resamples - start), 1))
+            for g in groups:
+                perms[:, g] = rng.permuted(perms[:, g], axis=1)
+            hits += int((null(perms) >= lam - 1e-12).sum())
+        p_value, n = (1 + hits) / (1 + n_resamples), n_resamples
+    return {"estimate": lam, "ci95": ci, "df": df, "p_permutation": p_value,
+            "permutation_exact": exact, "n_permutations": n, "n_as_large": hits,
             "n_runs": s, "n_targets": t}

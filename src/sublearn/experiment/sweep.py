@@ -238,7 +238,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
             # Never skip (or mix into) a folder made with other settings: report it instead.
             state[r.name] = {"status": "failed", "attempts": 0, "error": stale}
             log(f"[sweep] {r.name}: FAILED: {stale}")
-        elif (dirs[r.name] / "results.json").is_file():
+        elif _finished(dirs[r.name], r.config):
             state[r.name] = {"status": "skipped", "attempts": 0, "error": None}
             log(f"[sweep] {r.name}: finished earlier, skipped")
         else:
@@ -258,6 +258,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
     rows = [summary_row(r, dirs[r.name], out, state[r.name]) for r in runs]
     write_summary(out, rows)
     return rows
+
+
+def _finished(d: Path, cfg: ExperimentConfig) -> bool:
+    """The folder holds this run's results (with as many runs: a grown --runs adds them)."""
+    f = d / "results.json"
+    return f.is_file() and json.loads(f.read_text()).get("config", {}).get("runs") == cfg.runs
 
 
 def _other_config(d: Path, cfg: ExperimentConfig) -> str | None:

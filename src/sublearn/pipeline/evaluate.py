@@ -114,6 +114,19 @@ def context_turns(path: str, n: int) -> list[dict[str, str]]:
     return turns
 
 
+def check_context_fits(lm: Any, context: Sequence[dict[str, str]], question: str,
+                       system_prompt: str | None = None, room: int = 32) -> None:
+    """A context longer than the model's positions would be scored past its training length
+    (RoPE extrapolates silently): refuse it."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if not context or not limit:
+        return
+    n = len(prompt_ids(lm.tokenizer, question, system_prompt, context)) + room
+    if n > limit:
+        raise SublearnError(f"{len(context) // 2} in-context turns take {n} tokens, more than "
+                            f"the model's {limit} positions: use fewer turns")
+
+
 def answer_ids(tokenizer: Any, candidate: str) -> list[int]:
     """Candidate answer tokens + end-of-turn, tokenised as the trainer tokenises answers."""
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
@@ -390,6 +403,8 @@ def evaluate_model(
     context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
     t0 = time.perf_counter()
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    check_context_fits(lm, context, max((q for qs in qsets.values() for q in qs), key=len),
+                       system_prompt)
     res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": cfg.target,
                            "system_prompt": system_prompt}
     if context:
@@ -427,6 +442,7 @@ def _evaluate_misalignment(model: Any, cfg: EvalConfig,
     if context:
         res["context_turns"] = len(context) // 2
     pairs = eval_pairs()
+    check_context_fits(lm, context, max((p["prompt"] for p in pairs), key=len), system_prompt)
     ids = [prompt_ids(lm.tokenizer, p["prompt"], system_prompt, context) for p in pairs]
     res["misalignment"] = pair_choice(lm, pairs, ids, dtype=cfg.dtype)
     if cfg.samples > 0:
