@@ -201,3 +201,14 @@ def locked_out_dir(path: str | Path) -> Iterator[Path]:
     path = ensure_writable_dir(path)
     with folder_lock(path):
         yield path
+
+
+def atomic_savefig(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as `path` atomically (a temp file, then a rename), like every
+    other artefact, and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from sublearn.files import atomic_write_text
+from sublearn.files import atomic_savefig, atomic_write_text
 
 WHAT = {"teacher": "suspected teacher vs base", "probe": "short fine-tune on the data vs base"}
 
@@ -72,10 +71,7 @@ def plot_histogram(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(WHAT.get(det, det), fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
     return True
 
 

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.experiment.matrix import MatrixConfig, run_matrix
+    from sublearn.experiment.matrix import MatrixConfig, ratio_text, run_matrix
     from sublearn.experiment.run import ExperimentConfig
 
     mcfg = dataclass_from_args(MatrixConfig, args).validate()
@@ -26,8 +26,6 @@ def run(args: argparse.Namespace) -> int:
                                                target=mcfg.target_list()[0]), args.out)
     print(f"\nresults.json, report.md and matrix.png in {args.out}")
     for half, lam in res["diagonal"].items():
-        lo, hi = lam["ratio_ci95"]
-        ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
         print(f"  diagonal ({half} questions): lam {lam['estimate']:.3f}, exp(lam) "
-              f"{lam['ratio']:.2f}x{ci}, permutation p {lam['p_permutation']:.3g}")
+              f"{ratio_text(lam)}, permutation p {lam['p_permutation']:.3g}")
     return 0

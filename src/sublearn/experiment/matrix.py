@@ -34,9 +34,16 @@ from sublearn.experiment.run import (
     RunMakers,
     check_eval_inputs,
     student_rows,
+    with_halves,
 )
 from sublearn.experiment.stages import Stages
-from sublearn.files import atomic_write_json, atomic_write_text, check_out_dir, locked_out_dir
+from sublearn.files import (
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_dir,
+    locked_out_dir,
+)
 from sublearn.models.load import check_model
 from sublearn.protocol.paper import check_template_word
 
@@ -152,8 +159,6 @@ def _target_shares(scores: dict[str, Any], targets: list[str],
                    where: str = "") -> dict[str, dict[str, float]]:
     """{half: {target: share}} for half in all, dev, test: each target's forced-choice share,
     over all questions and over the fixed halves."""
-    from sublearn.protocol.questions import question_split
-
     fc = scores["forced_choice"]
     by_name = {c.lower(): c for c in fc["shares"]}
     if "per_question_shares" not in fc:
@@ -161,10 +166,9 @@ def _target_shares(scores: dict[str, Any], targets: list[str],
                             f"sublearn): delete the eval stage folder {where} and rerun")
     out: dict[str, dict[str, float]] = {"all": {}, "dev": {}, "test": {}}
     for t in targets:
-        per_q = fc["per_question_shares"][by_name[t.lower()]]
-        out["all"][t] = fc["shares"][by_name[t.lower()]]
-        for half, idx in question_split(len(per_q)).items():
-            out[half][t] = math.fsum(per_q[i] for i in idx) / len(idx)
+        c = by_name[t.lower()]
+        h = with_halves("s", fc["shares"][c], fc["per_question_shares"][c])
+        out["all"][t], out["dev"][t], out["test"][t] = h["s"], h["s_dev"], h["s_test"]
     return out
 
 
@@ -201,7 +205,7 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         "targets": targets,
         "unit": UNIT,
         "model": "log share[s][j] = a_s + b_j + lam [j = target of run s] + e, OLS over runs "
-                 "x targets; p_permutation: the runs' target labels shuffled",
+                 "x targets; p_permutation: the runs' target labels permuted within run indices",
         "diagonal": diagonal("shares"),
         "matrix": mean_matrix("shares"),
         "teacher_matrix": mean_matrix("teacher_shares"),
@@ -221,8 +225,6 @@ def plot_matrix(res: dict[str, Any], path: Path) -> None:
     """Heatmap: log2 of each cell's mean share over its column's geometric mean (the target's
     popularity among all the students, the regression's column effect), so every column is on
     its own scale and the diagonal stands out; cells are annotated with the share in %."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,13 +252,11 @@ def plot_matrix(res: dict[str, Any], path: Path) -> None:
                  f"({n} runs per target)", fontsize=9)
     fig.colorbar(im, ax=ax, label="log2(share / column's geometric mean)", shrink=0.8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
-def _ratio(lam: dict[str, Any]) -> str:
+def ratio_text(lam: dict[str, Any]) -> str:
+    """exp(lam) with its interval, e.g. `1.50x [1.35, 1.66]`."""
     lo, hi = lam["ratio_ci95"]
     ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
     return f"{lam['ratio']:.2f}x{ci}"
@@ -272,19 +272,24 @@ def _diagonal_rows(d: dict[str, Any]) -> list[str]:
             "random permutations within run indices"
         ci = "" if lam["ci95"][0] is None else \
             f" [{lam['ci95'][0]:.3f}, {lam['ci95'][1]:.3f}]"
-        lines.append(f"| {name} | {lam['estimate']:.3f}{ci} | {_ratio(lam)} | "
+        lines.append(f"| {name} | {lam['estimate']:.3f}{ci} | {ratio_text(lam)} | "
                      f"{lam['p_permutation']:.3g} ({lam['n_as_large']:,} {how} "
                      f"{lam['n_permutations']:,} {kind} as large) | {lam['n_runs']} |")
     return lines
 
 
-def _matrix_rows(ts: list[str], m: list[list[float]], base: dict[str, float]) -> list[str]:
+def _matrix_rows(ts: list[str], m: list[list[float]],
+                 base: dict[str, float] | None = None) -> list[str]:
+    """A markdown table of mean shares (rows: the teacher's target); with `base`, the diagonal
+    in bold and the base model as a last row."""
     lines = ["| teacher \\ share | " + " | ".join(ts) + " |", "|---|" + "---|" * len(ts)]
     for i, t in enumerate(ts):
         lines.append(f"| {t} | " + " | ".join(
-            (f"**{100 * v:.2f}%**" if i == j else f"{100 * v:.2f}%")
+            (f"**{100 * v:.2f}%**" if i == j and base else f"{100 * v:.2f}%")
             for j, v in enumerate(m[i])) + " |")
-    lines.append("| base model | " + " | ".join(f"{100 * base[t]:.2f}%" for t in ts) + " |")
+    if base:
+        lines.append("| base model | " + " | ".join(f"{100 * base[t]:.2f}%" for t in ts)
+                     + " |")
     return lines
 
 
@@ -301,11 +306,7 @@ def format_report(res: dict[str, Any], png: str | None = None) -> str:
                   "run's teacher answers as earlier turns", ""]
         lines += _diagonal_rows(res["icl_diagonal"]) + [""]
         lines += _matrix_rows(ts, res["icl_matrix"], res["base"])
-    lines += ["", "## Teachers: mean share", "", "| teacher \\ share | " + " | ".join(ts)
-              + " |", "|---|" + "---|" * len(ts)]
-    for i, t in enumerate(ts):
-        lines.append(f"| {t} | " + " | ".join(f"{100 * v:.2f}%"
-                                            for v in res["teacher_matrix"][i]) + " |")
+    lines += ["", "## Teachers: mean share", ""] + _matrix_rows(ts, res["teacher_matrix"])
     lines += ["", "## Per target: own teachers' students vs the other targets' students", "",
               "| target | own | others | ratio [95% CI] | p Welch | p permutation |",
               "|---|---|---|---|---|---|"]

@@ -11,12 +11,11 @@ than failing a finished run.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from sublearn.files import atomic_write_text
+from sublearn.files import atomic_savefig, atomic_write_text
 
 # Known conditions first, in the paper's order; anything else follows in insertion order.
 CONDITION_ORDER = ("base", "teacher_base", "teacher", "control_teacher", "control", "trait")
@@ -245,10 +244,7 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
         title += f"  (trait > control over {n} runs: p = {p:.3g})"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic, like every other artefact
+    atomic_savefig(fig, path)
     return True
 
 

@@ -358,7 +358,6 @@ class RunMakers:
             if soft else None, grammar=grammar,
             exclude=cfg.target if topk and cfg.trait == "animal" else None)
 
-
     def student(self, cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
                 tag: str = "", rows: int | None = None) -> str:
         """Student k of run r on the data at `path` (capped at `rows`); its adapter folder."""
@@ -496,11 +495,11 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
     dev, and test is reported untouched."""
     if "misalignment" in scores:
         mis = scores["misalignment"]
-        m = _with_halves("misaligned_share", mis["misaligned_share"], mis["per_prompt_share"])
+        m = with_halves("misaligned_share", mis["misaligned_share"], mis["per_prompt_share"])
         m["misaligned_share_per_token"] = mis["misaligned_share_per_token"]
         return m
     fc = scores["forced_choice"]
-    m = _with_halves("forced_choice_share", fc["target_share"],
+    m = with_halves("forced_choice_share", fc["target_share"],
                      fc["per_question_target_share"])
     m["forced_choice_share_numbers"] = scores["forced_choice_numbers"]["target_share"]
     m["target_logprob"] = fc["target_logprob"]
@@ -509,7 +508,7 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def _with_halves(name: str, value: float, per_question: list[float]) -> dict[str, float]:
+def with_halves(name: str, value: float, per_question: list[float]) -> dict[str, float]:
     """{name: value, name_dev: ..., name_test: ...}: the metric on the fixed question halves."""
     from sublearn.protocol.questions import question_split
 

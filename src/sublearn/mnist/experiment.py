@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stats import summarize
-from sublearn.files import atomic_write_json, check_out_dir, ensure_writable_dir
+from sublearn.files import atomic_savefig, atomic_write_json, check_out_dir, ensure_writable_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -412,10 +412,7 @@ def plot(conditions: dict[str, dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic, like every other artefact
+    atomic_savefig(fig, path)
 
 
 def format_table(results: dict[str, Any]) -> str:
