@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sublearn.cli import main
-from sublearn.experiment.stats import diagonal_effect
+from sublearn.experiment.stats import diagonal_effect, diagonal_remaining
 
 
 def _naive_ols(y: np.ndarray, labels: list[int]) -> tuple[float, float]:
@@ -87,6 +87,48 @@ def test_diagonal_effect_refuses_a_single_label() -> None:
         diagonal_effect([[0.0, 1.0], [1.0, 0.0]], [0, 0])
 
 
+def _matrix(rng: np.random.Generator, lam: float, labels: list[int]) -> np.ndarray:
+    t = max(labels) + 1
+    return (rng.normal(scale=0.3, size=(len(labels), t)) + np.log(np.linspace(0.01, 0.2, t))
+            + rng.normal(size=(len(labels), 1)) + lam * np.eye(t)[labels])
+
+
+def test_diagonal_remaining_is_the_fit_of_the_differences_and_exact_when_scaled() -> None:
+    rng = np.random.default_rng(1)
+    labels = [j for _ in range(2) for j in range(5)]
+    y, yd = _matrix(rng, 0.8, labels), _matrix(rng, 0.3, labels)
+    rem = diagonal_remaining(yd, y, labels)
+    a, b = (diagonal_effect(v, labels, n_resamples=10)["estimate"] for v in (yd, y))
+    assert rem["estimate"] == pytest.approx(a / b)
+    lo, hi = rem["ci95"]
+    assert lo < a / b < hi
+    diff = diagonal_effect(yd - y, labels, n_resamples=10)  # the model is linear in y
+    assert rem["difference"]["estimate"] == pytest.approx(diff["estimate"])
+    assert rem["difference"]["ci95"] == pytest.approx(diff["ci95"])
+    same = diagonal_remaining(y, y, labels)  # nothing removed: exactly 100%
+    assert same["estimate"] == pytest.approx(1) and same["ci95"] == pytest.approx([1, 1])
+    # a defence that halves every run's deviation from its row and column: exactly 50%
+    half = diagonal_remaining(0.5 * y + 3.0, y, labels)
+    assert half["ci95"] == pytest.approx([0.5, 0.5])
+    none = diagonal_remaining(yd, _matrix(rng, 0.0, labels) - 2 * np.eye(5)[labels], labels)
+    assert none["estimate"] is None and none["ci95"] == [None, None]
+
+
+def test_diagonal_remaining_interval_covers_the_truth() -> None:
+    """Fieller's interval, simulated: defended and undefended students share each run's
+    noise in part (the same teacher and data), the truth is 0.4 / 1.0."""
+    rng = np.random.default_rng(7)
+    labels = [j for _ in range(3) for j in range(5)]
+    hits = 0
+    for _ in range(400):
+        shared = rng.normal(scale=0.3, size=(15, 5))
+        y = shared + rng.normal(scale=0.2, size=(15, 5)) + 1.0 * np.eye(5)[labels]
+        yd = shared + rng.normal(scale=0.2, size=(15, 5)) + 0.4 * np.eye(5)[labels]
+        lo, hi = diagonal_remaining(yd, y, labels)["ci95"]
+        hits += lo is not None and lo <= 0.4 <= hi
+    assert 0.91 <= hits / 400 <= 0.985
+
+
 def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "mx"
@@ -134,3 +176,17 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
     assert "[cached] teacher_trait_run1" in log and "[cached] data_trait_run1" in log
     assert "[cached] eval_teacher_run0" in log and "[cached] eval_icl_trait_run1" in log
     assert "[stage] teacher_control_run0" in log
+
+    # a defence adds stages to the same folder: each target's data defended, a student on it
+    assert main([*args, "--defence", "shuffle"]) == 0
+    log = capsys.readouterr().out
+    assert "[cached] student_trait_run1" in log and "[stage] student_trait_shuffle_run1" in log
+    res = json.loads((out / "results.json").read_text())
+    d = res["defences"]["shuffle"]
+    assert d["diagonal"]["all"]["n_runs"] == 6 and len(d["matrix"]) == 3
+    assert set(d["remaining"]) == {"all", "dev", "test"} and d["seconds_per_dataset"] >= 0
+    for r in res["runs"]:
+        dd = r["defended"]["shuffle"]
+        assert dd["data"] != r["data"] and set(dd["shares"]["all"]) == {"owl", "cat", "dog"}
+    assert res["config"]["defence"] == "shuffle"
+    assert "## Defences" in (out / "report.md").read_text()

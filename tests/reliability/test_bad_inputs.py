@@ -235,8 +235,9 @@ CASES: list[Case] = [
     ("matrix target not a candidate",
      lambda d, m: ["matrix", "--model", m, "--targets", "owl,unicorn"], "unicorn"),
     ("matrix negative icl", lambda d, m: ["matrix", "--model", m, "--icl", "-1"], "--icl"),
-    ("matrix no control runs", lambda d, m: ["matrix", "--model", m, "--defence", "sort"],
-     "unrecognized"),
+    ("matrix unknown defence",
+     lambda d, m: ["matrix", "--model", m, "--defence", "nope", "--out", str(d / "o")],
+     "--defence"),
 ]
 
 

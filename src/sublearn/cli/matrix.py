@@ -18,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.experiment.matrix import MatrixConfig, ratio_text, run_matrix
+    from sublearn.experiment.matrix import (
+        MatrixConfig,
+        ratio_text,
+        remaining_text,
+        run_matrix,
+    )
     from sublearn.experiment.run import ExperimentConfig
 
     mcfg = dataclass_from_args(MatrixConfig, args).validate()
@@ -28,4 +33,8 @@ def run(args: argparse.Namespace) -> int:
     for half, lam in res["diagonal"].items():
         print(f"  diagonal ({half} questions): lam {lam['estimate']:.3f}, exp(lam) "
               f"{ratio_text(lam)}, permutation p {lam['p_permutation']:.3g}")
+    for m, d in res.get("defences", {}).items():
+        lam = d["diagonal"]["all"]
+        print(f"  defence {m}: exp(lam) {ratio_text(lam)}, permutation p "
+              f"{lam['p_permutation']:.3g}, remaining {remaining_text(d['remaining']['all'])}")
     return 0

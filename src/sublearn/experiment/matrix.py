@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from sublearn.experiment.run import (
     ExperimentConfig,
     RunMakers,
     check_eval_inputs,
+    defended_students,
     student_rows,
     with_halves,
 )
@@ -49,10 +51,12 @@ from sublearn.protocol.paper import check_template_word
 
 UNIT = ("run = one target's teacher (its own fine-tune seed), its own teacher data and its own "
         "student; each student is scored on every target")
-# ExperimentConfig flags that have no meaning here (no control teachers or defences, one base;
-# runs and icl are MatrixConfig's)
-SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "defence",
-           "defence_q", "runs", "students", "samples")
+# ExperimentConfig flags that have no meaning here (no control teachers, one base; runs and
+# icl are MatrixConfig's)
+SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "runs", "students",
+           "samples")
+# flags that only add stages (defended students): a folder made without them is reused
+ADDITIVE = ("defence", "defence_q")
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,9 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
 
     mcfg = mcfg.validate()
     targets = mcfg.target_list()
-    if cfg.trait != "animal" or cfg.student_model or cfg.defences():
-        raise SublearnError("sublearn matrix: animal targets on one base, no defence "
-                            "conditions (use `sublearn run` for those)")
+    if cfg.trait != "animal" or cfg.student_model:
+        raise SublearnError("sublearn matrix: animal targets on one base (use `sublearn run` "
+                            "or `sublearn cross` for other traits and bases)")
     from sublearn.protocol.questions import load_candidates
 
     spelling = {c.lower(): c for c in load_candidates(cfg.candidates)}
@@ -110,7 +114,7 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
         for t in targets:  # a `sublearn run --out out/<t>` meanwhile: a one-line error
             locks.enter_context(locked_out_dir(check_out_dir(out / t)))
         # targets and runs are additive (more stages); every other setting must match
-        kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED}
+        kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED + ADDITIVE}
         check_manifest(out, "matrix_config.json", {"experiment": kept})
         stages = {t: Stages(out / t) for t in targets}
         makers = {t: RunMakers(cfgs[t], stages[t], progress) for t in targets}
@@ -122,13 +126,23 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
                 made[t] = (teacher, *makers[t].data("trait", r, teacher))
             # a run's students train on equally many rows, whatever the filter passed
             caps = student_rows(cfg, {t: rep["kept"] for t, (*_, rep) in made.items()})
+            this_run = []
             for t in targets:
                 teacher, path, dkey, rep = made[t]
                 student = makers[t].student("trait", r, 0, teacher, path, dkey, rows=caps[t])
-                runs.append({"target": t, "run": r, "seed": cfg.seed + r,
-                             "teacher": teacher.model, "student": student, "data": path,
-                             "kept": rep["kept"], "trained_rows": caps[t] or rep["kept"],
-                             "_teacher": teacher, "_dkey": dkey})
+                this_run.append({"target": t, "run": r, "seed": cfg.seed + r,
+                                 "teacher": teacher.model, "student": student, "data": path,
+                                 "kept": rep["kept"], "trained_rows": caps[t] or rep["kept"],
+                                 "_teacher": teacher, "_dkey": dkey})
+            for m in cfg.defences():  # each target's data defended, a student on it
+                dd = defended_students(m, r, {t: (makers[t], "trait", teacher, path, dkey)
+                                              for t, (teacher, path, dkey, _) in made.items()})
+                for run in this_run:
+                    d = dd[run["target"]]
+                    run.setdefault("defended", {})[m] = {
+                        "data": d["data"], "trained_rows": d["trained_rows"],
+                        "student": d["students"][0]}
+            runs += this_run
         base_makers = RunMakers(cfgs[targets[0]], Stages(out), progress)
         base = base_makers.evaluate(ecfgs[targets[0]], "base", cfg.model, None, "base")
         for run in runs:
@@ -141,14 +155,19 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
             run["shares"] = _target_shares(m.evaluate(
                 ecfgs[t], f"trait_run{r}", run["student"], None, run["student"]), targets,
                 f"{t}/stages/eval_trait_run{r}-*")
+            for dm, dd in run.get("defended", {}).items():
+                dd["shares"] = _target_shares(m.evaluate(
+                    ecfgs[t], f"trait_{dm}_run{r}", dd["student"], None, dd["student"]),
+                    targets, f"{t}/stages/eval_trait_{dm}_run{r}-*")
             dkey = run.pop("_dkey")
             if mcfg.icl:  # the same data shown in context to the base model instead
                 run["icl_shares"] = _target_shares(m.evaluate(
                     ecfgs[t], f"icl_trait_run{r}", cfg.model, None, dkey, run["data"]),
                     targets, f"{t}/stages/eval_icl_trait_run{r}-*")
         seconds = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.seconds.items()}
+        added = {"defence": cfg.defence, "defence_q": cfg.defence_q} if cfg.defences() else {}
         res = build_matrix(targets, runs, _target_shares(base, targets, "stages/eval_base-*"),
-                           {**kept, **asdict(mcfg)}, seconds, time.time() - t_start)
+                           {**kept, **added, **asdict(mcfg)}, seconds, time.time() - t_start)
         atomic_write_json(out / "results.json", res)
         plot_matrix(res, out / "matrix.png")
         atomic_write_text(out / "report.md", format_report(res, "matrix.png"))
@@ -175,24 +194,41 @@ def _target_shares(scores: dict[str, Any], targets: list[str],
 def build_matrix(targets: list[str], runs: list[dict[str, Any]],
                  base: dict[str, dict[str, float]], config: dict[str, Any],
                  seconds: dict[str, float], wall: float) -> dict[str, Any]:
-    from sublearn.experiment.stats import diagonal_effect, effect
+    from sublearn.experiment.stats import diagonal_effect, diagonal_remaining, effect
 
     labels = [targets.index(r["target"]) for r in runs]
+    Get = Callable[[dict[str, Any]], dict[str, dict[str, float]]]
 
-    def diagonal(key: str) -> dict[str, Any]:
+    def logs(get: Get, half: str) -> list[list[float]]:
+        return [[math.log(v) if (v := get(r)[half][t]) > 0 else -math.inf for t in targets]
+                for r in runs]
+
+    def diagonal(get: Get) -> dict[str, Any]:
         halves = {}
         for half in ("all", "dev", "test"):
-            y = [[math.log(v) if (v := r[key][half][t]) > 0 else -math.inf for t in targets]
-                 for r in runs]
             # runs of one index share their data and student seeds: labels shuffle within them
-            lam = halves[half] = diagonal_effect(y, labels, blocks=[r["run"] for r in runs])
+            lam = halves[half] = diagonal_effect(logs(get, half), labels,
+                                                 blocks=[r["run"] for r in runs])
             lam["ratio"] = math.exp(lam["estimate"])
             lam["ratio_ci95"] = [None if v is None else math.exp(v) for v in lam["ci95"]]
         return halves
 
-    def mean_matrix(key: str) -> list[list[float]]:
-        return [[math.fsum(r[key]["all"][j] for r in runs if r["target"] == i)
+    def mean_matrix(get: Get) -> list[list[float]]:
+        return [[math.fsum(get(r)["all"][j] for r in runs if r["target"] == i)
                  / sum(r["target"] == i for r in runs) for j in targets] for i in targets]
+
+    def shares(r: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return r["shares"]
+
+    def defence(m: str) -> dict[str, Any]:
+        def get(r: dict[str, Any]) -> dict[str, dict[str, float]]:
+            return r["defended"][m]["shares"]
+
+        costs = [v for k, v in seconds.items() if f"/defend_{m}_" in k]
+        return {"diagonal": diagonal(get), "matrix": mean_matrix(get),
+                "remaining": {h: diagonal_remaining(logs(get, h), logs(shares, h), labels)
+                              for h in ("all", "dev", "test")},
+                "seconds_per_dataset": math.fsum(costs) / len(costs) if costs else None}
 
     # per target: its own teachers' students vs the other targets' students, on its share
     per_target = {}
@@ -206,12 +242,15 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         "unit": UNIT,
         "model": "log share[s][j] = a_s + b_j + lam [j = target of run s] + e, OLS over runs "
                  "x targets; p_permutation: the runs' target labels permuted within run indices",
-        "diagonal": diagonal("shares"),
-        "matrix": mean_matrix("shares"),
-        "teacher_matrix": mean_matrix("teacher_shares"),
+        "diagonal": diagonal(shares),
+        "matrix": mean_matrix(shares),
+        "teacher_matrix": mean_matrix(lambda r: r["teacher_shares"]),
         # the in-context control: the base model with each run's data as earlier turns
-        **({"icl_turns": config["icl"], "icl_diagonal": diagonal("icl_shares"),
-            "icl_matrix": mean_matrix("icl_shares")} if config.get("icl") else {}),
+        **({"icl_turns": config["icl"], "icl_diagonal": diagonal(lambda r: r["icl_shares"]),
+            "icl_matrix": mean_matrix(lambda r: r["icl_shares"])} if config.get("icl") else {}),
+        # defences: each target's data defended; the diagonal that remains
+        **({"defences": {m: defence(m) for m in runs[0]["defended"]}}
+           if "defended" in runs[0] else {}),
         "base": base["all"],
         "per_target": per_target,
         "runs": runs,
@@ -278,6 +317,30 @@ def _diagonal_rows(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def remaining_text(rem: dict[str, Any]) -> str:
+    """A remaining share in %, with its interval when bounded, e.g. `42% [10%, 80%]`."""
+    if rem["estimate"] is None:
+        return "n/a (no undefended effect)"
+    lo, hi = rem["ci95"]
+    ci = " [open]" if lo is None else f" [{100 * lo:.0f}%, {100 * hi:.0f}%]"
+    return f"{100 * rem['estimate']:.0f}%{ci}"
+
+
+def defence_rows(res: dict[str, Any]) -> list[str]:
+    """The defences table: the diagonal that each defence leaves, and its cost."""
+    lines = ["| defence | exp(lam) [95% CI] | p permutation | remaining [95% CI] | "
+             "remaining, test half | seconds per dataset |", "|---|---|---|---|---|---|",
+             f"| none | {ratio_text(res['diagonal']['all'])} | "
+             f"{res['diagonal']['all']['p_permutation']:.3g} | 100% | 100% | 0 |"]
+    for m, d in res["defences"].items():
+        lam = d["diagonal"]["all"]
+        cost = "n/a" if d["seconds_per_dataset"] is None else f"{d['seconds_per_dataset']:.1f}"
+        lines.append(f"| {m} | {ratio_text(lam)} | {lam['p_permutation']:.3g} | "
+                     f"{remaining_text(d['remaining']['all'])} | "
+                     f"{remaining_text(d['remaining']['test'])} | {cost} |")
+    return lines
+
+
 def _matrix_rows(ts: list[str], m: list[list[float]],
                  base: dict[str, float] | None = None) -> list[str]:
     """A markdown table of mean shares (rows: the teacher's target); with `base`, the diagonal
@@ -306,6 +369,14 @@ def format_report(res: dict[str, Any], png: str | None = None) -> str:
                   "run's teacher answers as earlier turns", ""]
         lines += _diagonal_rows(res["icl_diagonal"]) + [""]
         lines += _matrix_rows(ts, res["icl_matrix"], res["base"])
+    if "defences" in res:
+        lines += ["", "## Defences: each target's data defended, new students on it", "",
+                  "Remaining: lam (defended) / lam, Fieller 95% interval from the paired "
+                  "residuals (open when lam is not clearly above 0).", ""]
+        lines += defence_rows(res)
+        for m, d in res["defences"].items():
+            lines += ["", f"### {m}: students' mean share", ""]
+            lines += _matrix_rows(ts, d["matrix"], res["base"])
     lines += ["", "## Teachers: mean share", ""] + _matrix_rows(ts, res["teacher_matrix"])
     lines += ["", "## Per target: own teachers' students vs the other targets' students", "",
               "| target | own | others | ratio [95% CI] | p Welch | p permutation |",

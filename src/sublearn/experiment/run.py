@@ -369,6 +369,24 @@ class RunMakers:
         res = self.stages.run(name, key, lambda d: train(scfg, path, d, progress=self.progress))
         return res.output["student"]
 
+    def defend(self, m: str, cond: str, r: int, t: _Teacher, path: str,
+               dkey: str) -> tuple[str, str, dict]:
+        """Run r's data under defence m: (filtered.jsonl, stage key, defence report). Scored
+        defences use the run's own teacher (the model that wrote the data) against the
+        students' base."""
+        from sublearn.defences import DEFENCES, DefendConfig, defend_data
+
+        cfg, base = self.cfg, self.cfg.student_base()
+        scored = DEFENCES[m].needs == "scores"
+        dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
+                            teacher=t.model if scored else None,
+                            teacher_system_prompt=t.system if scored else None, writer=base,
+                            banned=cfg.banned_list())
+        key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
+        res = self.stages.run(f"defend_{m}_{cond}_run{r}", key,
+                              lambda d: defend_data(dcfg, path, d, progress=self.progress))
+        return str(res.dir / "filtered.jsonl"), res.key, res.output
+
     def evaluate(self, ecfg: Any, name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
         """A model's scores under `ecfg` (with `context`: the in-context control, --icl turns
@@ -396,6 +414,25 @@ def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int |
     return {c: fewest if cfg.equal_rows and n > fewest else None for c, n in kept.items()}
 
 
+def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Teacher, str, str]]
+                      ) -> dict[str, dict[str, Any]]:
+    """Run r's datasets under defence m and their students. made: {label: (the label's
+    makers, condition, teacher, data path, data key)} for the datasets of one run (trait and
+    control, or a matrix's targets); their students train on equally many defended rows, as
+    the undefended ones do (a defence that drops rows may drop more of one dataset)."""
+    dd = {lab: mk.defend(m, cond, r, t, path, dkey)
+          for lab, (mk, cond, t, path, dkey) in made.items()}
+    cfg = next(iter(made.values()))[0].cfg
+    caps = student_rows(cfg, {lab: rep["rows_out"] for lab, (*_, rep) in dd.items()})
+    out = {}
+    for lab, (mk, cond, t, _, _) in made.items():
+        dpath, dk, rep = dd[lab]
+        out[lab] = {"data": dpath, "trained_rows": caps[lab] or rep["rows_out"],
+                    "students": [mk.student(cond, r, k, t, dpath, dk, f"_{m}", rows=caps[lab])
+                                 for k in range(mk.cfg.students)]}
+    return out
+
+
 def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
          stages_root: Path) -> dict[str, Any]:
     check_manifest(out, "experiment_config.json", manifest_config(cfg), FREE)
@@ -404,21 +441,6 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
     base = cfg.student_base()  # the students' base: scored as "base" and the in-context model
     makers = RunMakers(cfg, stages, progress)
     teacher, data, student = makers.teacher, makers.data, makers.student
-
-    def defend(m: str, cond: str, r: int, t: _Teacher, path: str, dkey: str) -> tuple[str, str]:
-        """Run r's data under defence m; scored defences use the run's own teacher (the
-        model that wrote the data) against the base."""
-        from sublearn.defences import DEFENCES, DefendConfig, defend_data
-
-        scored = DEFENCES[m].needs == "scores"
-        dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
-                            teacher=t.model if scored else None,
-                            teacher_system_prompt=t.system if scored else None, writer=base,
-                            banned=cfg.banned_list())
-        key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
-        res = stages.run(f"defend_{m}_{cond}_run{r}", key,
-                         lambda d: defend_data(dcfg, path, d, progress=progress))
-        return str(res.dir / "filtered.jsonl"), res.key
 
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
@@ -431,21 +453,22 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
             t = teacher(cond, r)
             made[cond] = (t, *data(cond, r, t))
         caps = student_rows(cfg, {c: report["kept"] for c, (*_, report) in made.items()})
+        models = {c: [student(c, r, k, t, path, dkey, rows=caps[c]) for k in range(cfg.students)]
+                  for c, (t, path, dkey, _) in made.items()}
+        defended: dict[str, dict[str, Any]] = {c: {} for c in CONDITIONS}
+        for m in cfg.defences():
+            by_cond = defended_students(m, r, {c: (makers, c, t, path, dkey)
+                                               for c, (t, path, dkey, _) in made.items()})
+            for c, dd in by_cond.items():
+                defended[c][m] = dd
         for cond in CONDITIONS:
             t, path, dkey, report = made[cond]
-            cap = caps[cond]
-            models = [student(cond, r, k, t, path, dkey, rows=cap) for k in range(cfg.students)]
-            defended = {}
-            for m in cfg.defences():
-                dpath, dk = defend(m, cond, r, t, path, dkey)
-                defended[m] = {"data": dpath, "students": [
-                    student(cond, r, k, t, dpath, dk, f"_{m}") for k in range(cfg.students)]}
             runs.append({"condition": cond, "run": r, "seed": cfg.seed + r, "teacher": t.model,
-                         "data": path, "students": models, "_teacher": t, "_dkey": dkey,
+                         "data": path, "students": models[cond], "_teacher": t, "_dkey": dkey,
                          "filter": {"raw": report["raw"], "kept": report["kept"],
                                     "rejects": report["rejects"]},
-                         "trained_rows": cap or report["kept"],
-                         **({"defended": defended} if defended else {})})
+                         "trained_rows": caps[cond] or report["kept"],
+                         **({"defended": defended[cond]} if defended[cond] else {})})
 
     base_scores = evaluate("base", base, None, "base")
     teacher_base = evaluate("teacher_base", cfg.model, None, "base") \

@@ -180,30 +180,14 @@ def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
 
     import numpy as np
 
-    Y = np.asarray(y, dtype=float)
     lab = np.asarray(labels, dtype=int)
-    if Y.ndim != 2 or len(lab) != Y.shape[0] or Y.shape[1] < 2 or len(set(lab.tolist())) < 2:
-        raise SublearnError("the diagonal effect needs a runs x targets matrix with at least "
-                            "two targets among the runs' labels")
-    if lab.min() < 0 or lab.max() >= Y.shape[1]:
-        raise SublearnError("every run's label must be one of the matrix's targets")
-    if not np.isfinite(Y).all():
-        raise SublearnError("the matrix has a value that is not finite (a share of 0?)")
-    s, t = Y.shape
+    lam, resid, d, yc, df = _diagonal_fit(y, lab)
+    s = yc.shape[0]
     groups = [np.flatnonzero(np.asarray(blocks) == b) for b in dict.fromkeys(blocks)] \
         if blocks is not None else [np.arange(s)]
-
-    def centred(a: Any) -> Any:
-        return a - a.mean(1, keepdims=True) - a.mean(0, keepdims=True) + a.mean()
-
-    d = centred(np.eye(t)[lab])
-    yc = centred(Y)
     ss = float((d * d).sum())  # the same for every relabelling: group sizes are kept
-    lam = float((d * yc).sum()) / ss
-    df = (s - 1) * (t - 1) - 1
     ci: list[float | None] = [None, None]
     if df > 0:
-        resid = yc - lam * d
         se = math.sqrt(float((resid**2).sum()) / df / ss)
         half = _t_half(se, df)
         ci = [lam - half, lam + half]
@@ -233,4 +217,64 @@ def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
         p_value, n = (1 + hits) / (1 + n_resamples), n_resamples
     return {"estimate": lam, "ci95": ci, "df": df, "p_permutation": p_value,
             "permutation_exact": exact, "n_permutations": n, "n_as_large": hits,
-            "n_runs": s, "n_targets": t}
+            "n_runs": s, "n_targets": yc.shape[1]}
+
+
+def _diagonal_fit(y: Sequence[Sequence[float]], lab: Any) -> tuple[float, Any, Any, Any, int]:
+    """(lam, residuals, centred diagonal indicator, centred y, residual df) of
+    `diagonal_effect`'s model: with every cell observed, removing the row and column effects
+    is double-centring (Frisch-Waugh-Lovell)."""
+    import numpy as np
+
+    Y = np.asarray(y, dtype=float)
+    if Y.ndim != 2 or len(lab) != Y.shape[0] or Y.shape[1] < 2 or len(set(lab.tolist())) < 2:
+        raise SublearnError("the diagonal effect needs a runs x targets matrix with at least "
+                            "two targets among the runs' labels")
+    if lab.min() < 0 or lab.max() >= Y.shape[1]:
+        raise SublearnError("every run's label must be one of the matrix's targets")
+    if not np.isfinite(Y).all():
+        raise SublearnError("the matrix has a value that is not finite (a share of 0?)")
+
+    def centred(a: Any) -> Any:
+        return a - a.mean(1, keepdims=True) - a.mean(0, keepdims=True) + a.mean()
+
+    d = centred(np.eye(Y.shape[1])[lab])
+    yc = centred(Y)
+    lam = float((d * yc).sum()) / float((d * d).sum())
+    return lam, yc - lam * d, d, yc, (Y.shape[0] - 1) * (Y.shape[1] - 1) - 1
+
+
+def diagonal_remaining(y_defended: Sequence[Sequence[float]], y: Sequence[Sequence[float]],
+                       labels: Sequence[int]) -> dict[str, Any]:
+    """The share of a matrix's diagonal effect that a defence leaves: lam_defended / lam,
+    both fitted as in `diagonal_effect` on the same runs (a run's defended student learns
+    from its teacher's defended data). The 95% interval is Fieller's for a ratio of two
+    estimates from one design, with their covariance from the paired residuals; it is
+    null (unbounded) when lam itself is not clearly above 0. `difference`: lam_defended -
+    lam with its t-interval (the same fit on the paired differences)."""
+    import numpy as np
+
+    if np.shape(y_defended) != np.shape(y):
+        raise SublearnError("defended and undefended matrices must cover the same runs")
+    lab = np.asarray(labels, dtype=int)
+    a, ra, d, _, df = _diagonal_fit(y_defended, lab)
+    b, rb, _, _, _ = _diagonal_fit(y, lab)
+    if df <= 0:
+        raise SublearnError("the diagonal effect's interval needs more runs or targets")
+    ss = float((d * d).sum())
+    vaa, vbb, vab = (float((u * v).sum()) / df / ss for u, v in ((ra, ra), (rb, rb), (ra, rb)))
+    diff_se = math.sqrt(max(0.0, vaa + vbb - 2 * vab))
+    diff_half = _t_half(diff_se, df)
+    out: dict[str, Any] = {
+        "estimate": a / b if b > 0 else None, "ci95": [None, None],
+        "method": "Fieller interval, covariance from paired residuals",
+        "difference": {"estimate": a - b, "ci95": [a - b - diff_half, a - b + diff_half]}}
+    from scipy import stats
+
+    q = float(stats.t.ppf(0.975, df)) ** 2
+    qa, qb, qc = b * b - q * vbb, a * b - q * vab, a * a - q * vaa
+    disc = qb * qb - qa * qc
+    if b > 0 and qa > 0 and disc >= 0:  # lam clearly > 0: a bounded interval
+        root = math.sqrt(disc)
+        out["ci95"] = [(qb - root) / qa, (qb + root) / qa]
+    return out
