@@ -44,3 +44,21 @@ def test_free_settings_may_grow_and_are_recorded(tmp_path: Path) -> None:
     with pytest.raises(SublearnError, match="differs in: experiment"):
         check_manifest(tmp_path, "m.json", {"models": ["a", "b"],
                                             "experiment": {"runs": 5, "lr": 2}}, free=("runs",))
+
+
+def test_nested_manifest_accepts_a_new_default(tmp_path: Path) -> None:
+    """`sublearn matrix` and `cross` keep the experiment's settings under a key: a setting
+    added to the experiment since counts as its default there too, and only there."""
+    from sublearn.config import field_defaults
+
+    defaults = {"experiment": field_defaults(Cfg)}
+    (tmp_path / "m.json").write_text(json.dumps({"models": ["a"], "experiment": {"lr": 1e-3}}))
+    check_manifest(tmp_path, "m.json", {"models": ["a"], "experiment": {"lr": 1e-3, "icl": 32}},
+                   defaults=defaults)
+    with pytest.raises(SublearnError, match="differs in: experiment"):
+        check_manifest(tmp_path, "m.json", {"models": ["a"],
+                                            "experiment": {"lr": 1e-3, "icl": 0}},
+                       defaults=defaults)
+    with pytest.raises(SublearnError, match="differs in: experiment"):  # no defaults given
+        check_manifest(tmp_path, "m.json", {"models": ["a"],
+                                            "experiment": {"lr": 1e-3, "icl": 32}})

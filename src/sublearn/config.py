@@ -37,31 +37,50 @@ def _without(d: Any, keys: tuple[str, ...]) -> Any:
     return {k: _without(v, keys) for k, v in d.items() if k not in keys}
 
 
-def manifest_diff(path: Path, cfg: Any, free: tuple[str, ...] = ()) -> list[str]:
+def field_defaults(cls: Any) -> dict[str, Any]:
+    """A dataclass's defaults, as JSON gives them back (tuples as lists)."""
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cls)
+                                  if f.default is not dataclasses.MISSING}))
+
+
+def _fill(have: Any, want: Any, defaults: Any) -> Any:
+    """`have` with the settings it lacks, and `want` has, taken from `defaults` (nested like
+    them): a setting added to a config since the manifest was written ran at its default."""
+    if not (isinstance(have, dict) and isinstance(want, dict) and isinstance(defaults, dict)):
+        return have
+    out = {k: _fill(v, want.get(k), defaults.get(k)) for k, v in have.items()}
+    out.update({k: defaults[k] for k in want if k not in have and k in defaults})
+    return out
+
+
+def manifest_diff(path: Path, cfg: Any, free: tuple[str, ...] = (),
+                  defaults: dict[str, Any] | None = None) -> list[str]:
     """The settings in which the manifest at `path` differs from `cfg` ([] when it matches or
     does not exist). A setting the manifest lacks (added to the config since) counts as its
-    default. Settings in `free` (at any depth) may differ."""
+    default: a dataclass's own, or for a dict manifest those in `defaults` (nested like it).
+    Settings in `free` (at any depth) may differ."""
     if not path.exists():
         return []
     want = json.loads(json.dumps(cfg if isinstance(cfg, dict) else config_dict(cfg)))
     have = json.loads(path.read_text())
-    if dataclasses.is_dataclass(cfg):  # a setting added since: its default ran before
-        have = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
-                                         if f.default is not dataclasses.MISSING})), **have}
+    if dataclasses.is_dataclass(cfg):
+        defaults = field_defaults(cfg)
+    have = _fill(have, want, defaults or {})
     have, want = _without(have, free), _without(want, free)
     return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
 
 
-def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = ()) -> None:
+def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = (),
+                   defaults: dict[str, Any] | None = None) -> None:
     """Refuse to reuse a folder made with a different config; write the manifest if new.
-    A setting the manifest lacks (added to the config since) counts as its default. Settings
-    in `free` only add stages (e.g. more runs): they may change, and the manifest then records
-    the latest values."""
+    A setting the manifest lacks (added to the config since) counts as its default (see
+    `manifest_diff`). Settings in `free` only add stages (e.g. more runs): they may change, and
+    the manifest then records the latest values."""
     path = out / name
     want = cfg if isinstance(cfg, dict) else config_dict(cfg)
     want = json.loads(json.dumps(want))  # tuples -> lists, as they come back from disk
     if path.exists():
-        diff = manifest_diff(path, cfg, free)
+        diff = manifest_diff(path, cfg, free, defaults)
         if diff:
             raise SublearnError(
                 f"{out} holds results of a different config (differs in: {', '.join(diff)}); "

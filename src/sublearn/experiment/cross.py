@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sublearn.config import check_manifest
+from sublearn.config import check_manifest, field_defaults
 from sublearn.errors import SublearnError
 from sublearn.experiment.run import (
     FREE,
@@ -83,7 +83,8 @@ def run_cross(cross: CrossConfig, cfg: ExperimentConfig, out: str | Path,
         check_manifest(out, "cross_config.json",
                        {"models": models, "experiment": asdict(manifest_config(
                            replace(cfg.validate(), **{f: None for f in CELL_FIELDS[:2]},
-                                   labels="auto")))}, FREE)
+                                   labels="auto")))}, FREE,
+                       defaults={"experiment": field_defaults(ExperimentConfig)})
         for t in cross.teacher_list():
             for s in models:
                 run_experiment(cell_config(cfg, t, s), out / f"{slug(t)}-to-{slug(s)}",

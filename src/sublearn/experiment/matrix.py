@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sublearn.config import check_manifest
+from sublearn.config import check_manifest, field_defaults
 from sublearn.errors import SublearnError
 from sublearn.experiment.run import (
     ExperimentConfig,
@@ -115,7 +115,8 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
             locks.enter_context(locked_out_dir(check_out_dir(out / t)))
         # targets and runs are additive (more stages); every other setting must match
         kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED + ADDITIVE}
-        check_manifest(out, "matrix_config.json", {"experiment": kept})
+        check_manifest(out, "matrix_config.json", {"experiment": kept},
+                       defaults={"experiment": field_defaults(ExperimentConfig)})
         stages = {t: Stages(out / t) for t in targets}
         makers = {t: RunMakers(cfgs[t], stages[t], progress) for t in targets}
         runs: list[dict[str, Any]] = []
