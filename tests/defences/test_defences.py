@@ -156,3 +156,12 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
     assert {"difference", "ratio", "p_welch", "p_permutation", "remaining"} <= set(m)
     assert "bootstrap" in m["remaining"]["method"] or m["remaining"]["estimate"] is None
     assert "## Defences" in (out / "report.md").read_text()
+    # scored defences share one scoring of each dataset by its teacher (a stage of its own)
+    assert main([*common, "--defence", "drop-top-lls", "--defence-q", "0.5"]) == 0
+    log = capsys.readouterr().out
+    assert "[cached] scores_trait_run0" in log and "[stage] defend_drop-top-lls_trait_run0" in log
+    res = json.loads((out / "results.json").read_text())
+    cost = res["defence_effects"]["drop-top-lls"]["seconds_per_dataset"]
+    scoring = [json.loads(f.read_text())["seconds"]
+               for f in (out / "stages").glob("scores_*/DONE.json")]
+    assert len(scoring) == 4 and cost >= min(scoring)  # the scoring counts in its cost

@@ -60,7 +60,8 @@ class DefendConfig:
 
 
 def defend_data(cfg: DefendConfig, data: str | Path, out: str | Path,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, scores: list[Any] | None = None) -> dict[str, Any]:
+    """scores: the rows' `defence_scores`, computed before (scored methods share them)."""
     from sublearn.pipeline.train import load_rows
 
     cfg = cfg.validate()
@@ -79,7 +80,9 @@ def defend_data(cfg: DefendConfig, data: str | Path, out: str | Path,
         ctx = Context(rng=random.Random(cfg.seed), q=cfg.q, rules=rules, mix=mix)
         need = DEFENCES[cfg.method].needs
         if need == "scores":
-            ctx.scores = _scores(cfg, rows, progress)
+            if scores is not None and len(scores) != len(rows):
+                raise SublearnError(f"{len(scores)} scores for {len(rows)} rows of {data}")
+            ctx.scores = scores if scores is not None else defence_scores(cfg, rows, progress)
         elif need == "writer":
             ctx.writer = _writer(cfg, paraphrase=cfg.method == "paraphrase")
         kept, info = DEFENCES[cfg.method].fn(rows, ctx)
@@ -94,7 +97,8 @@ def defend_data(cfg: DefendConfig, data: str | Path, out: str | Path,
         return report
 
 
-def _scores(cfg: DefendConfig, rows: list[dict], progress: bool) -> list[Any]:
+def defence_scores(cfg: DefendConfig, rows: list[dict], progress: bool) -> list[Any]:
+    """What the scored methods rank: each row's `SampleScore` under cfg's teacher vs base."""
     from sublearn.audit.scores import score_rows
     from sublearn.models import load_model
 

@@ -34,6 +34,7 @@ from sublearn.experiment.run import (
     ExperimentConfig,
     RunMakers,
     check_eval_inputs,
+    defence_seconds,
     defended_students,
     student_rows,
     with_halves,
@@ -225,11 +226,10 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         def get(r: dict[str, Any]) -> dict[str, dict[str, float]]:
             return r["defended"][m]["shares"]
 
-        costs = [v for k, v in seconds.items() if f"/defend_{m}_" in k]
         return {"diagonal": diagonal(get), "matrix": mean_matrix(get),
                 "remaining": {h: diagonal_remaining(logs(get, h), logs(shares, h), labels)
                               for h in ("all", "dev", "test")},
-                "seconds_per_dataset": math.fsum(costs) / len(costs) if costs else None}
+                "seconds_per_dataset": defence_seconds(seconds, m)}
 
     # per target: its own teachers' students vs the other targets' students, on its share
     per_target = {}

@@ -18,6 +18,7 @@ unless --student-model names another (the cross-model control; `sublearn cross` 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.faults import point as fault_point
-from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir
+from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, read_jsonl, write_jsonl
 from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
@@ -382,10 +383,29 @@ class RunMakers:
                             teacher=t.model if scored else None,
                             teacher_system_prompt=t.system if scored else None, writer=base,
                             banned=cfg.banned_list())
+        scores = self.defence_scores(cond, r, t, path, dkey, dcfg) if scored else None
         key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
-        res = self.stages.run(f"defend_{m}_{cond}_run{r}", key,
-                              lambda d: defend_data(dcfg, path, d, progress=self.progress))
+        res = self.stages.run(f"defend_{m}_{cond}_run{r}", key, lambda d: defend_data(
+            dcfg, path, d, progress=self.progress, scores=scores))
         return str(res.dir / "filtered.jsonl"), res.key, res.output
+
+    def defence_scores(self, cond: str, r: int, t: _Teacher, path: str, dkey: str,
+                       dcfg: Any) -> list[Any]:
+        """Run r's data scored by its teacher against the base: one stage that the scored
+        defences (replace-/mask-divergent, drop-top-lls) share."""
+        from sublearn.audit.scores import SampleScore
+        from sublearn.defences.defend import defence_scores
+        from sublearn.pipeline.train import load_rows
+
+        def score(d: Path) -> dict:
+            scores = defence_scores(dcfg, load_rows(path), self.progress)
+            write_jsonl(d / "scores.jsonl", [sc.record() for sc in scores])
+            return {"rows": len(scores)}
+
+        key = {"scores": {"base": dcfg.base, "system": dcfg.teacher_system_prompt},
+               "data": dkey, "teacher": t.key}
+        res = self.stages.run(f"scores_{cond}_run{r}", key, score)
+        return [SampleScore(**rec) for rec in read_jsonl(res.dir / "scores.jsonl")]
 
     def evaluate(self, ecfg: Any, name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
@@ -623,8 +643,24 @@ def _defence_effect(conditions: dict[str, Any], m: str,
         td, cd = (conditions[f"{c}_{m}"][metric]["values"] for c in ("trait", "control"))
         t, c = (conditions[x][metric]["values"] for x in ("trait", "control"))
         out[metric] = {**effect(td, cd), "remaining": remaining_share(td, cd, t, c)}
-    costs = [v for k, v in seconds.items() if k.startswith(f"defend_{m}_")]
-    return {"metrics": out, "seconds_per_dataset": sum(costs) / len(costs) if costs else None}
+    return {"metrics": out, "seconds_per_dataset": defence_seconds(seconds, m)}
+
+
+def defence_seconds(seconds: dict[str, float], m: str) -> float | None:
+    """Defence m's mean seconds per dataset: its stage, plus the scores it ranks by (a stage
+    that scored defences share, counted in full for each). Keys: stage names, optionally after
+    a folder (`owl/defend_...`)."""
+    from sublearn.defences import DEFENCES
+
+    scored = DEFENCES[m].needs == "scores"
+    costs = []
+    for k, v in seconds.items():
+        where, _, name = k.rpartition("/")
+        if name.startswith(f"defend_{m}_"):
+            rest = name[len(f"defend_{m}_"):]  # cond_runR
+            score = f"{where}/scores_{rest}" if where else f"scores_{rest}"
+            costs.append(v + (seconds.get(score, 0.0) if scored else 0.0))
+    return math.fsum(costs) / len(costs) if costs else None
 
 
 def _top_candidates(scores: list[dict]) -> dict[str, float]:
