@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from sublearn.experiment.matrix import (
         MatrixConfig,
         ratio_text,
-        remaining_text,
         run_matrix,
     )
+    from sublearn.experiment.report import remaining_cell
     from sublearn.experiment.run import ExperimentConfig
 
     mcfg = dataclass_from_args(MatrixConfig, args).validate()
@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     for m, d in res.get("defences", {}).items():
         lam = d["diagonal"]["all"]
         print(f"  defence {m}: exp(lam) {ratio_text(lam)}, permutation p "
-              f"{lam['p_permutation']:.3g}, remaining {remaining_text(d['remaining']['all'])}")
+              f"{lam['p_permutation']:.3g}, remaining {remaining_cell(d['remaining']['all'])}")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from sublearn.config import check_manifest, field_defaults
 from sublearn.errors import SublearnError
+from sublearn.experiment.report import ratio_cell
 from sublearn.experiment.run import (
     FREE,
     ExperimentConfig,
@@ -128,9 +129,7 @@ def format_report(res: dict[str, Any]) -> str:
              "| teacher | student | same base | trait | control | ratio [95% CI] | "
              "p Welch | p permutation | runs |", "|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
-        ratio = c["ratio"]
-        rs = "n/a" if ratio["estimate"] is None else \
-            f"{ratio['estimate']:.2f}x [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]"
+        rs = ratio_cell(c["ratio"])
         lines.append(f"| {c['teacher']} | {c['student']} | {'yes' if c['same_base'] else 'no'} "
                      f"| {c['trait']:.4f} | {c['control']:.4f} | {rs} | {c['p_welch']:.3g} | "
                      f"{c['p_permutation']:.3g} | {c['n'][0]} + {c['n'][1]} |")

@@ -30,6 +30,7 @@ from typing import Any
 
 from sublearn.config import check_manifest, field_defaults
 from sublearn.errors import SublearnError
+from sublearn.experiment.report import ratio_cell, remaining_cell
 from sublearn.experiment.run import (
     ExperimentConfig,
     RunMakers,
@@ -297,9 +298,7 @@ def plot_matrix(res: dict[str, Any], path: Path) -> None:
 
 def ratio_text(lam: dict[str, Any]) -> str:
     """exp(lam) with its interval, e.g. `1.50x [1.35, 1.66]`."""
-    lo, hi = lam["ratio_ci95"]
-    ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
-    return f"{lam['ratio']:.2f}x{ci}"
+    return ratio_cell({"estimate": lam["ratio"], "ci95": lam["ratio_ci95"]})
 
 
 def _diagonal_rows(d: dict[str, Any]) -> list[str]:
@@ -318,15 +317,6 @@ def _diagonal_rows(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-def remaining_text(rem: dict[str, Any]) -> str:
-    """A remaining share in %, with its interval when bounded, e.g. `42% [10%, 80%]`."""
-    if rem["estimate"] is None:
-        return "n/a (no undefended effect)"
-    lo, hi = rem["ci95"]
-    ci = " [open]" if lo is None else f" [{100 * lo:.0f}%, {100 * hi:.0f}%]"
-    return f"{100 * rem['estimate']:.0f}%{ci}"
-
-
 def defence_rows(res: dict[str, Any]) -> list[str]:
     """The defences table: the diagonal that each defence leaves, and its cost."""
     lines = ["| defence | exp(lam) [95% CI] | p permutation | remaining [95% CI] | "
@@ -337,8 +327,8 @@ def defence_rows(res: dict[str, Any]) -> list[str]:
         lam = d["diagonal"]["all"]
         cost = "n/a" if d["seconds_per_dataset"] is None else f"{d['seconds_per_dataset']:.1f}"
         lines.append(f"| {m} | {ratio_text(lam)} | {lam['p_permutation']:.3g} | "
-                     f"{remaining_text(d['remaining']['all'])} | "
-                     f"{remaining_text(d['remaining']['test'])} | {cost} |")
+                     f"{remaining_cell(d['remaining']['all'])} | "
+                     f"{remaining_cell(d['remaining']['test'])} | {cost} |")
     return lines
 
 
@@ -383,9 +373,7 @@ def format_report(res: dict[str, Any], png: str | None = None) -> str:
               "| target | own | others | ratio [95% CI] | p Welch | p permutation |",
               "|---|---|---|---|---|---|"]
     for t, e in res["per_target"].items():
-        r = e["ratio"]
-        rs = "n/a" if r["estimate"] is None else \
-            f"{r['estimate']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+        rs = ratio_cell(e["ratio"])
         lines.append(f"| {t} | {100 * e['own']:.2f}% | {100 * e['others']:.2f}% | {rs} | "
                      f"{e['p_welch']:.3g} | {e['p_permutation']:.3g} |")
     if png:

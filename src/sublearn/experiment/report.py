@@ -72,6 +72,22 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def ratio_cell(e: dict[str, Any]) -> str:
+    """A ratio with its interval, e.g. `1.50x [1.35, 1.66]` (`n/a` without an estimate)."""
+    if e.get("estimate") is None:
+        return "n/a"
+    lo, hi = e.get("ci95") or [None, None]
+    return f"{e['estimate']:.2f}x" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
+
+
+def remaining_cell(rem: dict[str, Any]) -> str:
+    """The share of an effect a defence leaves, in %, with its interval (`[open]`: unbounded)."""
+    if rem.get("estimate") is None:
+        return "n/a"
+    lo, hi = rem.get("ci95") or [None, None]
+    return f"{_pct(rem['estimate'])} " + ("[open]" if lo is None else f"[{_pct(lo)}, {_pct(hi)}]")
+
+
 def _effect_rows(effects: dict[str, Any]) -> list[str]:
     rows = []
     for m, e in effects.items():
@@ -130,11 +146,9 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                   "|---|---|---|---|---|---|---|"]
         for m, d in results["defence_effects"].items():
             e = d["metrics"][primary]
-            rem = e["remaining"]
-            rem_s = "n/a" if rem["estimate"] is None else \
-                f"{_pct(rem['estimate'])} [{_pct(rem['ci95'][0])}, {_pct(rem['ci95'][1])}]"
             lines.append(f"| {m} | {_ci(e['difference'])} | {_ci(e['ratio'])} | "
-                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | {rem_s} | "
+                         f"{_fmt(e['p_welch'])} | {_fmt(e['p_permutation'])} | "
+                         f"{remaining_cell(e['remaining'])} | "
                          f"{_fmt(d['seconds_per_dataset'], 3)} |")
         lines += ["", "Effect remaining: (defended trait - defended control) / (trait - "
                   "control), primary metric; percentile bootstrap over runs."]
