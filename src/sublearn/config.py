@@ -66,8 +66,19 @@ def manifest_diff(path: Path, cfg: Any, free: tuple[str, ...] = (),
     if dataclasses.is_dataclass(cfg):
         defaults = field_defaults(cfg)
     have = _fill(have, want, defaults or {})
-    have, want = _without(have, free), _without(want, free)
-    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return _differing(_without(have, free), _without(want, free))
+
+
+def _differing(have: Any, want: Any, where: str = "") -> list[str]:
+    """Dotted paths of the settings in which two (nested) manifests differ."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{where}{k}.")
+        elif a != b:
+            out.append(f"{where}{k}")
+    return out
 
 
 def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = (),

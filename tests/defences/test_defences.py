@@ -165,3 +165,11 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
     scoring = [json.loads(f.read_text())["seconds"]
                for f in (out / "stages").glob("scores_*/DONE.json")]
     assert len(scoring) == 4 and cost >= min(scoring)  # the scoring counts in its cost
+    # a folder from before the scoring stage (its defences scored inside their own stage):
+    # done defences are not scored again
+    import shutil
+
+    for d in (out / "stages").glob("scores_*"):
+        shutil.rmtree(d)
+    assert main([*common, "--defence", "drop-top-lls", "--defence-q", "0.5"]) == 0
+    assert "scores_" not in capsys.readouterr().out

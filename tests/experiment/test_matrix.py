@@ -108,10 +108,31 @@ def test_diagonal_remaining_is_the_fit_of_the_differences_and_exact_when_scaled(
     same = diagonal_remaining(y, y, labels)  # nothing removed: exactly 100%
     assert same["estimate"] == pytest.approx(1) and same["ci95"] == pytest.approx([1, 1])
     # a defence that halves every run's deviation from its row and column: exactly 50%
-    half = diagonal_remaining(0.5 * y + 3.0, y, labels)
-    assert half["ci95"] == pytest.approx([0.5, 0.5])
+    for seed in range(40):  # (rounding must not open the interval)
+        y = _matrix(np.random.default_rng(seed), 0.8, labels)
+        half = diagonal_remaining(0.5 * y + 3.0, y, labels)
+        assert half["ci95"] == pytest.approx([0.5, 0.5])
     none = diagonal_remaining(yd, _matrix(rng, 0.0, labels) - 2 * np.eye(5)[labels], labels)
     assert none["estimate"] is None and none["ci95"] == [None, None]
+
+
+def test_diagonal_remaining_is_open_exactly_when_lam_is_not_clearly_positive() -> None:
+    """Fieller's interval is bounded iff the undefended lam's own 95% interval excludes 0;
+    otherwise the share is reported with an open interval."""
+    labels = [j for _ in range(2) for j in range(5)]
+    kinds = set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        y, yd = _matrix(rng, 0.25, labels), _matrix(rng, 0.1, labels)
+        rem = diagonal_remaining(yd, y, labels)
+        lam = diagonal_effect(y, labels, n_resamples=10)
+        if lam["estimate"] <= 0:
+            assert rem["estimate"] is None
+            continue
+        bounded = rem["ci95"][0] is not None
+        assert bounded == (lam["ci95"][0] > 0)
+        kinds.add(bounded)
+    assert kinds == {True, False}  # both cases met
 
 
 def test_diagonal_remaining_interval_covers_the_truth() -> None:
@@ -185,8 +206,10 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
     d = res["defences"]["shuffle"]
     assert d["diagonal"]["all"]["n_runs"] == 6 and len(d["matrix"]) == 3
     assert set(d["remaining"]) == {"all", "dev", "test"} and d["seconds_per_dataset"] >= 0
-    for r in res["runs"]:
+    for r in res["runs"]:  # each defended student is its own run's, on its own target
         dd = r["defended"]["shuffle"]
         assert dd["data"] != r["data"] and set(dd["shares"]["all"]) == {"owl", "cat", "dog"}
+        assert f"/{r['target']}/stages/student_trait_shuffle_run{r['run']}-" in dd["student"]
+        assert f"/{r['target']}/stages/defend_shuffle_trait_run{r['run']}-" in dd["data"]
     assert res["config"]["defence"] == "shuffle"
     assert "## Defences" in (out / "report.md").read_text()

@@ -139,7 +139,8 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
                                  "_teacher": teacher, "_dkey": dkey})
             for m in cfg.defences():  # each target's data defended, a student on it
                 dd = defended_students(m, r, {t: (makers[t], "trait", teacher, path, dkey)
-                                              for t, (teacher, path, dkey, _) in made.items()})
+                                              for t, (teacher, path, dkey, _) in made.items()},
+                                       students=1)
                 for run in this_run:
                     d = dd[run["target"]]
                     run.setdefault("defended", {})[m] = {

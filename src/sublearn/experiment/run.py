@@ -383,9 +383,13 @@ class RunMakers:
                             teacher=t.model if scored else None,
                             teacher_system_prompt=t.system if scored else None, writer=base,
                             banned=cfg.banned_list())
-        scores = self.defence_scores(cond, r, t, path, dkey, dcfg) if scored else None
         key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
-        res = self.stages.run(f"defend_{m}_{cond}_run{r}", key, lambda d: defend_data(
+        name = f"defend_{m}_{cond}_run{r}"
+        # scored before the defence's own stage, so that its seconds and the scoring's are
+        # apart (a folder from before the scoring stage has it inside the defence's seconds)
+        scores = self.defence_scores(cond, r, t, path, dkey, dcfg) \
+            if scored and not self.stages.done(name, key) else None
+        res = self.stages.run(name, key, lambda d: defend_data(
             dcfg, path, d, progress=self.progress, scores=scores))
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
@@ -434,12 +438,13 @@ def student_rows(cfg: ExperimentConfig, kept: dict[str, int]) -> dict[str, int |
     return {c: fewest if cfg.equal_rows and n > fewest else None for c, n in kept.items()}
 
 
-def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Teacher, str, str]]
-                      ) -> dict[str, dict[str, Any]]:
+def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Teacher, str, str]],
+                      students: int | None = None) -> dict[str, dict[str, Any]]:
     """Run r's datasets under defence m and their students. made: {label: (the label's
     makers, condition, teacher, data path, data key)} for the datasets of one run (trait and
     control, or a matrix's targets); their students train on equally many defended rows, as
-    the undefended ones do (a defence that drops rows may drop more of one dataset)."""
+    the undefended ones do (a defence that drops rows may drop more of one dataset).
+    students: per dataset (default: the config's)."""
     dd = {lab: mk.defend(m, cond, r, t, path, dkey)
           for lab, (mk, cond, t, path, dkey) in made.items()}
     cfg = next(iter(made.values()))[0].cfg
@@ -449,7 +454,7 @@ def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Tea
         dpath, dk, rep = dd[lab]
         out[lab] = {"data": dpath, "trained_rows": caps[lab] or rep["rows_out"],
                     "students": [mk.student(cond, r, k, t, dpath, dk, f"_{m}", rows=caps[lab])
-                                 for k in range(mk.cfg.students)]}
+                                 for k in range(students or mk.cfg.students)]}
     return out
 
 

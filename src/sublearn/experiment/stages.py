@@ -33,6 +33,10 @@ class Stages:
         self.log = log
         self.seconds: dict[str, float] = {}
 
+    def done(self, name: str, cfg: dict[str, Any]) -> bool:
+        """Whether the stage is done (a `run` of it would be a cache hit)."""
+        return (self.root / "stages" / f"{name}-{config_hash(cfg)}" / "DONE.json").is_file()
+
     def run(self, name: str, cfg: dict[str, Any],
             fn: Callable[[Path], dict[str, Any]]) -> StageResult:
         key = config_hash(cfg)

@@ -274,7 +274,7 @@ def diagonal_remaining(y_defended: Sequence[Sequence[float]], y: Sequence[Sequen
     q = float(stats.t.ppf(0.975, df)) ** 2
     qa, qb, qc = b * b - q * vbb, a * b - q * vab, a * a - q * vaa
     disc = qb * qb - qa * qc
-    if b > 0 and qa > 0 and disc >= 0:  # lam clearly > 0: a bounded interval
-        root = math.sqrt(disc)
+    if b > 0 and qa > 0:  # lam clearly > 0: a bounded interval
+        root = math.sqrt(max(disc, 0.0))  # disc >= 0 then (the quadratic is <= 0 at a / b)
         out["ci95"] = [(qb - root) / qa, (qb + root) / qa]
     return out
