@@ -165,6 +165,10 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
     scoring = [json.loads(f.read_text())["seconds"]
                for f in (out / "stages").glob("scores_*/DONE.json")]
     assert len(scoring) == 4 and cost >= min(scoring)  # the scoring counts in its cost
+    assert main([*common, "--defence", "drop-top-lls", "--defence-q", "0.5"]) == 0  # all done
+    assert "[stage]" not in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())["defence_effects"]["drop-top-lls"]
+    assert again["seconds_per_dataset"] == cost  # still counted, from the stage records
     # a folder from before the scoring stage (its defences scored inside their own stage):
     # done defences are not scored again
     import shutil

@@ -387,16 +387,17 @@ class RunMakers:
         name = f"defend_{m}_{cond}_run{r}"
         # scored before the defence's own stage, so that its seconds and the scoring's are
         # apart (a folder from before the scoring stage has it inside the defence's seconds)
-        scores = self.defence_scores(cond, r, t, path, dkey, dcfg) \
-            if scored and not self.stages.done(name, key) else None
+        scores = self.defence_scores(cond, r, t, path, dkey, dcfg,
+                                     needed=not self.stages.done(name, key)) if scored else None
         res = self.stages.run(name, key, lambda d: defend_data(
             dcfg, path, d, progress=self.progress, scores=scores))
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
     def defence_scores(self, cond: str, r: int, t: _Teacher, path: str, dkey: str,
-                       dcfg: Any) -> list[Any]:
+                       dcfg: Any, needed: bool = True) -> list[Any] | None:
         """Run r's data scored by its teacher against the base: one stage that the scored
-        defences (replace-/mask-divergent, drop-top-lls) share."""
+        defences (replace-/mask-divergent, drop-top-lls) share. Not needed (the defence is
+        done): only its seconds are recorded, for the defence's cost."""
         from sublearn.audit.scores import SampleScore
         from sublearn.defences.defend import defence_scores
         from sublearn.pipeline.train import load_rows
@@ -408,6 +409,9 @@ class RunMakers:
 
         key = {"scores": {"base": dcfg.base, "system": dcfg.teacher_system_prompt},
                "data": dkey, "teacher": t.key}
+        if not needed:
+            self.stages.note(f"scores_{cond}_run{r}", key)
+            return None
         res = self.stages.run(f"scores_{cond}_run{r}", key, score)
         return [SampleScore(**rec) for rec in read_jsonl(res.dir / "scores.jsonl")]
 

@@ -37,6 +37,14 @@ class Stages:
         """Whether the stage is done (a `run` of it would be a cache hit)."""
         return (self.root / "stages" / f"{name}-{config_hash(cfg)}" / "DONE.json").is_file()
 
+    def note(self, name: str, cfg: dict[str, Any]) -> None:
+        """Record a done stage's seconds without running it or reading its outputs (nothing
+        when it is not done): a stage whose result another done stage already holds."""
+        done = self.root / "stages" / f"{name}-{config_hash(cfg)}" / "DONE.json"
+        if done.is_file():
+            self.seconds[name] = json.loads(done.read_text())["seconds"]
+            self.log(f"[cached] {name}")
+
     def run(self, name: str, cfg: dict[str, Any],
             fn: Callable[[Path], dict[str, Any]]) -> StageResult:
         key = config_hash(cfg)
