@@ -18,11 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
-    from sublearn.experiment.matrix import (
-        MatrixConfig,
-        ratio_text,
-        run_matrix,
-    )
+    from sublearn.experiment.matrix import MatrixConfig, ratio_text, run_matrix
     from sublearn.experiment.report import remaining_cell
     from sublearn.experiment.run import ExperimentConfig
 

@@ -33,27 +33,33 @@ class Stages:
         self.log = log
         self.seconds: dict[str, float] = {}
 
+    def _dir(self, name: str, cfg: dict[str, Any]) -> tuple[Path, str]:
+        key = config_hash(cfg)
+        return self.root / "stages" / f"{name}-{key}", key
+
     def done(self, name: str, cfg: dict[str, Any]) -> bool:
         """Whether the stage is done (a `run` of it would be a cache hit)."""
-        return (self.root / "stages" / f"{name}-{config_hash(cfg)}" / "DONE.json").is_file()
+        return (self._dir(name, cfg)[0] / "DONE.json").is_file()
+
+    def _cached(self, name: str, done: Path) -> dict[str, Any] | None:
+        """A done stage's record, its seconds noted (None when it is not done)."""
+        if not done.is_file():
+            return None
+        rec = json.loads(done.read_text())
+        self.seconds[name] = rec["seconds"]
+        self.log(f"[cached] {name}")
+        return rec
 
     def note(self, name: str, cfg: dict[str, Any]) -> None:
         """Record a done stage's seconds without running it or reading its outputs (nothing
         when it is not done): a stage whose result another done stage already holds."""
-        done = self.root / "stages" / f"{name}-{config_hash(cfg)}" / "DONE.json"
-        if done.is_file():
-            self.seconds[name] = json.loads(done.read_text())["seconds"]
-            self.log(f"[cached] {name}")
+        self._cached(name, self._dir(name, cfg)[0] / "DONE.json")
 
     def run(self, name: str, cfg: dict[str, Any],
             fn: Callable[[Path], dict[str, Any]]) -> StageResult:
-        key = config_hash(cfg)
-        d = self.root / "stages" / f"{name}-{key}"
+        d, key = self._dir(name, cfg)
         done = d / "DONE.json"
-        if done.is_file():
-            rec = json.loads(done.read_text())
-            self.seconds[name] = rec["seconds"]
-            self.log(f"[cached] {name}")
+        if (rec := self._cached(name, done)) is not None:
             return StageResult(name, d, key, rec["output"], rec["seconds"], True)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "stage_config.json", cfg)
