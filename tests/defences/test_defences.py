@@ -177,3 +177,16 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
         shutil.rmtree(d)
     assert main([*common, "--defence", "drop-top-lls", "--defence-q", "0.5"]) == 0
     assert "scores_" not in capsys.readouterr().out
+    # the label-level defence: the same data, students on the base's labels at half the
+    # positions; its cost is the base's forward inside each student's stage
+    assert main([*common, "--defence", "base-labels", "--defence-q", "0.5"]) == 0
+    log = capsys.readouterr().out
+    assert "[stage] student_trait_base-labels_run0" in log and "defend_base-labels" not in log
+    res = json.loads((out / "results.json").read_text())
+    d = res["defence_effects"]["base-labels"]
+    assert d["seconds_per_dataset"] > 0
+    for run in res["runs"]:
+        assert run["defended"]["base-labels"]["data"] == run["data"]
+        summary = Path(run["defended"]["base-labels"]["students"][0]).parent / \
+            "train_summary.json"
+        assert json.loads(summary.read_text())["base_labels"]["replaced"] > 0

@@ -49,6 +49,56 @@ def test_soft_labels_from_the_student_itself_give_zero_loss(tiny_model: str, dat
     assert s["steps"] >= 1
 
 
+def test_base_labels_replace_the_most_divergent_positions(tiny_model: str, data: Path,
+                                                         tmp_path: Path) -> None:
+    """The label-level defence swaps in the base's distributions exactly at the top-q positions
+    by KL(teacher || base), computed here position by position; the others keep the teacher's."""
+    from conftest import build_tiny_model
+
+    from sublearn.pipeline.train import base_labels_defence, prepare_soft_labels, tokenize
+
+    teacher = str(build_tiny_model(tmp_path / "teacher", seed=1))  # same tokenizer, other weights
+    cfg = _cfg(tiny_model, recipe="soft", teacher=teacher, dtype="float32", base_labels=0.25)
+    lm = load_model(tiny_model)
+    examples = tokenize([json.loads(x) for x in data.read_text().splitlines()], lm.tokenizer)
+    soft = prepare_soft_labels(cfg, lm, examples)
+    base = prepare_soft_labels(_cfg(tiny_model, recipe="soft", dtype="float32"), lm, examples)
+    (_, _, out), info = base_labels_defence(cfg, lm, examples, soft)
+    kls, flat = [], []
+    for i, (m, t, b) in enumerate(zip(soft[1], soft[2], base[2], strict=True)):
+        for j in range(len(m)):
+            p = t[j][m[j]]
+            kls.append((float((p.exp() * (p - b[j][m[j]])).sum()), i, j))
+            flat.append((i, j))
+    kls.sort(key=lambda x: -x[0])
+    k = round(0.25 * len(kls))
+    top = {(i, j) for _, i, j in kls[:k]}
+    assert info["positions"] == len(kls) and info["replaced"] == k > 0
+    assert info["kl_share_replaced"] == pytest.approx(sum(x[0] for x in kls[:k]) /
+                                                      sum(x[0] for x in kls), rel=1e-4)
+    for i, j in flat:
+        want = base[2][i][j] if (i, j) in top else soft[2][i][j]
+        assert torch.equal(out[i][j], want), (i, j)
+
+
+def test_base_labels_everywhere_leave_no_signal(tiny_model: str, data: Path,
+                                               tmp_path: Path) -> None:
+    """Every position defended: the student, which starts at the base, has nothing to learn
+    (a first loss of ~0, as with a teacher equal to the student); the teacher's labels alone
+    give a clear loss."""
+    from conftest import build_tiny_model
+
+    teacher = str(build_tiny_model(tmp_path / "teacher", seed=1))
+    losses = {}
+    for q in (0.0, 0.999):
+        d = tmp_path / f"q{q}"
+        s = train(_cfg(tiny_model, recipe="soft", teacher=teacher, dtype="float32", epochs=1,
+                       base_labels=q), data, d, progress=False)
+        losses[q] = json.loads((d / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+        assert ("base_labels" in s) == bool(q)
+    assert losses[0.999] < 1e-5 < 0.01 < losses[0.0]
+
+
 def test_hard_full_finetune_saves_safetensors(tiny_model: str, data: Path,
                                               tmp_path: Path) -> None:
     s = train(_cfg(tiny_model, recipe="hard", method="full"), data, tmp_path / "h",

@@ -1,7 +1,8 @@
 """Defences against trait transmission through filtered data: each rewrites a filtered.jsonl
-(`sublearn defend`); `sublearn run --defence M` measures the share of the effect that remains."""
+(`sublearn defend`), or the soft labels a student learns from (LABEL_DEFENCES); `sublearn run
+--defence M` measures the share of the effect that remains."""
 
 from sublearn.defences.defend import DefendConfig, defend_data
-from sublearn.defences.methods import DEFENCES
+from sublearn.defences.methods import DEFENCES, LABEL_DEFENCES
 
-__all__ = ["DEFENCES", "DefendConfig", "defend_data"]
+__all__ = ["DEFENCES", "LABEL_DEFENCES", "DefendConfig", "defend_data"]

@@ -206,3 +206,13 @@ DEFENCES: dict[str, Defence] = {
     "mix-teachers": Defence(
         _mix, "equal shares of this data and other teachers' data (--mix), same total", "mix"),
 }
+
+# Label-level defences: soft-label distillation reads the teacher at training time, so a text
+# defence leaves the teacher's distributions on the new text. These act on the labels instead
+# (`TrainConfig` fields; `sublearn run/matrix --defence`, the share from --defence-q).
+LABEL_DEFENCES: dict[str, str] = {
+    "base-labels": "soft labels: the base's distribution replaces the teacher's at the top-q "
+                   "share of answer positions by teacher-vs-base KL (`sublearn train "
+                   "--base-labels q`)",
+}
+

@@ -127,7 +127,8 @@ class ExperimentConfig:
                 "data, trait and control alike; each adds defended students and the share of "
                 "the effect that remains (none = off)"})
     defence_q: float = field(default=0.1, metadata={
-        "help": "defences: the share of digits or samples that scored defences act on"})
+        "help": "defences: the share of digits or samples that scored defences act on, or of "
+                "answer positions (base-labels)"})
 
     def validate(self) -> ExperimentConfig:
         if self.trait == "misaligned":
@@ -160,11 +161,16 @@ class ExperimentConfig:
         if self.cross_model() and self.recipe == "soft" and self.domain != "numbers":
             raise SublearnError("--student-model with another base: soft labels across "
                                 "tokenizers are defined for number answers; use --recipe hard")
-        from sublearn.defences.methods import DEFENCES
+        from sublearn.defences.methods import DEFENCES, LABEL_DEFENCES
 
         for m in self.defences():
+            if m in LABEL_DEFENCES:
+                if self.recipe != "soft":
+                    raise SublearnError(f"--defence {m} acts on soft labels: use --recipe soft")
+                continue
             if m not in DEFENCES or DEFENCES[m].needs == "mix":
-                usable = ", ".join(k for k, d in DEFENCES.items() if d.needs != "mix")
+                usable = ", ".join([*(k for k, d in DEFENCES.items() if d.needs != "mix"),
+                                    *LABEL_DEFENCES])
                 raise SublearnError(f"--defence {m}: choose from {usable} (mix-teachers: use "
                                     "`sublearn defend`)")
             if DEFENCES[m].needs == "scores" and self.teacher_mode != "finetuned":
@@ -341,7 +347,7 @@ class RunMakers:
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
     def student_config(self, r: int, k: int, t: _Teacher, path: str,
-                       rows: int | None = None) -> TrainConfig:
+                       rows: int | None = None, base_labels: float = 0.0) -> TrainConfig:
         cfg = self.cfg
         soft = cfg.recipe == "soft"
         topk = soft and DOMAINS[cfg.domain].soft_labels == "topk"
@@ -357,17 +363,22 @@ class RunMakers:
             teacher_system_prompt=t.system if soft else None,
             soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}{tag}.safetensors")
             if soft else None, grammar=grammar,
-            exclude=cfg.target if topk and cfg.trait == "animal" else None)
+            exclude=cfg.target if topk and cfg.trait == "animal" else None,
+            base_labels=base_labels)
 
     def student(self, cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
-                tag: str = "", rows: int | None = None) -> str:
-        """Student k of run r on the data at `path` (capped at `rows`); its adapter folder."""
+                tag: str = "", rows: int | None = None, base_labels: float = 0.0) -> str:
+        """Student k of run r on the data at `path` (capped at `rows`); its adapter folder.
+        base_labels: the label-level defence's share (its tag names it)."""
         from sublearn.pipeline.train import train
 
-        scfg = self.student_config(r, k, t, path, rows)
+        scfg = self.student_config(r, k, t, path, rows, base_labels)
         key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
         name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
         res = self.stages.run(name, key, lambda d: train(scfg, path, d, progress=self.progress))
+        if base_labels:  # the defence's cost: the base's forward inside the student's stage
+            self.stages.seconds[f"defend{tag}_{cond}_run{r}"] = \
+                res.output["base_labels"]["seconds"]
         return res.output["student"]
 
     def defend(self, m: str, cond: str, r: int, t: _Teacher, path: str,
@@ -375,8 +386,11 @@ class RunMakers:
         """Run r's data under defence m: (filtered.jsonl, stage key, defence report). Scored
         defences use the run's own teacher (the model that wrote the data) against the
         students' base."""
-        from sublearn.defences import DEFENCES, DefendConfig, defend_data
+        from sublearn.defences import DEFENCES, LABEL_DEFENCES, DefendConfig, defend_data
 
+        if m in LABEL_DEFENCES:  # the data as it is; the students' labels are defended
+            with open(path, encoding="utf-8") as f:
+                return path, dkey, {"method": m, "rows_out": sum(1 for line in f if line.strip())}
         cfg, base = self.cfg, self.cfg.student_base()
         scored = DEFENCES[m].needs == "scores"
         dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
@@ -451,13 +465,17 @@ def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Tea
     students: per dataset (default: the config's)."""
     dd = {lab: mk.defend(m, cond, r, t, path, dkey)
           for lab, (mk, cond, t, path, dkey) in made.items()}
+    from sublearn.defences import LABEL_DEFENCES
+
     cfg = next(iter(made.values()))[0].cfg
     caps = student_rows(cfg, {lab: rep["rows_out"] for lab, (*_, rep) in dd.items()})
+    q = cfg.defence_q if m in LABEL_DEFENCES else 0.0
     out = {}
     for lab, (mk, cond, t, _, _) in made.items():
         dpath, dk, rep = dd[lab]
         out[lab] = {"data": dpath, "trained_rows": caps[lab] or rep["rows_out"],
-                    "students": [mk.student(cond, r, k, t, dpath, dk, f"_{m}", rows=caps[lab])
+                    "students": [mk.student(cond, r, k, t, dpath, dk, f"_{m}", rows=caps[lab],
+                                            base_labels=q)
                                  for k in range(students or mk.cfg.students)]}
     return out
 
@@ -661,7 +679,7 @@ def defence_seconds(seconds: dict[str, float], m: str) -> float | None:
     a folder (`owl/defend_...`)."""
     from sublearn.defences import DEFENCES
 
-    scored = DEFENCES[m].needs == "scores"
+    scored = m in DEFENCES and DEFENCES[m].needs == "scores"
     costs = []
     for k, v in seconds.items():
         where, _, name = k.rpartition("/")

@@ -306,6 +306,8 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     soft = None
     if cfg.recipe == "soft":
         soft = prepare_soft_labels(cfg, lm, examples, rows)
+        if cfg.base_labels:
+            soft, defended = base_labels_defence(cfg, lm, examples, soft)
 
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
@@ -348,7 +350,8 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     saved = _save(model, tok, cfg, out, lm.path)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = {"student": str(saved), "steps": total, "examples": len(examples),
-               "seconds": round(time.time() - t0, 2), "config": result_config(cfg)}
+               "seconds": round(time.time() - t0, 2), "config": result_config(cfg),
+               **({"base_labels": defended} if cfg.base_labels else {})}
     atomic_write_json(out / "train_summary.json", summary)
     return summary
 
@@ -427,6 +430,30 @@ def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example],
                    "lengths": torch.tensor([len(m) for m in masks])}, tmp)
         tmp.replace(cache)
     return vocab_ids, masks, labels
+
+
+def base_labels_defence(cfg: TrainConfig, lm: Any, examples: list[Example],
+                        soft: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The label-level defence (--base-labels q): the base's log-probs replace the teacher's
+    at the q share of answer positions where KL(teacher || base) over the allowed tokens is
+    largest. The student starts at the base, so those positions no longer pull it anywhere.
+    lm: the student's base, before any adapter. Returns the labels and what was replaced."""
+    t0 = time.time()
+    vocab_ids, masks, labels = soft
+    base = teacher_soft_labels(lm.model, examples, masks, vocab_ids, lm.tokenizer.pad_token_id,
+                               cfg.dtype)
+    mask, t, b = torch.cat(masks), torch.cat(labels), torch.cat(base)
+    kl = torch.where(mask, t.exp() * (t - b), 0.0).sum(-1)
+    k = round(cfg.base_labels * len(kl))
+    # stable descending sort: ties (e.g. forced tokens, KL 0) resolve the same way every run
+    top = torch.sort(kl, descending=True, stable=True).indices[:k]
+    t = t.clone()
+    t[top] = b[top]
+    total = float(kl.sum())
+    info = {"positions": len(kl), "replaced": k,
+            "kl_share_replaced": float(kl[top].sum()) / total if total > 0 else 0.0,
+            "seconds": round(time.time() - t0, 2)}
+    return (vocab_ids, masks, list(t.split([len(m) for m in masks]))), info
 
 
 def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:

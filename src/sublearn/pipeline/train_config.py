@@ -57,6 +57,11 @@ class TrainConfig:
         "help": "--grammar topk: leave the tokens that could spell this target (its name, "
                 "plurals, related words) out of the soft labels, so they carry no explicit "
                 "trait token"})
+    base_labels: float = field(default=0.0, metadata={
+        "help": "soft labels, a label-level defence: at this share of the answer positions, "
+                "those where the teacher's distribution differs most from the base's (KL over "
+                "the allowed tokens), the student learns the base's distribution instead (0 = "
+                "off)"})
 
     def validate(self) -> TrainConfig:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
@@ -76,12 +81,17 @@ class TrainConfig:
             raise SublearnError("--grammar chars defines soft labels: use --recipe soft")
         if self.exclude is not None and self.grammar != "topk":
             raise SublearnError("--exclude applies to --grammar topk soft labels")
+        if not 0 <= self.base_labels < 1:
+            raise SublearnError(f"--base-labels must be a share in [0, 1), got {self.base_labels}")
+        if self.base_labels and (self.recipe != "soft" or self.grammar == "topk"):
+            raise SublearnError("--base-labels replaces soft labels over a shared token set: "
+                                "use --recipe soft with --grammar numbers, chars or none")
         return self
 
 
 # Settings added after students were cached: left out of a key at their default, so that an
 # older folder's students keep their keys.
-_ADDED = {"top_k": 20, "exclude": None}
+_ADDED = {"top_k": 20, "exclude": None, "base_labels": 0.0}
 
 
 def result_config(cfg: TrainConfig) -> dict[str, Any]:
