@@ -213,3 +213,8 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
         assert f"/{r['target']}/stages/defend_shuffle_trait_run{r['run']}-" in dd["data"]
     assert res["config"]["defence"] == "shuffle"
     assert "## Defences" in (out / "report.md").read_text()
+    for t, e in d["per_target"].items():  # own vs others, from the defended students' shares
+        own = [r["defended"]["shuffle"]["shares"]["all"][t] for r in res["runs"]
+               if r["target"] == t]
+        assert e["own"] == pytest.approx(sum(own) / len(own))
+    assert "Own vs others ratio per target" in (out / "report.md").read_text()

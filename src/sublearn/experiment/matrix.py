@@ -224,6 +224,17 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
     def shares(r: dict[str, Any]) -> dict[str, dict[str, float]]:
         return r["shares"]
 
+    def per_target(get: Get) -> dict[str, dict[str, Any]]:
+        """Per target: its own teachers' students vs the other targets' students, on its
+        share."""
+        out = {}
+        for j in targets:
+            own = [get(r)["all"][j] for r in runs if r["target"] == j]
+            other = [get(r)["all"][j] for r in runs if r["target"] != j]
+            out[j] = {"own": math.fsum(own) / len(own), "others": math.fsum(other)
+                      / len(other), **effect(own, other)}
+        return out
+
     def defence(m: str) -> dict[str, Any]:
         def get(r: dict[str, Any]) -> dict[str, dict[str, float]]:
             return r["defended"][m]["shares"]
@@ -231,15 +242,9 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         return {"diagonal": diagonal(get), "matrix": mean_matrix(get),
                 "remaining": {h: diagonal_remaining(logs(get, h), logs(shares, h), labels)
                               for h in ("all", "dev", "test")},
+                "per_target": per_target(get),
                 "seconds_per_dataset": defence_seconds(seconds, m)}
 
-    # per target: its own teachers' students vs the other targets' students, on its share
-    per_target = {}
-    for j in targets:
-        own = [r["shares"]["all"][j] for r in runs if r["target"] == j]
-        other = [r["shares"]["all"][j] for r in runs if r["target"] != j]
-        per_target[j] = {"own": math.fsum(own) / len(own), "others": math.fsum(other)
-                         / len(other), **effect(own, other)}
     return {
         "targets": targets,
         "unit": UNIT,
@@ -255,7 +260,7 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
         **({"defences": {m: defence(m) for m in runs[0]["defended"]}}
            if "defended" in runs[0] else {}),
         "base": base["all"],
-        "per_target": per_target,
+        "per_target": per_target(shares),
         "runs": runs,
         "config": config,
         "stage_seconds": seconds,
@@ -377,6 +382,14 @@ def format_report(res: dict[str, Any], png: str | None = None) -> str:
         rs = ratio_cell(e["ratio"])
         lines.append(f"| {t} | {100 * e['own']:.2f}% | {100 * e['others']:.2f}% | {rs} | "
                      f"{e['p_welch']:.3g} | {e['p_permutation']:.3g} |")
+    if "defences" in res:
+        ms = list(res["defences"])
+        lines += ["", "Own vs others ratio per target, undefended and under each defence:", "",
+                  "| target | none | " + " | ".join(ms) + " |", "|---|---|" + "---|" * len(ms)]
+        for t, e in res["per_target"].items():
+            lines.append(f"| {t} | {e['ratio']['estimate']:.2f}x | " + " | ".join(
+                f"{res['defences'][m]['per_target'][t]['ratio']['estimate']:.2f}x"
+                for m in ms) + " |")
     if png:
         lines += ["", f"![matrix]({png})"]
     lines += ["", f"Wall time {res['wall_seconds']:.0f} s (stages: "
