@@ -79,6 +79,13 @@ def test_base_labels_replace_the_most_divergent_positions(tiny_model: str, data:
     for i, j in flat:
         want = base[2][i][j] if (i, j) in top else soft[2][i][j]
         assert torch.equal(out[i][j], want), (i, j)
+    # a prompted teacher: the base is scored without the teacher's system prompt
+    pcfg = _cfg(tiny_model, recipe="soft", teacher_system_prompt="You love owls.",
+                dtype="float32", base_labels=0.25)
+    pex = tokenize([json.loads(x) for x in data.read_text().splitlines()], lm.tokenizer,
+                   pcfg.teacher_system_prompt)
+    _, pinfo = base_labels_defence(pcfg, lm, pex, prepare_soft_labels(pcfg, lm, pex))
+    assert pinfo["kl_share_replaced"] > 0
 
 
 def test_base_labels_everywhere_leave_no_signal(tiny_model: str, data: Path,

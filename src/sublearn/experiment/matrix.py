@@ -169,9 +169,11 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
                     ecfgs[t], f"icl_trait_run{r}", cfg.model, None, dkey, run["data"]),
                     targets, f"{t}/stages/eval_icl_trait_run{r}-*")
         seconds = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.seconds.items()}
+        costs = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.costs.items()}
         added = {"defence": cfg.defence, "defence_q": cfg.defence_q} if cfg.defences() else {}
         res = build_matrix(targets, runs, _target_shares(base, targets, "stages/eval_base-*"),
-                           {**kept, **added, **asdict(mcfg)}, seconds, time.time() - t_start)
+                           {**kept, **added, **asdict(mcfg)}, seconds, time.time() - t_start,
+                           costs)
         atomic_write_json(out / "results.json", res)
         plot_matrix(res, out / "matrix.png")
         atomic_write_text(out / "report.md", format_report(res, "matrix.png"))
@@ -197,7 +199,8 @@ def _target_shares(scores: dict[str, Any], targets: list[str],
 
 def build_matrix(targets: list[str], runs: list[dict[str, Any]],
                  base: dict[str, dict[str, float]], config: dict[str, Any],
-                 seconds: dict[str, float], wall: float) -> dict[str, Any]:
+                 seconds: dict[str, float], wall: float,
+                 costs: dict[str, float] | None = None) -> dict[str, Any]:
     from sublearn.experiment.stats import diagonal_effect, diagonal_remaining, effect
 
     labels = [targets.index(r["target"]) for r in runs]
@@ -243,7 +246,7 @@ def build_matrix(targets: list[str], runs: list[dict[str, Any]],
                 "remaining": {h: diagonal_remaining(logs(get, h), logs(shares, h), labels)
                               for h in ("all", "dev", "test")},
                 "per_target": per_target(get),
-                "seconds_per_dataset": defence_seconds(seconds, m)}
+                "seconds_per_dataset": defence_seconds({**seconds, **(costs or {})}, m)}
 
     return {
         "targets": targets,
@@ -387,9 +390,8 @@ def format_report(res: dict[str, Any], png: str | None = None) -> str:
         lines += ["", "Own vs others ratio per target, undefended and under each defence:", "",
                   "| target | none | " + " | ".join(ms) + " |", "|---|---|" + "---|" * len(ms)]
         for t, e in res["per_target"].items():
-            lines.append(f"| {t} | {e['ratio']['estimate']:.2f}x | " + " | ".join(
-                f"{res['defences'][m]['per_target'][t]['ratio']['estimate']:.2f}x"
-                for m in ms) + " |")
+            lines.append(f"| {t} | {ratio_cell(e['ratio'])} | " + " | ".join(
+                ratio_cell(res["defences"][m]["per_target"][t]["ratio"]) for m in ms) + " |")
     if png:
         lines += ["", f"![matrix]({png})"]
     lines += ["", f"Wall time {res['wall_seconds']:.0f} s (stages: "

@@ -376,9 +376,8 @@ class RunMakers:
         key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
         name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
         res = self.stages.run(name, key, lambda d: train(scfg, path, d, progress=self.progress))
-        if base_labels:  # the defence's cost: the base's forward inside the student's stage
-            self.stages.seconds[f"defend{tag}_{cond}_run{r}"] = \
-                res.output["base_labels"]["seconds"]
+        if base_labels and k == 0:  # the defence's cost per dataset: the base's forward
+            self.stages.costs[f"defend{tag}_{cond}_run{r}"] = res.output["base_labels"]["seconds"]
         return res.output["student"]
 
     def defend(self, m: str, cond: str, r: int, t: _Teacher, path: str,
@@ -542,7 +541,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
             run["icl_scores"] = metric_values(evaluate(
                 f"icl_{run['condition']}_run{run['run']}", base, None, dkey, run["data"]))
     results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
-                            time.time() - t_start, teacher_base)
+                            time.time() - t_start, teacher_base, stages.costs)
     atomic_write_json(out / "results.json", results)
     from sublearn.experiment.report import write_report
 
@@ -595,9 +594,10 @@ def _mean_metrics(values: list[dict[str, float]]) -> dict[str, float]:
 def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   teachers: dict[str, list[dict]], runs: list[dict[str, Any]],
                   seconds: dict[str, float], wall: float,
-                  teacher_base: dict[str, Any] | None = None) -> dict[str, Any]:
+                  teacher_base: dict[str, Any] | None = None,
+                  costs: dict[str, float] | None = None) -> dict[str, Any]:
     """teacher_base: the teachers' base model's scores, when the students have another base
-    (then `base` is the students')."""
+    (then `base` is the students'). costs: `Stages.costs` (work inside stages)."""
     from sublearn.experiment.stats import effect, summarize
 
     per_condition: dict[str, list[dict[str, float]]] = {
@@ -623,7 +623,8 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                 for m in conditions[trait] if m != "target_logprob"}
 
     effects = effects_of("trait", "control")
-    defence_effects = {m: _defence_effect(conditions, m, seconds) for m in cfg.defences()}
+    defence_effects = {m: _defence_effect(conditions, m, {**seconds, **(costs or {})})
+                       for m in cfg.defences()}
     top = {}
     if "forced_choice" in base:
         top = {"base": _top_candidates([base])}
@@ -675,8 +676,9 @@ def _defence_effect(conditions: dict[str, Any], m: str,
 
 def defence_seconds(seconds: dict[str, float], m: str) -> float | None:
     """Defence m's mean seconds per dataset: its stage, plus the scores it ranks by (a stage
-    that scored defences share, counted in full for each). Keys: stage names, optionally after
-    a folder (`owl/defend_...`)."""
+    that scored defences share, counted in full for each); a label defence's entry is its cost
+    inside the student's stage (`Stages.costs`). Keys: stage names, optionally after a folder
+    (`owl/defend_...`)."""
     from sublearn.defences import DEFENCES
 
     scored = m in DEFENCES and DEFENCES[m].needs == "scores"

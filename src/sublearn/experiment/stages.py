@@ -32,6 +32,9 @@ class Stages:
         self.root = root
         self.log = log
         self.seconds: dict[str, float] = {}
+        # seconds of a part of some stage's work (a label defence inside a student's stage):
+        # a cost to report, not a stage, so not in `seconds` (whose sum is the stages' time)
+        self.costs: dict[str, float] = {}
 
     def _dir(self, name: str, cfg: dict[str, Any]) -> tuple[Path, str]:
         key = config_hash(cfg)

@@ -11,6 +11,7 @@ running, so a killed run resumes from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -440,15 +441,16 @@ def base_labels_defence(cfg: TrainConfig, lm: Any, examples: list[Example],
     lm: the student's base, before any adapter. Returns the labels and what was replaced."""
     t0 = time.time()
     vocab_ids, masks, labels = soft
-    base = teacher_soft_labels(lm.model, examples, masks, vocab_ids, lm.tokenizer.pad_token_id,
+    # the base reads the student's prompts: a prompted teacher's system prompt is the teacher's
+    plain = [dataclasses.replace(e, teacher_prompt_ids=None) for e in examples]
+    base = teacher_soft_labels(lm.model, plain, masks, vocab_ids, lm.tokenizer.pad_token_id,
                                cfg.dtype)
     mask, t, b = torch.cat(masks), torch.cat(labels), torch.cat(base)
     kl = torch.where(mask, t.exp() * (t - b), 0.0).sum(-1)
     k = round(cfg.base_labels * len(kl))
     # stable descending sort: ties (e.g. forced tokens, KL 0) resolve the same way every run
     top = torch.sort(kl, descending=True, stable=True).indices[:k]
-    t = t.clone()
-    t[top] = b[top]
+    t[top] = b[top]  # t is torch.cat's new tensor: the cached labels are untouched
     total = float(kl.sum())
     info = {"positions": len(kl), "replaced": k,
             "kl_share_replaced": float(kl[top].sum()) / total if total > 0 else 0.0,
