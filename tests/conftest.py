@@ -53,6 +53,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's tokenizer with other weights: a teacher far from the tiny base."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("teacher") / "model", seed=1))
+
+
+@pytest.fixture(scope="session")
 def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Another base with another tokenizer (other BPE merges): the cross-model tests'."""
     return str(build_tiny_model(tmp_path_factory.mktemp("other") / "m", seed=1, vocab_size=300))

@@ -49,16 +49,13 @@ def test_soft_labels_from_the_student_itself_give_zero_loss(tiny_model: str, dat
     assert s["steps"] >= 1
 
 
-def test_base_labels_replace_the_most_divergent_positions(tiny_model: str, data: Path,
-                                                         tmp_path: Path) -> None:
+def test_base_labels_replace_the_most_divergent_positions(tiny_model: str, tiny_teacher: str,
+                                                         data: Path) -> None:
     """The label-level defence swaps in the base's distributions exactly at the top-q positions
     by KL(teacher || base), computed here position by position; the others keep the teacher's."""
-    from conftest import build_tiny_model
-
     from sublearn.pipeline.train import base_labels_defence, prepare_soft_labels, tokenize
 
-    teacher = str(build_tiny_model(tmp_path / "teacher", seed=1))  # same tokenizer, other weights
-    cfg = _cfg(tiny_model, recipe="soft", teacher=teacher, dtype="float32", base_labels=0.25)
+    cfg = _cfg(tiny_model, recipe="soft", teacher=tiny_teacher, dtype="float32", base_labels=0.25)
     lm = load_model(tiny_model)
     examples = tokenize([json.loads(x) for x in data.read_text().splitlines()], lm.tokenizer)
     soft = prepare_soft_labels(cfg, lm, examples)
@@ -88,18 +85,15 @@ def test_base_labels_replace_the_most_divergent_positions(tiny_model: str, data:
     assert pinfo["kl_share_replaced"] > 0
 
 
-def test_base_labels_everywhere_leave_no_signal(tiny_model: str, data: Path,
+def test_base_labels_everywhere_leave_no_signal(tiny_model: str, tiny_teacher: str, data: Path,
                                                tmp_path: Path) -> None:
     """Every position defended: the student, which starts at the base, has nothing to learn
     (a first loss of ~0, as with a teacher equal to the student); the teacher's labels alone
     give a clear loss."""
-    from conftest import build_tiny_model
-
-    teacher = str(build_tiny_model(tmp_path / "teacher", seed=1))
     losses = {}
     for q in (0.0, 0.999):
         d = tmp_path / f"q{q}"
-        s = train(_cfg(tiny_model, recipe="soft", teacher=teacher, dtype="float32", epochs=1,
+        s = train(_cfg(tiny_model, recipe="soft", teacher=tiny_teacher, dtype="float32", epochs=1,
                        base_labels=q), data, d, progress=False)
         losses[q] = json.loads((d / "train_log.jsonl").read_text().splitlines()[0])["loss"]
         assert ("base_labels" in s) == bool(q)
