@@ -462,10 +462,10 @@ def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Tea
     control, or a matrix's targets); their students train on equally many defended rows, as
     the undefended ones do (a defence that drops rows may drop more of one dataset).
     students: per dataset (default: the config's)."""
-    dd = {lab: mk.defend(m, cond, r, t, path, dkey)
-          for lab, (mk, cond, t, path, dkey) in made.items()}
     from sublearn.defences import LABEL_DEFENCES
 
+    dd = {lab: mk.defend(m, cond, r, t, path, dkey)
+          for lab, (mk, cond, t, path, dkey) in made.items()}
     cfg = next(iter(made.values()))[0].cfg
     caps = student_rows(cfg, {lab: rep["rows_out"] for lab, (*_, rep) in dd.items()})
     q = cfg.defence_q if m in LABEL_DEFENCES else 0.0
