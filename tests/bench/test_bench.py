@@ -52,6 +52,16 @@ def test_schema_and_ratios(result: dict[str, Any]) -> None:
     assert g["ours"]["items"] == g["baseline"]["items"] == SIZES.prompts
 
 
+def test_students_together_vs_alone(result: dict[str, Any]) -> None:
+    st = result["students"]
+    assert list(st["k"]) == [str(k) for k in SIZES.student_ks] and st["steps_timed"] == 1
+    for r in st["k"].values():
+        for k in ("together_samples_s", "alone_samples_s", "speedup", "speedup_cpu"):
+            assert _positive(r[k]), k
+        assert r["speedup"] == pytest.approx(r["together_samples_s"] / r["alone_samples_s"])
+    assert "students trained together" in markdown(result, "sublearn bench --quick")
+
+
 def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
     num = result["numerics"]
     for k in ("kl_full_vocab_head_bf16", "kl_grammar_tokens_head_fp32",

@@ -123,3 +123,40 @@ def test_stages_by_hand_with_defaults_reproduce_run(tiny_model: str, tmp_path: P
     student = next(stages.glob("student_trait_run1-*"))
     name = "adapter/adapter_model.safetensors"
     assert (tmp_path / "s" / name).read_bytes() == (student / name).read_bytes()
+
+
+def test_run_trains_students_together(tiny_model: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """--together 3: the four students of a 2 + 2 run train as a group of three and one
+    alone, after the runs' teachers and data; each ends where the student trained alone ends
+    (bf16 rounding), under its own key, and a rerun is all cache hits."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    assert _run(tiny_model, alone, "--icl", "0") == 0
+    (together / "stages").mkdir(parents=True)
+    for d in (alone / "stages").glob("*"):
+        if d.name.startswith(("teacher_", "data_")):
+            shutil.copytree(d, together / "stages" / d.name)
+    capsys.readouterr()
+    assert _run(tiny_model, together, "--icl", "0", "--together", "3") == 0
+    log = capsys.readouterr().out
+    assert "[cached] data_control_run1" in log and "[stage] student_control_run1" in log
+    assert log.index("[cached] data_control_run1") < log.index("[stage] student_trait_run0")
+    a = json.loads((alone / "results.json").read_text())
+    t = json.loads((together / "results.json").read_text())
+    assert t["config"]["together"] == 3
+    groups = []
+    for ra, rt in zip(a["runs"], t["runs"], strict=True):
+        assert ra["data"].replace(str(alone), "") == rt["data"].replace(str(together), "")
+        sa, st = Path(ra["students"][0]), Path(rt["students"][0])
+        assert sa.parent.name != st.parent.name  # its own key
+        groups.append(json.loads((st.parent / "train_summary.json").read_text())
+                      ["trained_together"])
+        wa, wt = (load_file(s / "adapter_model.safetensors") for s in (sa, st))
+        assert max(float((wa[k] - wt[k]).norm() / wa[k].norm()) for k in wa) < 0.05
+    assert groups == [3, 3, 3, 1]
+    assert _run(tiny_model, together, "--icl", "0", "--together", "3") == 0
+    assert "[stage]" not in capsys.readouterr().out

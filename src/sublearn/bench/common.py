@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-STAGES = ("generation", "training", "evaluation", "numerics")
+STAGES = ("generation", "training", "evaluation", "numerics", "students")
 
 FLOPS_FORMULA = (
     "k * (N_body * T + d * V_head * R); k = 2 forward, 4 LoRA training (forward + input "
@@ -37,11 +37,13 @@ class Sizes:
     numerics_prompts: int = 16
     matmul_reps: int = 20
     levers: bool = True  # the costly levers (generation variants, fp32 LoRA, threads)
+    student_ks: tuple[int, ...] = (1, 2, 5, 10)  # students trained together vs one by one
+    student_steps: int = 3  # timed steps per student
 
 
 # --quick: < 1 min on 2 busy cores; batch 4 because each variant's warm-up is a full batch
 QUICK = Sizes(prompts=4, steps=1, train_batch=4, questions=1, numerics_prompts=4,
-              matmul_reps=5, levers=False)
+              matmul_reps=5, levers=False, student_ks=(1, 2), student_steps=1)
 SEED = 0
 
 

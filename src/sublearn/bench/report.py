@@ -77,6 +77,13 @@ def markdown(res: dict[str, Any], command: str) -> str:
     if g:
         lines.append(f"\nstrict-filter pass rate: ours {g['ours']['pass_rate']:.0%}, "
                      f"baseline {g['baseline']['pass_rate']:.0%}")
+    if st := res.get("students"):
+        lines += ["", "| students trained together, K | together (samples/s) | one after "
+                  "another (samples/s) | speed-up | by CPU time |", "|---|---|---|---|---|"]
+        for k, r in st["k"].items():
+            lines.append(f"| {k} | {_fmt(r['together_samples_s'])} | "
+                         f"{_fmt(r['alone_samples_s'])} | {r['speedup']:.2f}x | "
+                         f"{r['speedup_cpu']:.2f}x |")
     summary = lever_summary(res.get("levers", {}))
     lines += ["", "| lever | speed-up (x) per stage; - = not measured |", "|---|---|"]
     for lever, per in summary.items():

@@ -11,6 +11,7 @@ the load average is recorded). Stages:
   evaluation  `score_candidates` (one packed forward per batch, shared prefix) vs one fp32
               forward per (question, candidate)
   numerics    fp32 vs bf16 teacher distributions and forced-choice shares
+  students    K LoRA students stepped together (one forward/backward) vs one after another
   peak        fp32 / bf16 matmul GFLOP/s at model-like shapes, the yardstick for every stage
 
 Levers (which of our choices help, and by how much) are measured in the default mode; --quick
@@ -44,6 +45,7 @@ from sublearn.bench.evaluation import bench_evaluation
 from sublearn.bench.generation import bench_generation, chat_texts, threads_lever
 from sublearn.bench.numerics import bench_numerics
 from sublearn.bench.report import lever_summary
+from sublearn.bench.students import bench_students
 from sublearn.bench.training import TrainData, bench_training
 
 
@@ -125,6 +127,8 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
         if share is not None:
             res["numerics"]["forced_choice_target_share"] = share
     res.get("evaluation", {}).pop("_target_share", None)
+    if "students" in stages:
+        stage("students", lambda: bench_students(lm, sizes, device))
     threads = threads or os.cpu_count() or 1
     if sizes.levers and device.type == "cpu" and threads > 1:
         from sublearn.domains.numbers import make_prompts

@@ -11,8 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model to time (default: embedded smollm2-135m-instruct)")
     p.add_argument("--stages", default=None,
-                   help="comma-separated subset of generation,training,evaluation,numerics "
-                        "(default: all; peak always runs)")
+                   help="comma-separated subset of generation,training,evaluation,numerics,"
+                        "students (default: all; peak always runs)")
     p.add_argument("--prompts", type=int, default=None, help="override: generation prompts")
     p.add_argument("--steps", type=int, default=None,
                    help="override: timed training steps per variant")

@@ -41,6 +41,7 @@ from sublearn.experiment.run import (
     with_halves,
 )
 from sublearn.experiment.stages import Stages
+from sublearn.experiment.together import StudentQueue
 from sublearn.files import (
     atomic_savefig,
     atomic_write_json,
@@ -59,6 +60,8 @@ SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "runs"
            "samples")
 # flags that only add stages (defended students): a folder made without them is reused
 ADDITIVE = ("defence", "defence_q")
+# flags of how students train, not what (students trained together are cached apart)
+HOW = ("together",)
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,12 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
         for t in targets:  # a `sublearn run --out out/<t>` meanwhile: a one-line error
             locks.enter_context(locked_out_dir(check_out_dir(out / t)))
         # targets and runs are additive (more stages); every other setting must match
-        kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED + ADDITIVE}
+        kept = {k: v for k, v in asdict(cfg).items() if k not in SKIPPED + ADDITIVE + HOW}
         check_manifest(out, "matrix_config.json", {"experiment": kept},
                        defaults={"experiment": field_defaults(ExperimentConfig)})
         stages = {t: Stages(out / t) for t in targets}
-        makers = {t: RunMakers(cfgs[t], stages[t], progress) for t in targets}
+        queue = StudentQueue(cfg.together, progress) if cfg.together > 1 else None
+        makers = {t: RunMakers(cfgs[t], stages[t], progress, queue) for t in targets}
         runs: list[dict[str, Any]] = []
         for r in range(mcfg.runs):  # run-major: a stopped matrix has whole runs
             made = {}
@@ -147,6 +151,8 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
                         "data": d["data"], "trained_rows": d["trained_rows"],
                         "student": d["students"][0]}
             runs += this_run
+        if queue is not None:
+            queue.flush()
         base_makers = RunMakers(cfgs[targets[0]], Stages(out), progress)
         base = base_makers.evaluate(ecfgs[targets[0]], "base", cfg.model, None, "base")
         for run in runs:
@@ -171,6 +177,7 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
         seconds = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.seconds.items()}
         costs = {f"{t}/{k}": v for t, s in stages.items() for k, v in s.costs.items()}
         added = {"defence": cfg.defence, "defence_q": cfg.defence_q} if cfg.defences() else {}
+        added |= {"together": cfg.together} if cfg.together > 1 else {}
         res = build_matrix(targets, runs, _target_shares(base, targets, "stages/eval_base-*"),
                            {**kept, **added, **asdict(mcfg)}, seconds, time.time() - t_start,
                            costs)

@@ -28,6 +28,7 @@ from sublearn.config import check_manifest, config_hash, without_added
 from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
+from sublearn.experiment.together import StudentQueue
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, read_jsonl, write_jsonl
 from sublearn.models.load import check_model, parse_model_spec
@@ -129,6 +130,11 @@ class ExperimentConfig:
     defence_q: float = field(default=0.1, metadata={
         "help": "defences: the share of digits or samples that scored defences act on, or of "
                 "answer positions (base-labels)"})
+    together: int = field(default=1, metadata={
+        "help": "train up to this many LoRA students as one (one forward and backward of the "
+                "base over all their batches, each row through its own student's adapter); "
+                "each equals the student trained alone up to float rounding, and is cached "
+                "apart from it (1 = one after another)"})
 
     def validate(self) -> ExperimentConfig:
         if self.trait == "misaligned":
@@ -177,6 +183,10 @@ class ExperimentConfig:
                 raise SublearnError(f"--defence {m} scores each run's data with its teacher "
                                     "against the base: it needs --teacher-mode finetuned (a "
                                     "prompted control teacher is the base itself)")
+        if self.together < 1:
+            raise SublearnError(f"--together must be >= 1, got {self.together}")
+        if self.together > 1 and self.method != "lora":
+            raise SublearnError("--together trains LoRA students: use --method lora")
         if not 0 < self.defence_q < 1:
             raise SublearnError("--defence-q must be a share in (0, 1)")
         if self.domain != "numbers":
@@ -244,7 +254,8 @@ _ADDITIVE = {"defence": "none", "defence_q": 0.1}
 
 # Settings that may grow in an existing folder: more runs add stages and change no old one
 # (each run's seeds are seed + r), so `--runs 5` on a 3-run folder adds runs 3 and 4.
-FREE = ("runs",)
+# --together changes how students train; students trained together have their own keys.
+FREE = ("runs", "together")
 
 
 def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -304,8 +315,11 @@ class RunMakers:
     its teachers, its teacher data and its students' settings. Same keys, same folders, so a
     run and a theorem check on one folder reuse each other's teachers and data."""
 
-    def __init__(self, cfg: ExperimentConfig, stages: Stages, progress: bool) -> None:
-        self.cfg, self.stages, self.progress = cfg, stages, progress
+    def __init__(self, cfg: ExperimentConfig, stages: Stages, progress: bool,
+                 queue: StudentQueue | None = None) -> None:
+        """queue: students are queued there, to be trained together (`--together`), instead
+        of trained at once; the caller flushes it before using them."""
+        self.cfg, self.stages, self.progress, self.queue = cfg, stages, progress, queue
 
     def teacher(self, cond: str, r: int) -> _Teacher:
         from sublearn.pipeline.train import train
@@ -373,11 +387,20 @@ class RunMakers:
         from sublearn.pipeline.train import train
 
         scfg = self.student_config(r, k, t, path, rows, base_labels)
-        key = {"train": result_config(scfg), "data": dkey, "teacher": t.key}
+        key = {"train": result_config(scfg), "data": dkey, "teacher": t.key,
+               # trained together: its bytes depend on its group (float rounding)
+               **({"together": self.cfg.together} if self.queue else {})}
         name = f"student_{cond}{tag}_run{r}" + (f"_s{k}" if k else "")
+
+        def done(output: dict[str, Any]) -> None:
+            if base_labels and k == 0:  # the defence's cost per dataset: the base's forward
+                self.stages.costs[f"defend{tag}_{cond}_run{r}"] = \
+                    output["base_labels"]["seconds"]
+
+        if self.queue is not None:
+            return self.queue.add(self.stages, name, key, scfg, path, done)
         res = self.stages.run(name, key, lambda d: train(scfg, path, d, progress=self.progress))
-        if base_labels and k == 0:  # the defence's cost per dataset: the base's forward
-            self.stages.costs[f"defend{tag}_{cond}_run{r}"] = res.output["base_labels"]["seconds"]
+        done(res.output)
         return res.output["student"]
 
     def defend(self, m: str, cond: str, r: int, t: _Teacher, path: str,
@@ -485,7 +508,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
     t_start = time.time()
     stages = Stages(stages_root)
     base = cfg.student_base()  # the students' base: scored as "base" and the in-context model
-    makers = RunMakers(cfg, stages, progress)
+    queue = StudentQueue(cfg.together, progress) if cfg.together > 1 else None
+    makers = RunMakers(cfg, stages, progress, queue)
     teacher, data, student = makers.teacher, makers.data, makers.student
 
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
@@ -515,6 +539,8 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
                                     "rejects": report["rejects"]},
                          "trained_rows": caps[cond] or report["kept"],
                          **({"defended": defended[cond]} if defended[cond] else {})})
+    if queue is not None:
+        queue.flush()
 
     base_scores = evaluate("base", base, None, "base")
     teacher_base = evaluate("teacher_base", cfg.model, None, "base") \

@@ -61,16 +61,29 @@ class Stages:
     def run(self, name: str, cfg: dict[str, Any],
             fn: Callable[[Path], dict[str, Any]]) -> StageResult:
         d, key = self._dir(name, cfg)
-        done = d / "DONE.json"
-        if (rec := self._cached(name, done)) is not None:
+        if (rec := self._cached(name, d / "DONE.json")) is not None:
             return StageResult(name, d, key, rec["output"], rec["seconds"], True)
+        self.open(name, cfg)
+        t0 = time.time()
+        output = fn(d)
+        return self.finish(name, cfg, output, round(time.time() - t0, 2))
+
+    def open(self, name: str, cfg: dict[str, Any]) -> Path:
+        """A stage's folder, made to run it (a caller that runs several stages as one work,
+        such as students trained together, then `finish`es each)."""
+        d = self._dir(name, cfg)[0]
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "stage_config.json", cfg)
         self.log(f"[stage] {name} -> {d}")
-        t0 = time.time()
-        output = fn(d)
-        seconds = round(time.time() - t0, 2)
+        return d
+
+    def finish(self, name: str, cfg: dict[str, Any], output: dict[str, Any],
+               seconds: float) -> StageResult:
+        d, key = self._dir(name, cfg)
         fault_point("stage.done")
-        atomic_write_json(done, {"output": output, "seconds": seconds, "config": cfg})
+        atomic_write_json(d / "DONE.json", {"output": output, "seconds": seconds, "config": cfg})
         self.seconds[name] = seconds
         return StageResult(name, d, key, output, seconds, False)
+
+    def folder(self, name: str, cfg: dict[str, Any]) -> Path:
+        return self._dir(name, cfg)[0]

@@ -237,25 +237,38 @@ def batch_loss(model: Any, batch: list[Example], soft: list[SoftRows] | None, *,
     """The student's loss on one batch: cross-entropy on the answer tokens (hard), or
     KL(teacher || student) over the grammar's tokens at each answer position (soft); summed
     over tokens and divided by `norm`, or a mean over the batch's tokens when norm is None."""
+    return batch_losses(model, [(batch, soft, norm)], pad=pad, bf16=bf16)[0]
+
+
+Part = tuple[list[Example], list[SoftRows] | None, float | None]  # batch, soft labels, norm
+
+
+def batch_losses(model: Any, parts: list[Part], *, pad: int, bf16: bool) -> list[torch.Tensor]:
+    """`batch_loss` of each part, from one forward over all their rows (`train_many`: each
+    part a student's batch, its rows routed through its adapter)."""
     head = _core(model).get_output_embeddings().weight
     dev = head.device
-    seqs = [(e.prompt_ids, e.answer_ids) for e in batch]
+    seqs = [(e.prompt_ids, e.answer_ids) for batch, _, _ in parts for e in batch]
+    losses = []
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        h = answer_hidden(model, seqs, pad)
-        if soft is None:
-            targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
-            per_token = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
-        else:
-            if soft[0][0].dim() == 2:  # top-k: each position has its own tokens
-                idx = torch.cat([v for v, _, _ in soft]).to(dev)
-                logits = torch.einsum("pd,pkd->pk", h, head[idx]).float()
+        hidden = answer_hidden(model, seqs, pad)
+        sizes = [sum(len(e.answer_ids) for e in batch) for batch, _, _ in parts]
+        for h, (batch, soft, norm) in zip(hidden.split(sizes), parts, strict=True):
+            if soft is None:
+                targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
+                per_token = F.cross_entropy((h @ head.T).float(), targets, reduction="none")
             else:
-                logits = (h @ head[soft[0][0].to(dev)].T).float()
-            mask = torch.cat([m for _, m, _ in soft]).to(dev)
-            logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
-            logp = torch.cat([lp for _, _, lp in soft]).to(dev)
-            per_token = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
-    return per_token.mean() if norm is None else per_token.sum() / norm
+                if soft[0][0].dim() == 2:  # top-k: each position has its own tokens
+                    idx = torch.cat([v for v, _, _ in soft]).to(dev)
+                    logits = torch.einsum("pd,pkd->pk", h, head[idx]).float()
+                else:
+                    logits = (h @ head[soft[0][0].to(dev)].T).float()
+                mask = torch.cat([m for _, m, _ in soft]).to(dev)
+                logq = torch.log_softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+                logp = torch.cat([lp for _, _, lp in soft]).to(dev)
+                per_token = torch.where(mask, logp.exp() * (logp - logq), 0.0).sum(-1)
+            losses.append(per_token.mean() if norm is None else per_token.sum() / norm)
+    return losses
 
 
 def train_step(model: Any, opt: torch.optim.Optimizer, batch: list[Example],
@@ -264,13 +277,18 @@ def train_step(model: Any, opt: torch.optim.Optimizer, batch: list[Example],
     """One optimiser step of `sublearn train` (the loop below and `sublearn bench` call this)."""
     loss = batch_loss(model, batch, soft, pad=pad, norm=norm, bf16=cfg.dtype == "bfloat16")
     loss.backward()
+    optimizer_step(opt, lr, cfg)
+    return loss.item()
+
+
+def optimizer_step(opt: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """Clip this optimiser's gradients, step it at `lr`, clear them (one student's)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path,
@@ -286,6 +304,72 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
         return _train(cfg, rows, str(data), out, progress, student)
 
 
+class StudentRun:
+    """One student's training: its examples and labels, optimiser, step, batches, log and
+    checkpoints. The loops of `train` (one student) and `train_many` (several on one base)
+    step these."""
+
+    def __init__(self, cfg: TrainConfig, lm: Any, rows: list[dict], out: Path) -> None:
+        self.cfg, self.out, self.t0 = cfg, out, time.time()
+        self.examples = tokenize(rows, lm.tokenizer, cfg.teacher_system_prompt,
+                                 chars=cfg.grammar == "chars")
+        self.soft: tuple[Any, ...] | None = None
+        self.defended: dict[str, Any] | None = None
+        if cfg.recipe == "soft":
+            self.soft = prepare_soft_labels(cfg, lm, self.examples, rows)
+            if cfg.base_labels:
+                self.soft, self.defended = base_labels_defence(cfg, lm, self.examples, self.soft)
+        self.steps_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
+        self.total = max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.lengths = [e.length for e in self.examples]
+        self.norm = answer_tokens_per_batch(self.examples, cfg)
+        self.plan: list[list[int]] = []
+        self.step = 0
+
+    def start(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Its trainable parameters (named as in a one-adapter model, so that a checkpoint
+        resumes alone or together); restores the last checkpoint."""
+        self.params = params
+        self.opt = make_optimizer(params.values(), self.cfg)
+        self.step = (load_checkpoint(self.out / "checkpoint", params, self.opt)
+                     or {"step": 0})["step"]
+        _truncate_log(self.out / "train_log.jsonl", self.step)  # later steps rerun
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.total
+
+    def part(self) -> Part:
+        """The next step's batch, labels and loss normaliser."""
+        epoch, k = divmod(self.step, self.steps_per_epoch)
+        if not self.plan or k == 0:  # one shuffle and sort per epoch, not per step
+            self.plan = epoch_plan(self.lengths, epoch, self.cfg)
+        batch = self.plan[k]
+        return ([self.examples[i] for i in batch],
+                [soft_rows(self.soft, i) for i in batch] if self.soft else None, self.norm)
+
+    def lr(self) -> float:
+        return _lr_at(self.step, self.total, self.cfg)
+
+    def stepped(self, loss: float, lr: float) -> None:
+        """Log the step just taken; checkpoint when due."""
+        append_jsonl(self.out / "train_log.jsonl",
+                     [{"step": self.step + 1, "loss": round(loss, 6), "lr": lr}])
+        fault_point("train.step")
+        self.step += 1
+        if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
+            self.checkpoint()
+            fault_point("train.checkpoint")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out / "checkpoint", self.params, self.opt, {"step": self.step})
+
+    def summary(self, saved: Path, **extra: Any) -> dict[str, Any]:
+        return {"student": str(saved), "steps": self.total, "examples": len(self.examples),
+                "seconds": round(time.time() - self.t0, 2), "config": result_config(self.cfg),
+                **({"base_labels": self.defended} if self.defended else {}), **extra}
+
+
 def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: bool,
            student: Any) -> dict[str, Any]:
     from tqdm import tqdm
@@ -293,68 +377,48 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(data))})
     if (out / "train_summary.json").is_file():
         return json.loads((out / "train_summary.json").read_text())  # already trained
-    t0 = time.time()
     lm = student or load_model(cfg.model)
     tok = lm.tokenizer
     # a caller's preloaded model is copied: LoRA injection / full FT would modify it in place
     model = copy.deepcopy(lm.model) if student is not None else lm.model
-    if hasattr(model, "set_attn_implementation"):
-        # CPU SDPA's backward is slow at these lengths: eager attention measured 1.5x faster
-        model.set_attn_implementation("eager")
-    pad = tok.pad_token_id
-    examples = tokenize(rows, tok, cfg.teacher_system_prompt, chars=cfg.grammar == "chars")
-
-    soft = None
-    if cfg.recipe == "soft":
-        soft = prepare_soft_labels(cfg, lm, examples, rows)
-        if cfg.base_labels:
-            soft, defended = base_labels_defence(cfg, lm, examples, soft)
-
+    eager_attention(model)
+    run = StudentRun(cfg, lm, rows, out)
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = make_optimizer(params.values(), cfg)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = max(1, round(cfg.epochs * steps_per_epoch))
-    ckpt = out / "checkpoint"
-    state = load_checkpoint(ckpt, params, opt) or {"step": 0}
-    _truncate_log(out / "train_log.jsonl", state["step"])  # steps after the checkpoint rerun
+    run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
     model.train()
-    bar = tqdm(total=total, initial=state["step"], unit="step", desc=f"train seed {cfg.seed}",
+    bar = tqdm(total=run.total, initial=run.step, unit="step", desc=f"train seed {cfg.seed}",
                disable=not progress, dynamic_ncols=True)
-    lengths = [e.length for e in examples]
-    norm = answer_tokens_per_batch(examples, cfg)
-    plan: list[list[int]] = []
     try:  # closed on any exit, so an error message is not followed by a stale bar
-        for step in range(state["step"], total):
-            epoch, k = divmod(step, steps_per_epoch)
-            if not plan or k == 0:  # one shuffle and sort per epoch, not per step
-                plan = epoch_plan(lengths, epoch, cfg)
-            batch = plan[k]
-            lr = _lr_at(step, total, cfg)
-            loss_value = train_step(model, opt, [examples[i] for i in batch],
-                                    [soft_rows(soft, i) for i in batch] if soft else None,
-                                    pad=pad, norm=norm, lr=lr, cfg=cfg)
-            append_jsonl(out / "train_log.jsonl", [{"step": step + 1, "loss": round(loss_value, 6),
-                                                     "lr": lr}])
-            fault_point("train.step")
+        while run.running:
+            loss_value = step_alone(model, run, pad=tok.pad_token_id)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}",
                             samples_s=f"{bar.format_dict['rate'] * cfg.batch_size:.1f}"
                             if bar.format_dict.get("rate") else "")
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                save_checkpoint(ckpt, params, opt, {"step": step + 1})
-                fault_point("train.checkpoint")
     finally:
         bar.close()
     model.eval()
     saved = _save(model, tok, cfg, out, lm.path)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    summary = {"student": str(saved), "steps": total, "examples": len(examples),
-               "seconds": round(time.time() - t0, 2), "config": result_config(cfg),
-               **({"base_labels": defended} if cfg.base_labels else {})}
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    summary = run.summary(saved)
     atomic_write_json(out / "train_summary.json", summary)
     return summary
+
+
+def step_alone(model: Any, run: StudentRun, *, pad: int) -> float:
+    """One step of one student, logged (the loop above and `sublearn bench` call this)."""
+    batch, soft, norm = run.part()
+    lr = run.lr()
+    loss = train_step(model, run.opt, batch, soft, pad=pad, norm=norm, lr=lr, cfg=run.cfg)
+    run.stepped(loss, lr)
+    return loss
+
+
+def eager_attention(model: Any) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        # CPU SDPA's backward is slow at these lengths: eager attention measured 1.5x faster
+        model.set_attn_implementation("eager")
 
 
 GROUP_BATCHES = 16  # length grouping sorts within windows of this many batches
@@ -543,16 +607,24 @@ def _trainable(model: Any, cfg: TrainConfig) -> Any:
     return add_lora(model, cfg.lora_r, cfg.lora_alpha, bf16_base=cfg.dtype == "bfloat16")
 
 
-def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str) -> Path:
+def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str,
+          adapter: str = "default") -> Path:
+    """The trained student into out/adapter (PEFT) or out/model; adapter: which of the
+    model's adapters (`train_many`), saved as a one-adapter folder."""
     name = "adapter" if cfg.method == "lora" else "model"
     final = out / name
     if cfg.method == "lora":  # the adapter names its base so PEFT/vLLM can load it alone
-        model.peft_config["default"].base_model_name_or_path = base_path
+        model.peft_config[adapter].base_model_name_or_path = base_path
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter == "default":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:  # PEFT writes another adapter into a subfolder named after it
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+            for f in (tmp / adapter).iterdir():
+                f.replace(tmp / f.name)
+            (tmp / adapter).rmdir()
         tok.save_pretrained(tmp)
     return final
-
 
 
 def _truncate_log(path: Path, step: int) -> None:
