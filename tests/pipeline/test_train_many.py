@@ -72,6 +72,9 @@ def test_students_together_equal_students_alone(tiny_model: str, tiny_teacher: s
         assert [r["loss"] for r in lt] == pytest.approx([r["loss"] for r in la], rel=tol,
                                                         abs=1e-6)
         assert not (tmp_path / f"together{i}" / "checkpoint").exists()
+        # one adapter per folder, as a student trained alone saves it
+        assert sorted(f.name for f in Path(t["student"]).iterdir()) == \
+            sorted(f.name for f in Path(a["student"]).iterdir())
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

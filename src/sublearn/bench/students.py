@@ -62,7 +62,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
 
             step_together(model, runs, names, pad=pad, bf16=True)  # warm-up
             _, t_wall, t_cpu = clocked(together, device)
-            del model
+            del model, together, runs  # the closure holds the model too
             a_wall = a_cpu = 0.0
             for run in student_runs(k, "alone"):
                 model = copy.deepcopy(lm.model).to(device)
@@ -79,7 +79,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
 
                 _, w, c = clocked(alone, device)
                 a_wall, a_cpu = a_wall + w, a_cpu + c
-                del model
+                del model, alone
             samples = k * steps * sizes.train_batch
             res["k"][str(k)] = {
                 "together_samples_s": samples / t_wall, "alone_samples_s": samples / a_wall,

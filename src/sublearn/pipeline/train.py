@@ -309,8 +309,10 @@ class StudentRun:
     checkpoints. The loops of `train` (one student) and `train_many` (several on one base)
     step these."""
 
-    def __init__(self, cfg: TrainConfig, lm: Any, rows: list[dict], out: Path) -> None:
-        self.cfg, self.out, self.t0 = cfg, out, time.time()
+    def __init__(self, cfg: TrainConfig, lm: Any, rows: list[dict], out: Path,
+                 t0: float | None = None) -> None:
+        """t0: when its work began (the summary's seconds count from there)."""
+        self.cfg, self.out, self.t0 = cfg, out, time.time() if t0 is None else t0
         self.examples = tokenize(rows, lm.tokenizer, cfg.teacher_system_prompt,
                                  chars=cfg.grammar == "chars")
         self.soft: tuple[Any, ...] | None = None
@@ -377,12 +379,13 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(data))})
     if (out / "train_summary.json").is_file():
         return json.loads((out / "train_summary.json").read_text())  # already trained
+    t0 = time.time()
     lm = student or load_model(cfg.model)
     tok = lm.tokenizer
     # a caller's preloaded model is copied: LoRA injection / full FT would modify it in place
     model = copy.deepcopy(lm.model) if student is not None else lm.model
     eager_attention(model)
-    run = StudentRun(cfg, lm, rows, out)
+    run = StudentRun(cfg, lm, rows, out, t0)
     torch.manual_seed(cfg.seed)
     model = _trainable(model, cfg)
     run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
@@ -616,10 +619,10 @@ def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str,
     if cfg.method == "lora":  # the adapter names its base so PEFT/vLLM can load it alone
         model.peft_config[adapter].base_model_name_or_path = base_path
     with atomic_dir(final) as tmp:
-        if adapter == "default":
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:  # PEFT writes another adapter into a subfolder named after it
-            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+        # this adapter only (PEFT would save every one); a non-default one lands in a subfolder
+        kw = {"selected_adapters": [adapter]} if cfg.method == "lora" else {}
+        model.save_pretrained(tmp, safe_serialization=True, **kw)
+        if adapter != "default":
             for f in (tmp / adapter).iterdir():
                 f.replace(tmp / f.name)
             (tmp / adapter).rmdir()

@@ -89,6 +89,7 @@ def _train_many(cfgs: list[TrainConfig], rows: list[list[dict]], data: list[str]
         check_manifest(out, "train_config.json", {**result_config(cfg), "data": str(Path(d))})
         if (out / "train_summary.json").is_file():
             summaries[i] = json.loads((out / "train_summary.json").read_text())
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)  # a kill left it: not needed
     todo = [i for i in range(len(cfgs)) if i not in summaries]
     if todo:
         lm = student or load_model(cfgs[0].model)
@@ -138,4 +139,6 @@ def step_together(model: Any, runs: list[StudentRun], names: list[str], *, pad: 
         optimizer_step(runs[k].opt, lr, runs[k].cfg)
         values.append(loss.item())
         runs[k].stepped(values[-1], lr)
+        if not runs[k].running:  # done before others: its last state kept for a resume
+            runs[k].checkpoint()
     return values
