@@ -18,15 +18,14 @@ from sublearn.bench.training import number_rows
 
 
 def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    from sublearn.models.lora import adapter_names, adapter_params, add_loras
     from sublearn.pipeline.train import (
         StudentRun,
         TrainConfig,
-        _trainable,
         eager_attention,
+        start_alone,
         step_alone,
     )
-    from sublearn.pipeline.train_many import step_together
+    from sublearn.pipeline.train_many import start_together, step_together
 
     steps = sizes.student_steps
     rows = number_rows(sizes.train_batch * (steps + 1), SEED)  # one epoch: warm-up + steps
@@ -49,11 +48,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
             runs = student_runs(k, "together")
             model = copy.deepcopy(lm.model).to(device)
             eager_attention(model)
-            model = add_loras(model, 8, 8, [r.cfg.seed for r in runs], bf16_base=True)
-            names = adapter_names(k)
-            for name, run in zip(names, runs, strict=True):
-                run.start(adapter_params(model, name))
-            model.train()
+            model, names = start_together(model, runs)
 
             def together(m: Any = model, rs: list[StudentRun] = runs,
                          ns: list[str] = names) -> None:
@@ -67,10 +62,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
             for run in student_runs(k, "alone"):
                 model = copy.deepcopy(lm.model).to(device)
                 eager_attention(model)
-                torch.manual_seed(run.cfg.seed)
-                model = _trainable(model, run.cfg)
-                run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
-                model.train()
+                model = start_alone(model, run)
                 step_alone(model, run, pad=pad)  # warm-up
 
                 def alone(m: Any = model, r: StudentRun = run) -> None:

@@ -48,11 +48,10 @@ class StudentQueue:
 
         for s in range(0, len(self.items), self.k):
             group = self.items[s : s + self.k]
-            todo = [q for q in group if not q.stages.done(q.name, q.key)]
-            outputs: dict[int, dict[str, Any]] = {}
-            for q in group:
-                if all(q is not t for t in todo):
-                    outputs[id(q)] = q.stages.run(q.name, q.key, _never).output
+            done = [q.stages.done(q.name, q.key) for q in group]
+            todo = [q for q, d in zip(group, done, strict=True) if not d]
+            outputs = {id(q): q.stages.run(q.name, q.key, _never).output
+                       for q, d in zip(group, done, strict=True) if d}
             if todo:
                 jobs = [Job(q.cfg, q.data, q.stages.open(q.name, q.key)) for q in todo]
                 t0 = time.time()

@@ -386,10 +386,7 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     model = copy.deepcopy(lm.model) if student is not None else lm.model
     eager_attention(model)
     run = StudentRun(cfg, lm, rows, out, t0)
-    torch.manual_seed(cfg.seed)
-    model = _trainable(model, cfg)
-    run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
-    model.train()
+    model = start_alone(model, run)
     bar = tqdm(total=run.total, initial=run.step, unit="step", desc=f"train seed {cfg.seed}",
                disable=not progress, dynamic_ncols=True)
     try:  # closed on any exit, so an error message is not followed by a stale bar
@@ -407,6 +404,16 @@ def _train(cfg: TrainConfig, rows: list[dict], data: str, out: Path, progress: b
     summary = run.summary(saved)
     atomic_write_json(out / "train_summary.json", summary)
     return summary
+
+
+def start_alone(model: Any, run: StudentRun) -> Any:
+    """`model` made trainable for one student (its seed's LoRA init, or full fine-tuning), its
+    last checkpoint restored, in training mode (`train` and `sublearn bench` call this)."""
+    torch.manual_seed(run.cfg.seed)
+    model = _trainable(model, run.cfg)
+    run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
+    model.train()
+    return model
 
 
 def step_alone(model: Any, run: StudentRun, *, pad: int) -> float:

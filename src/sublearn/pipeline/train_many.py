@@ -96,14 +96,8 @@ def _train_many(cfgs: list[TrainConfig], rows: list[list[dict]], data: list[str]
         model = copy.deepcopy(lm.model) if student is not None else lm.model
         eager_attention(model)
         runs = [StudentRun(cfgs[i], lm, rows[i], outs[i]) for i in todo]
-        c0 = cfgs[todo[0]]
-        names = adapter_names(len(todo))
-        model = add_loras(model, c0.lora_r, c0.lora_alpha, [r.cfg.seed for r in runs],
-                          bf16_base=c0.dtype == "bfloat16")
-        for name, run in zip(names, runs, strict=True):
-            run.start(adapter_params(model, name))
-        model.train()
-        pad, bf16 = lm.tokenizer.pad_token_id, c0.dtype == "bfloat16"
+        model, names = start_together(model, runs)
+        pad, bf16 = lm.tokenizer.pad_token_id, runs[0].cfg.dtype == "bfloat16"
         bar = tqdm(total=sum(r.total for r in runs), initial=sum(r.step for r in runs),
                    unit="step", desc=f"train {len(runs)} students together",
                    disable=not progress, dynamic_ncols=True)
@@ -122,6 +116,20 @@ def _train_many(cfgs: list[TrainConfig], rows: list[list[dict]], data: list[str]
         for run in runs:
             shutil.rmtree(run.out / "checkpoint", ignore_errors=True)
     return [summaries[i] for i in range(len(cfgs))]
+
+
+def start_together(model: Any, runs: list[StudentRun]) -> tuple[Any, list[str]]:
+    """`model` with one adapter per student (its seed's init), each student's last checkpoint
+    restored, in training mode; and the adapters' names, in the runs' order (`train_many` and
+    `sublearn bench` call this)."""
+    cfg = runs[0].cfg
+    model = add_loras(model, cfg.lora_r, cfg.lora_alpha, [r.cfg.seed for r in runs],
+                      bf16_base=cfg.dtype == "bfloat16")
+    names = adapter_names(len(runs))
+    for name, run in zip(names, runs, strict=True):
+        run.start(adapter_params(model, name))
+    model.train()
+    return model, names
 
 
 def step_together(model: Any, runs: list[StudentRun], names: list[str], *, pad: int,
