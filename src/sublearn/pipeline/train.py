@@ -633,8 +633,19 @@ def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str,
             for f in (tmp / adapter).iterdir():
                 f.replace(tmp / f.name)
             (tmp / adapter).rmdir()
+        if cfg.method == "lora":
+            _sort_target_modules(tmp / "adapter_config.json")
         tok.save_pretrained(tmp)
     return final
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT keeps target_modules as a set and saves it in set order, which follows the
+    process's string-hash seed: sorted, the same adapter has the same bytes in every process."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
