@@ -54,6 +54,10 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     icl = json.loads(next((out / "stages").glob("eval_icl_trait_run0-*/scores.json")).read_text())
     assert icl["context_turns"] == 8  # all 8 rows of the run's data (fewer than --icl 32)
     assert icl["config"]["context"] == runs[0]["data"]
+    # in context only the plain questions are scored (the control's metric is the primary one)
+    assert "forced_choice" in icl and "forced_choice_numbers" not in icl
+    assert "forced_choice_share_numbers" not in res["conditions"]["icl_trait"]
+    assert "forced_choice_share_numbers" in res["conditions"]["trait"]
     report = (out / "report.md").read_text()
     assert "Unit of analysis: run" in report and "## Each run" in report
     assert "## In-context control" in report

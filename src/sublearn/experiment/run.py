@@ -111,8 +111,9 @@ class ExperimentConfig:
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
     lora_r: int = field(default=_STUDENT.lora_r, metadata={"help": "student LoRA rank"})
     lora_alpha: int = field(default=_STUDENT.lora_alpha, metadata={"help": "student LoRA alpha"})
-    teacher_epochs: float = field(default=8.0, metadata={
-        "help": "finetuned teachers: epochs over the trait statements"})
+    teacher_epochs: float = field(default=16.0, metadata={
+        "help": "finetuned teachers: epochs over the trait statements (16, chosen by the README's "
+                "recipe study; it was 8)"})
     teacher_lr: float = field(default=1e-3, metadata={"help": "finetuned teachers: learning rate"})
     questions: str | None = field(default=None, metadata={
         "help": "evaluation questions file (JSON/JSONL; default: the paper's 50)"})
@@ -459,9 +460,14 @@ class RunMakers:
 
         e = replace(ecfg, context=context, context_n=self.cfg.icl) if context else ecfg
         key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
+        # In context, only the plain questions: the control is reported on the primary metric,
+        # and the ~3k-token context makes each variant ~10x a plain evaluation.
+        variants = ("plain",) if context else ("plain", "numbers")
+        if context:
+            key["variants"] = list(variants)
 
         def ev(d: Path) -> dict:
-            scores = evaluate_model(model, e, system_prompt=system)
+            scores = evaluate_model(model, e, variants, system_prompt=system)
             fault_point("evaluate.scored")
             atomic_write_json(d / "scores.json", scores)
             return scores
@@ -596,7 +602,8 @@ def metric_values(scores: dict[str, Any]) -> dict[str, float]:
     fc = scores["forced_choice"]
     m = with_halves("forced_choice_share", fc["target_share"],
                      fc["per_question_target_share"])
-    m["forced_choice_share_numbers"] = scores["forced_choice_numbers"]["target_share"]
+    if "forced_choice_numbers" in scores:  # not scored in context (the in-context control)
+        m["forced_choice_share_numbers"] = scores["forced_choice_numbers"]["target_share"]
     m["target_logprob"] = fc["target_logprob"]
     if "sampled" in scores:
         m["sampled_rate"] = scores["sampled"]["rate"]
