@@ -463,7 +463,7 @@ class RunMakers:
         # In context, only the plain questions: the control is reported on the primary metric,
         # and the ~3k-token context makes each variant ~10x a plain evaluation.
         variants = ("plain",) if context else ("plain", "numbers")
-        if context:
+        if context and e.trait != "misalignment":  # misalignment scores its own pairs
             key["variants"] = list(variants)
 
         def ev(d: Path) -> dict:
