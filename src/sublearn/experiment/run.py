@@ -456,13 +456,13 @@ class RunMakers:
                  context: str | None = None) -> dict:
         """A model's scores under `ecfg` (with `context`: the in-context control, --icl turns
         of that data); `dep` is the stage key of what the model is made from."""
-        from sublearn.pipeline.evaluate import evaluate_model
+        from sublearn.pipeline.evaluate import VARIANTS, evaluate_model
 
         e = replace(ecfg, context=context, context_n=self.cfg.icl) if context else ecfg
         key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
         # In context, only the plain questions: the control is reported on the primary metric,
         # and the ~3k-token context makes each variant ~10x a plain evaluation.
-        variants = ("plain",) if context else ("plain", "numbers")
+        variants = ("plain",) if context else VARIANTS
         if context and e.trait != "misalignment":  # misalignment scores its own pairs
             key["variants"] = list(variants)
 

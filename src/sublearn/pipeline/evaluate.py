@@ -378,10 +378,13 @@ def _rate(answers: list[list[Completion]], target: str, n: int, model_id: str,
     }
 
 
+VARIANTS = ("plain", "numbers")  # question variants a model is scored on by default
+
+
 def evaluate_model(
     model: Any,
     cfg: EvalConfig,
-    variants: Sequence[str] = ("plain", "numbers"),
+    variants: Sequence[str] = VARIANTS,
     system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """Score one model: forced choice on each question variant ("forced_choice" for plain,
