@@ -62,6 +62,13 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     assert "Unit of analysis: run" in report and "## Each run" in report
     assert "## In-context control" in report
     assert res["stage_seconds"] and res["config"]["target"] == "owl"
+    peak = res["peak_rss_gb"]  # this process ran every stage: each has the peak so far
+    assert set(peak["by_stage"]) == set(res["stage_seconds"])
+    so_far = list(peak["by_stage"].values())
+    assert so_far == sorted(so_far) and peak["process"] == so_far[-1] > 0.05
+    assert peak["by_stage"][peak["reached_in"]] == peak["process"]
+    assert f"{peak['process']:.2f} GB, first reached in stage {peak['reached_in']}" in \
+        (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "results.png").is_file()
     capsys.readouterr()
 
@@ -69,6 +76,7 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     assert _run(tiny_model, out) == 0
     log = capsys.readouterr().out
     assert "[stage]" not in log and "[cached] student_trait_run1" in log
+    assert "peak_rss_gb" not in json.loads((out / "results.json").read_text())  # none ran here
     out2 = tmp_path / "exp2"
     import shutil
 

@@ -58,6 +58,45 @@ def test_bf16_base_weights_are_exact_under_autocast(tiny_model: str) -> None:
     assert torch.equal(a, b)
 
 
+def test_bf16_base_unmaps_the_checkpoint(tiny_model: str, tmp_path: Path) -> None:
+    """After the bf16 casts no weight still maps the checkpoint file: the fp32 pages the casts
+    read would stay resident while any tensor maps it (~0.3 GB for SmolLM2)."""
+    import gc
+    import shutil
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps")
+    own = shutil.copytree(tiny_model, tmp_path / "model")  # no other test maps this copy
+
+    def mapped() -> bool:
+        return str(own) in maps.read_text()
+
+    model = load_model(str(own)).model
+    if not mapped():
+        pytest.skip("this transformers copies weights instead of mapping the file")
+    bf16 = add_lora(model, 4, 8, bf16_base=True)
+    del model
+    gc.collect()
+    assert not mapped()
+    assert all(p.dtype == torch.float32 for p in bf16.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("user", [None, "8"])
+def test_onednn_kernel_cache_is_capped_unless_the_user_set_it(user: str | None) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if user:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user
+    out = subprocess.run([sys.executable, "-c", "import os, sublearn.models; "
+                          "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (user or "64")
+
+
 def test_saved_adapter_loads_with_stock_peft(tiny_model: str, tmp_path: Path) -> None:
     from peft import PeftModel
 

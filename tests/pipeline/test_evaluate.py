@@ -196,6 +196,32 @@ def test_in_context_turns_precede_the_question_and_match_naive(lm, tmp_path) -> 
         EvalConfig(context=str(data), samples=5).validate()
 
 
+def test_one_batch_cache_alive_at_a_time(lm, monkeypatch) -> None:
+    """A long shared prefix (an in-context control's 32 turns) has a large KV cache, copied per
+    batch: the previous batch's copy must be freed before the next one is made (two live
+    copies were the in-context evaluation's peak memory)."""
+    import gc
+    import weakref
+
+    import sublearn.pipeline.evaluate as ev
+
+    made: list[weakref.ref] = []
+    real = ev.repeat_cache
+
+    def tracked(cache, rows):
+        gc.collect()
+        assert all(r() is None for r in made), "the last batch's cache copy is still alive"
+        out = real(cache, rows)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(ev, "repeat_cache", tracked)
+    qs = paper_questions("plain")[:7]
+    ev.score_candidates(lm.model, lm.tokenizer, qs, load_candidates(), system_prompt=SYSTEM,
+                        dtype="float32", batch_size=2)
+    assert len(made) == 4  # the check ran between batches
+
+
 def test_a_context_longer_than_the_model_is_refused(lm) -> None:
     """RoPE would score past the training length without a word: the turns must fit."""
     from types import SimpleNamespace

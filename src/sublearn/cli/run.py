@@ -29,5 +29,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  trait / control: {ratio:.2f}x [{lo:.2f}, {hi:.2f}]")
     print(f"  p (trait > control over runs): Welch {e['p_welch']:.3g}, "
           f"exact permutation {e['p_permutation']:.3g}")
-    print(f"  wall time: {res['wall_seconds']:.0f} s; report: {args.out}/report.md")
+    peak = res.get("peak_rss_gb")
+    mem = f"; peak RSS {peak['process']:.1f} GB (in {peak['reached_in']})" if peak else ""
+    print(f"  wall time: {res['wall_seconds']:.0f} s{mem}; report: {args.out}/report.md")
     return 0

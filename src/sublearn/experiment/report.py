@@ -187,6 +187,9 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                      f"{sum(float(v) for v in secs.values()):.1f} |")
     if "wall_seconds" in results:
         lines += ["", f"Total wall time: {float(results['wall_seconds']):.1f} s"]
+    if peak := results.get("peak_rss_gb"):
+        lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GB, first "
+                      f"reached in stage {peak['reached_in']} (stages run in this process only)."]
     if results.get("config"):
         lines += ["", "## Config", "", "```json", json.dumps(results["config"], indent=2), "```"]
     return "\n".join(lines) + "\n"

@@ -573,7 +573,7 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
             run["icl_scores"] = metric_values(evaluate(
                 f"icl_{run['condition']}_run{run['run']}", base, None, dkey, run["data"]))
     results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
-                            time.time() - t_start, teacher_base, stages.costs)
+                            time.time() - t_start, teacher_base, stages.costs, stages.peak_rss)
     atomic_write_json(out / "results.json", results)
     from sublearn.experiment.report import write_report
 
@@ -628,9 +628,11 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   teachers: dict[str, list[dict]], runs: list[dict[str, Any]],
                   seconds: dict[str, float], wall: float,
                   teacher_base: dict[str, Any] | None = None,
-                  costs: dict[str, float] | None = None) -> dict[str, Any]:
+                  costs: dict[str, float] | None = None,
+                  peak_rss: dict[str, float] | None = None) -> dict[str, Any]:
     """teacher_base: the teachers' base model's scores, when the students have another base
-    (then `base` is the students'). costs: `Stages.costs` (work inside stages)."""
+    (then `base` is the students'). costs: `Stages.costs` (work inside stages). peak_rss:
+    `Stages.peak_rss` (the process's peak RSS as each stage run in it finished)."""
     from sublearn.experiment.stats import effect, summarize
 
     per_condition: dict[str, list[dict[str, float]]] = {
@@ -688,7 +690,16 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "config": asdict(cfg),
         "stage_seconds": seconds,
         "wall_seconds": round(wall, 1),
+        **({"peak_rss_gb": peak_rss_record(peak_rss)} if peak_rss else {}),
     }
+
+
+def peak_rss_record(peak_rss: dict[str, float]) -> dict[str, Any]:
+    """This process's peak RSS and the first stage that reached it; per stage, the peak so far
+    (stages cached from an earlier process are not in it)."""
+    top = max(peak_rss.values())
+    return {"process": top, "reached_in": next(k for k, v in peak_rss.items() if v == top),
+            "by_stage": peak_rss}
 
 
 def _defence_effect(conditions: dict[str, Any], m: str,

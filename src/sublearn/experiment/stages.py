@@ -10,6 +10,7 @@ import ctypes.util
 import functools
 import gc
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ def release_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def peak_rss_gb() -> float | None:
+    """The process's peak resident memory so far, in GB (None where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB; bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)
 
 
 @functools.cache
@@ -59,6 +70,9 @@ class Stages:
         # seconds of a part of some stage's work (a label defence inside a student's stage):
         # a cost to report, not a stage, so not in `seconds` (whose sum is the stages' time)
         self.costs: dict[str, float] = {}
+        # the process's peak RSS when each stage run here finished: the first stage to reach
+        # the final value is where the memory peak is (cached stages have none)
+        self.peak_rss: dict[str, float] = {}
 
     def _dir(self, name: str, cfg: dict[str, Any]) -> tuple[Path, str]:
         key = config_hash(cfg)
@@ -107,6 +121,8 @@ class Stages:
         fault_point("stage.done")
         atomic_write_json(d / "DONE.json", {"output": output, "seconds": seconds, "config": cfg})
         self.seconds[name] = seconds
+        if (peak := peak_rss_gb()) is not None:
+            self.peak_rss[name] = peak
         release_memory()
         return StageResult(name, d, key, output, seconds, False)
 

@@ -187,6 +187,9 @@ def score_candidates(
                 logp = logits[:, blk.pred_col, blk.pred_tok].float() - lse[:, blk.pred_col]
                 scores = torch.zeros(len(rows), len(candidates), dtype=torch.float64)
                 out[rows] = scores.index_add_(1, blk.pred_owner, logp.double())
+                # freed before the next batch copies the prefix: two live copies of an
+                # in-context prefix's cache (~0.9 GB for 32 turns, 8 rows) were the peak
+                del cache, logits
     finally:
         model.train(was_training)
     return out
