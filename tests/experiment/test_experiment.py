@@ -67,7 +67,7 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     so_far = list(peak["by_stage"].values())
     assert so_far == sorted(so_far) and peak["process"] == so_far[-1] > 0.05
     assert peak["by_stage"][peak["reached_in"]] == peak["process"]
-    assert f"{peak['process']:.2f} GB, first reached in stage {peak['reached_in']}" in \
+    assert f"{peak['process']:.2f} GiB, first reached in stage {peak['reached_in']}" in \
         (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "results.png").is_file()
     capsys.readouterr()

@@ -30,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  p (trait > control over runs): Welch {e['p_welch']:.3g}, "
           f"exact permutation {e['p_permutation']:.3g}")
     peak = res.get("peak_rss_gb")
-    mem = f"; peak RSS {peak['process']:.1f} GB (in {peak['reached_in']})" if peak else ""
+    mem = f"; peak RSS {peak['process']:.1f} GiB (in {peak['reached_in']})" if peak else ""
     print(f"  wall time: {res['wall_seconds']:.0f} s{mem}; report: {args.out}/report.md")
     return 0

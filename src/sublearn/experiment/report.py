@@ -188,7 +188,7 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     if "wall_seconds" in results:
         lines += ["", f"Total wall time: {float(results['wall_seconds']):.1f} s"]
     if peak := results.get("peak_rss_gb"):
-        lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GB, first "
+        lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GiB, first "
                       f"reached in stage {peak['reached_in']} (stages run in this process only)."]
     if results.get("config"):
         lines += ["", "## Config", "", "```json", json.dumps(results["config"], indent=2), "```"]

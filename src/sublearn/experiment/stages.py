@@ -34,7 +34,7 @@ def release_memory() -> None:
 
 
 def peak_rss_gb() -> float | None:
-    """The process's peak resident memory so far, in GB (None where `resource` is missing)."""
+    """The process's peak resident memory so far, in GiB (None where `resource` is missing)."""
     try:
         import resource
     except ImportError:  # Windows
