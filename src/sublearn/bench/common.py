@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sublearn.experiment.stages import peak_rss_bytes
 
 STAGES = ("generation", "training", "evaluation", "numerics", "students")
 
@@ -104,9 +104,8 @@ def throughput(items: int, seconds: float, flop: float, peak: dict[str, Any], un
 
 
 def rss_mib() -> float:
-    """Peak resident set so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    """Peak resident set so far, in MiB."""
+    return round((peak_rss_bytes() or 0) / 2**20, 1)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -33,14 +33,20 @@ def release_memory() -> None:
         trim(0)
 
 
-def peak_rss_gb() -> float | None:
-    """The process's peak resident memory so far, in GiB (None where `resource` is missing)."""
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far (None where `resource` is missing)."""
     try:
         import resource
     except ImportError:  # Windows
         return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB; bytes on macOS
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss_gb() -> float | None:
+    """`peak_rss_bytes` in GiB."""
+    peak = peak_rss_bytes()
+    return None if peak is None else round(peak / 2**30, 2)
 
 
 @functools.cache
