@@ -15,7 +15,8 @@ def _run(tiny_model: str, out: Path, *extra: str) -> int:
 
 
 def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture) -> None:
+                                              capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "exp"
     assert _run(tiny_model, out) == 0
     res = json.loads((out / "results.json").read_text())
@@ -86,6 +87,21 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     log = capsys.readouterr().out
     assert "[cached] teacher_trait" in log and "[cached] data_trait" in log
     assert "[stage] student_trait_run0" in log and "[cached] eval_base" in log
+
+    # Moved, and named relative to another working directory: the same cache (keys hold no
+    # path of the folder), and every path in the results points into the folder where it is.
+    before = json.loads((out / "results.json").read_text())
+    (tmp_path / "moved").mkdir()
+    out.rename(tmp_path / "moved" / "exp")
+    monkeypatch.chdir(tmp_path / "moved")
+    assert _run(tiny_model, Path("exp")) == 0
+    log = capsys.readouterr().out
+    assert "[stage]" not in log and "[cached] eval_icl_trait_run1" in log
+    after = json.loads(Path("exp/results.json").read_text())
+    assert [r["students"] for r in after["runs"]] == \
+        [[m.replace(str(out), "exp") for m in r["students"]] for r in before["runs"]]
+    assert all(Path(m).is_dir() for r in after["runs"] for m in [r["teacher"], *r["students"]])
+    assert after["conditions"] == before["conditions"]
 
 
 def test_run_refuses_other_config_and_bad_candidates(tiny_model: str, tmp_path: Path,

@@ -1,5 +1,8 @@
-"""The stage cache's process hygiene: a finished stage hands the heap it freed back to the OS."""
+"""The stage cache: a finished stage hands the heap it freed back to the OS; keys do not depend
+on where the folder is, and folders keyed on spelt paths are migrated."""
 
+import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -7,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sublearn.experiment.stages import _libc
+from sublearn.config import config_hash
+from sublearn.experiment.stages import StageResult, Stages, _libc
 
 # Run in a fresh process: heap that earlier tests freed would otherwise absorb the allocations
 # below and hide a stage that keeps what it freed.
@@ -44,3 +48,100 @@ def test_finished_stage_returns_freed_heap(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], capture_output=True,
                          text=True, check=True)
     assert float(out.stdout) < 80, f"{out.stdout} MB still resident after the stage"
+
+
+def _legacy(root: Path, name: str, cfg: dict, output: dict) -> str:
+    """A done stage as folders were made when keys were hashed on paths as spelt."""
+    key = config_hash(cfg)
+    d = root / "stages" / f"{name}-{key}"
+    d.mkdir(parents=True)
+    (d / "stage_config.json").write_text(json.dumps(cfg))
+    (d / "DONE.json").write_text(json.dumps({"output": output, "seconds": 1.0, "config": cfg}))
+    return key
+
+
+def _legacy_chain(root: Path) -> None:
+    """teacher -> data -> student -> eval, each referring to the last by path and by key, with
+    paths spelt from `root` (relative, as `--out runs/x` gave them)."""
+    st = f"{root}/stages"
+    tk = _legacy(root, "teacher", {"lr": 1}, {"student": f"{st}/teacher-{config_hash({'lr': 1})}"
+                                                         "/adapter"})
+    adapter = f"{st}/teacher-{tk}/adapter"
+    dk = _legacy(root, "data", {"model": adapter, "teacher": tk}, {"kept": 3})
+    scfg = {"teacher": adapter, "data": dk}
+    student = f"{st}/student-{config_hash(scfg)}/adapter"
+    _legacy(root, "student", scfg, {"student": student})
+    _legacy(root, "eval", {"model": student, "dep": student}, {"model": student, "share": 0.5})
+
+
+def _chain(stages: Stages) -> list[StageResult]:
+    """The same four stages as the code asks for them now (the paths from earlier outputs)."""
+    def never(d: Path) -> dict:
+        raise AssertionError(f"{d.name} ran: it should be cached")
+
+    t = stages.run("teacher", {"lr": 1}, never)
+    d = stages.run("data", {"model": t.output["student"], "teacher": t.key}, never)
+    s = stages.run("student", {"teacher": t.output["student"], "data": d.key}, never)
+    e = stages.run("eval", {"model": s.output["student"], "dep": s.output["student"]}, never)
+    return [t, d, s, e]
+
+
+def test_moved_folder_made_with_spelt_paths_is_migrated_to_portable_keys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder from before portable keys, then moved: its stages are renamed to the keys the
+    code now computes (dependants after what they depend on), every stage is a cache hit and
+    every recorded path points into the folder where it is now."""
+    monkeypatch.chdir(tmp_path)
+    _legacy_chain(Path("runs") / "exp")
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs" / "exp").rename(moved)
+    log: list[str] = []
+    t, d, s, e = _chain(Stages(moved, log=log.append))
+    assert sum("->" in line for line in log) == 3  # the teacher's key holds no path
+    assert t.output["student"] == str(t.dir / "adapter") and t.dir.parent == moved / "stages"
+    assert s.output["student"] == str(s.dir / "adapter")
+    assert e.output == {"model": s.output["student"], "share": 0.5}
+    names = sorted(p.name for p in (moved / "stages").iterdir())
+    assert names == sorted(["renamed.json", *(r.dir.name for r in (t, d, s, e))])
+    # stored configs are the portable ones the keys are hashed on
+    cfg = json.loads((e.dir / "stage_config.json").read_text())
+    assert cfg["model"] == f"@stages/{s.dir.name}/adapter"
+    assert config_hash(cfg) == e.key
+    log.clear()
+    _chain(Stages(moved, log=log.append))  # opened again: nothing left to rename
+    assert not any("->" in line for line in log)
+    assert sorted(p.name for p in (moved / "stages").iterdir()) == names
+
+
+def test_migration_killed_midway_is_finished_by_the_next_opening(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sublearn.experiment.stages as stages_mod
+
+    _legacy_chain(tmp_path / "exp")
+    real, calls = os.rename, []
+
+    def dies_on_second(a: Path, b: Path) -> None:
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process ends between two folders' renames
+        real(a, b)
+
+    monkeypatch.setattr(stages_mod.os, "rename", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path / "exp", log=lambda _: None)
+    monkeypatch.setattr(stages_mod.os, "rename", real)
+    t, d, s, e = _chain(Stages(tmp_path / "exp", log=lambda _: None))
+    assert e.output["model"] == s.output["student"] == str(s.dir / "adapter")
+    assert len(list((tmp_path / "exp" / "stages").iterdir())) == 5
+
+
+def test_keys_do_not_depend_on_how_the_folder_is_spelt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    a = Stages(Path("exp"), log=lambda _: None)
+    b = Stages(tmp_path / "exp", log=lambda _: None)
+    for st in (a, b):
+        assert st.folder("eval", {"model": f"{st.dir}/student-0123456789ab/adapter"}) == \
+            st.dir / a.folder("eval", {"model": "@stages/student-0123456789ab/adapter"}).name
+    # paths outside the folder are hashed as given
+    assert a.folder("eval", {"model": "/models/x"}) != a.folder("eval", {"model": "/models/y"})

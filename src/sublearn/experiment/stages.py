@@ -1,7 +1,13 @@
 """Stage cache for experiments: each stage runs in `out/stages/<name>-<hash>/`, keyed by a hash
 of its config (which includes the hashes of the stages it depends on). A stage is done when its
 `DONE.json` is written, last and atomically; a rerun skips done stages, a changed setting gives
-new hashes to exactly the stages that depend on it."""
+new hashes to exactly the stages that depend on it.
+
+Keys do not depend on where the folder is: a path into `out/stages/` is hashed as `@stages/...`
+(a stage's config names the teacher adapter or data file it uses), and a path that a done
+stage recorded is found again under the folder it is read from. So a folder that was moved,
+copied, or named another way (`--out runs/x`, `./runs/x`, an absolute path) is the same cache.
+Folders made when keys held the paths as spelt are renamed to these keys when first opened."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import ctypes.util
 import functools
 import gc
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +28,11 @@ from typing import Any
 from sublearn.config import config_hash
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json
+
+TOKEN = "@stages"  # `out/stages` in stage keys and configs
+_STAGE_DIR = re.compile(r"(?:^|/)stages/([^/]+)")  # a stage folder named in a path
+_KEY = re.compile(r"[0-9a-f]{12}")
+RENAMED = "renamed.json"  # stages/RENAMED: old folder name -> its name under portable keys
 
 
 def release_memory() -> None:
@@ -72,6 +85,11 @@ class Stages:
     def __init__(self, root: Path, log: Callable[[str], None] = print) -> None:
         self.root = root
         self.log = log
+        self.dir = root / "stages"
+        # the spellings of `self.dir` that a path into it may start with, longest first
+        self._spellings = sorted({str(self.dir), os.path.abspath(self.dir),
+                                  str(self.dir.resolve())}, key=len, reverse=True)
+        self._renamed = migrate(self.dir, log)
         self.seconds: dict[str, float] = {}
         # seconds of a part of some stage's work (a label defence inside a student's stage):
         # a cost to report, not a stage, so not in `seconds` (whose sum is the stages' time)
@@ -80,9 +98,39 @@ class Stages:
         # the final value is where the memory peak is (cached stages have none)
         self.peak_rss: dict[str, float] = {}
 
+    def portable(self, obj: Any) -> Any:
+        """`obj` with each path into `self.dir` written from `TOKEN`: what keys are hashed on."""
+        if isinstance(obj, str):
+            for sp in self._spellings:
+                if obj == sp or obj.startswith(sp + "/"):
+                    return TOKEN + obj[len(sp):]
+            return obj
+        if isinstance(obj, dict):
+            return {k: self.portable(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [self.portable(v) for v in obj]
+        return obj
+
+    def local(self, obj: Any) -> Any:
+        """A done stage's recorded output with each path into a stage folder that this folder
+        holds spelt under `self.dir`: the record may come from where the folder was made."""
+        if isinstance(obj, str):
+            if obj == TOKEN or obj.startswith(TOKEN + "/"):
+                return str(self.dir) + obj[len(TOKEN):]
+            for m in _STAGE_DIR.finditer(obj):
+                name = self._renamed.get(m[1], m[1])
+                if (self.dir / name).is_dir():
+                    return str(self.dir / name) + obj[m.end():]
+            return obj
+        if isinstance(obj, dict):
+            return {k: self.local(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.local(v) for v in obj]
+        return obj
+
     def _dir(self, name: str, cfg: dict[str, Any]) -> tuple[Path, str]:
-        key = config_hash(cfg)
-        return self.root / "stages" / f"{name}-{key}", key
+        key = config_hash(self.portable(cfg))
+        return self.dir / f"{name}-{key}", key
 
     def done(self, name: str, cfg: dict[str, Any]) -> bool:
         """Whether the stage is done (a `run` of it would be a cache hit)."""
@@ -95,7 +143,7 @@ class Stages:
         rec = json.loads(done.read_text())
         self.seconds[name] = rec["seconds"]
         self.log(f"[cached] {name}")
-        return rec
+        return {**rec, "output": self.local(rec["output"])}
 
     def note(self, name: str, cfg: dict[str, Any]) -> None:
         """Record a done stage's seconds without running it or reading its outputs (nothing
@@ -117,7 +165,7 @@ class Stages:
         such as students trained together, then `finish`es each)."""
         d = self._dir(name, cfg)[0]
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "stage_config.json", cfg)
+        atomic_write_json(d / "stage_config.json", self.portable(cfg))
         self.log(f"[stage] {name} -> {d}")
         return d
 
@@ -125,7 +173,8 @@ class Stages:
                seconds: float) -> StageResult:
         d, key = self._dir(name, cfg)
         fault_point("stage.done")
-        atomic_write_json(d / "DONE.json", {"output": output, "seconds": seconds, "config": cfg})
+        atomic_write_json(d / "DONE.json", {"output": output, "seconds": seconds,
+                                            "config": self.portable(cfg)})
         self.seconds[name] = seconds
         if (peak := peak_rss_gb()) is not None:
             self.peak_rss[name] = peak
@@ -134,3 +183,61 @@ class Stages:
 
     def folder(self, name: str, cfg: dict[str, Any]) -> Path:
         return self._dir(name, cfg)[0]
+
+
+def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Rename the stage folders in `d` whose keys were hashed on paths as spelt (before keys
+    were portable) to their portable keys; returns every rename made here, now or before.
+    A config's references to other stages, by path or by key, are rewritten to those stages'
+    new names first. Each folder's rename is recorded, then its configs and record rewritten,
+    then the folder renamed: a migration killed at any point is finished by the next."""
+    log_file = d / RENAMED
+    renamed: dict[str, str] = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    if not d.is_dir():
+        return renamed
+    configs = {f.name: json.loads((f / "stage_config.json").read_text())
+               for f in sorted(d.iterdir()) if (f / "stage_config.json").is_file()}
+    by_key = {n.rsplit("-", 1)[1]: n for n in configs} | \
+        {old.rsplit("-", 1)[1]: new for old, new in renamed.items()}
+    new: dict[str, str] = {}
+
+    def name_of(n: str) -> str:
+        if n not in configs:
+            return renamed.get(n, n)
+        if n not in new:
+            new[n] = n  # a reference cycle (none is made) would end here
+            new[n] = f"{n.rsplit('-', 1)[0]}-{config_hash(translate(configs[n]))}"
+        return new[n]
+
+    def translate(obj: Any, spell: str = TOKEN) -> Any:
+        """References to stages under their new names: paths spelt from `spell`."""
+        if isinstance(obj, str):
+            if _KEY.fullmatch(obj) and obj in by_key:
+                return name_of(by_key[obj]).rsplit("-", 1)[1]
+            for m in _STAGE_DIR.finditer(obj):
+                if m[1] in configs or m[1] in renamed:
+                    return f"{spell}/{name_of(m[1])}{obj[m.end():]}"
+            return obj
+        if isinstance(obj, dict):
+            return {k: translate(v, spell) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [translate(v, spell) for v in obj]
+        return obj
+
+    for n in configs:
+        to = name_of(n)
+        if to == n:
+            continue
+        if (d / to).exists():
+            log(f"[stages] {n}: left as it is ({to} exists)")
+            continue
+        renamed[n] = to
+        atomic_write_json(log_file, renamed)
+        atomic_write_json(d / n / "stage_config.json", translate(configs[n]))
+        if (done := d / n / "DONE.json").is_file():
+            rec = json.loads(done.read_text())
+            atomic_write_json(done, {**rec, "config": translate(rec["config"]),
+                                     "output": translate(rec["output"], str(d))})
+        os.rename(d / n, d / to)
+        log(f"[stages] {n} -> {to} (keys no longer hold the folder's path)")
+    return renamed
