@@ -188,3 +188,18 @@ def test_run_trains_students_together(tiny_model: str, tmp_path: Path,
     assert groups == [3, 3, 3, 1]
     assert _run(tiny_model, together, "--icl", "0", "--together", "3") == 0
     assert "[stage]" not in capsys.readouterr().out
+
+
+def test_run_dtype_reaches_every_stage(tiny_model: str, tmp_path: Path) -> None:
+    """--dtype float32: teachers, sampling, students and evaluations all compute in it (each
+    stage's key records it), so a float32 experiment shares no stage with a bfloat16 one."""
+    out = tmp_path / "fp32"
+    assert _run(tiny_model, out, "--dtype", "float32", "--icl", "0") == 0
+    seen = {}
+    for f in (out / "stages").glob("*/stage_config.json"):
+        cfg = json.loads(f.read_text())
+        kind = f.parent.name.split("_")[0]
+        inner = cfg.get("train") or cfg.get("generate") or cfg.get("eval")
+        seen.setdefault(kind, set()).add(inner["dtype"])
+    assert seen == {k: {"float32"} for k in ("teacher", "data", "student", "eval")}
+    assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"

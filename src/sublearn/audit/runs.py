@@ -65,7 +65,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     system = teacher_system_prompt(conf["target"], conf["category"]) if prompted else None
     base = load_model(conf.get("model"))
     ecfg = EvalConfig(target=conf["target"], questions=conf.get("questions"),
-                      candidates=conf.get("candidates"))
+                      candidates=conf.get("candidates"), dtype=conf.get("dtype", "bfloat16"))
     base_share = None
     rows_out: list[dict[str, Any]] = []
     with locked_out_dir(out) as folder:

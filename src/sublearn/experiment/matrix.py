@@ -109,8 +109,8 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
     targets = [spelling.get(t.lower(), t) for t in targets]
     cfgs = {t: replace(cfg, target=t, runs=mcfg.runs, icl=mcfg.icl).validate()
             for t in targets}
-    ecfgs = {t: EvalConfig(target=t, questions=cfg.questions, candidates=cfg.candidates)
-             for t in targets}
+    ecfgs = {t: EvalConfig(target=t, questions=cfg.questions, candidates=cfg.candidates,
+                           dtype=cfg.dtype) for t in targets}
     for e in ecfgs.values():  # every target must be a candidate: before hours of training
         check_eval_inputs(e)
     check_model(cfg.model)
