@@ -134,8 +134,7 @@ class ExperimentConfig:
     dtype: str = field(default=_STUDENT.dtype, metadata={
         "help": "compute dtype of teachers, students, sampling and evaluation: bfloat16, or "
                 "float32 (other float rounding, so other bytes and stage keys: a check that "
-                "an effect is not bfloat16's; on a 2-core CPU without AMX its sampling and "
-                "evaluation were ~2.5x slower, its training ~1.5x faster)",
+                "an effect is not bfloat16's; ~2-3x slower on CPUs with AVX-512 BF16)",
         "choices": ["bfloat16", "float32"]})
     together: int = field(default=1, metadata={
         "help": "train up to this many LoRA students as one (one forward and backward of the "
