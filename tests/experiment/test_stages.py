@@ -145,3 +145,50 @@ def test_keys_do_not_depend_on_how_the_folder_is_spelt(
             st.dir / a.folder("eval", {"model": "@stages/student-0123456789ab/adapter"}).name
     # paths outside the folder are hashed as given
     assert a.folder("eval", {"model": "/models/x"}) != a.folder("eval", {"model": "/models/y"})
+
+
+def test_of_two_copies_of_a_stage_the_finished_one_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder run once as `--out runs/exp` and once as `--out /abs/runs/exp` holds a stage
+    twice under two old keys, both mapped to one new key. The finished copy takes it, though
+    the unfinished one sorts first, and the other is set aside (not reprocessed)."""
+    monkeypatch.chdir(tmp_path)
+    root = Path("runs") / "exp"
+    _legacy_chain(root)
+    rel = next((root / "stages").glob("student-*"))
+    cfg = json.loads((rel / "stage_config.json").read_text())
+    cfg["teacher"] = str(tmp_path / cfg["teacher"])  # the same stage, spelt absolute
+    other = root / "stages" / f"student-{config_hash(cfg)}"
+    other.mkdir()
+    (other / "stage_config.json").write_text(json.dumps(cfg))
+    first, last = sorted([rel, other])
+    if first == rel:  # the copy that sorts first is the unfinished one
+        (rel / "DONE.json").rename(other / "DONE.json")
+    log: list[str] = []
+    _chain(Stages(root, log=log.append))  # every stage cached
+    assert any(f"{first.name}: a second copy" in line for line in log)
+    assert len(list((root / "stages" / "superseded").iterdir())) == 1
+    log.clear()
+    Stages(root, log=log.append)
+    assert log == []
+
+
+def test_out_folder_named_stages_is_migrated(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out runs/stages`: paths read `runs/stages/stages/<folder>`; the folder is the
+    second `stages/` segment."""
+    monkeypatch.chdir(tmp_path)
+    _legacy_chain(Path("runs") / "stages")
+    t, d, s, e = _chain(Stages(Path("runs") / "stages", log=lambda _: None))
+    assert e.output["model"] == str(s.dir / "adapter")
+
+
+def test_audit_finds_a_renamed_stage_of_a_moved_experiment(tmp_path: Path) -> None:
+    from sublearn.audit.runs import _resolve
+
+    stages = tmp_path / "exp" / "stages"
+    (stages / "student-bbbbbbbbbbbb" / "adapter").mkdir(parents=True)
+    (stages / "renamed.json").write_text(json.dumps({"student-aaaaaaaaaaaa":
+                                                     "student-bbbbbbbbbbbb"}))
+    assert _resolve(tmp_path / "exp", "/gone/exp/stages/student-aaaaaaaaaaaa/adapter") == \
+        str(stages / "student-bbbbbbbbbbbb" / "adapter")

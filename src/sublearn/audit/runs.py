@@ -22,14 +22,15 @@ from sublearn.files import atomic_write_json, atomic_write_text, read_json
 
 
 def _resolve(exp: Path, p: str) -> str:
-    """A stage path recorded relative to where `sublearn run` ran, found under `exp`."""
+    """A stage path recorded where `sublearn run` ran, found under `exp` (the folder may have
+    moved since, and its stages been renamed to keys that hold no path)."""
+    from sublearn.experiment.stages import relocate, renames
+
+    found = relocate(p, exp / "stages", renames(exp / "stages"))
+    if found is not None:
+        return found
     if Path(p).exists():
         return p
-    parts = Path(p).parts
-    if "stages" in parts:
-        q = exp.joinpath(*parts[parts.index("stages"):])
-        if q.exists():
-            return str(q)
     raise SublearnError(f"{p} (from {exp}/results.json) not found")
 
 

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,35 @@ from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json
 
 TOKEN = "@stages"  # `out/stages` in stage keys and configs
-_STAGE_DIR = re.compile(r"(?:^|/)stages/([^/]+)")  # a stage folder named in a path
+# "stages/<folder>" in a path, after its start or a "/" (not consuming the folder: in
+# `runs/stages/stages/x-K` the second match is the stage)
+_STAGE_DIR = re.compile(r"(?<![^/])stages/(?=([^/]+))")
 _KEY = re.compile(r"[0-9a-f]{12}")
 RENAMED = "renamed.json"  # stages/RENAMED: old folder name -> its name under portable keys
+SUPERSEDED = "superseded"  # stages/SUPERSEDED: second copies of a stage, set aside by `migrate`
+
+
+def stage_refs(path: str) -> Iterator[tuple[str, str]]:
+    """(folder, rest) for each `stages/<folder>` that `path` names, first to last: the stage
+    folder and what follows it (e.g. `/adapter`)."""
+    for m in _STAGE_DIR.finditer(path):
+        yield m[1], path[m.end() + len(m[1]):]
+
+
+def renames(stages_dir: Path) -> dict[str, str]:
+    """The stage folders `migrate` renamed in `stages_dir`: old name -> new name."""
+    log = stages_dir / RENAMED
+    return json.loads(log.read_text()) if log.is_file() else {}
+
+
+def relocate(path: str, stages_dir: Path, renamed: dict[str, str]) -> str | None:
+    """`path` into a stage folder, found under `stages_dir` (through its renames); None when
+    it names no folder there."""
+    for folder, rest in stage_refs(path):
+        name = renamed.get(folder, folder)
+        if (stages_dir / name).is_dir():
+            return str(stages_dir / name) + rest
+    return None
 
 
 def release_memory() -> None:
@@ -101,9 +127,10 @@ class Stages:
     def portable(self, obj: Any) -> Any:
         """`obj` with each path into `self.dir` written from `TOKEN`: what keys are hashed on."""
         if isinstance(obj, str):
+            norm = os.path.normpath(obj) if "/" in obj else obj
             for sp in self._spellings:
-                if obj == sp or obj.startswith(sp + "/"):
-                    return TOKEN + obj[len(sp):]
+                if norm == sp or norm.startswith(sp + "/"):
+                    return TOKEN + norm[len(sp):]
             return obj
         if isinstance(obj, dict):
             return {k: self.portable(v) for k, v in obj.items()}
@@ -117,11 +144,8 @@ class Stages:
         if isinstance(obj, str):
             if obj == TOKEN or obj.startswith(TOKEN + "/"):
                 return str(self.dir) + obj[len(TOKEN):]
-            for m in _STAGE_DIR.finditer(obj):
-                name = self._renamed.get(m[1], m[1])
-                if (self.dir / name).is_dir():
-                    return str(self.dir / name) + obj[m.end():]
-            return obj
+            found = relocate(obj, self.dir, self._renamed)
+            return obj if found is None else found
         if isinstance(obj, dict):
             return {k: self.local(v) for k, v in obj.items()}
         if isinstance(obj, list):
@@ -192,7 +216,7 @@ def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:
     new names first. Each folder's rename is recorded, then its configs and record rewritten,
     then the folder renamed: a migration killed at any point is finished by the next."""
     log_file = d / RENAMED
-    renamed: dict[str, str] = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    renamed = renames(d)
     if not d.is_dir():
         return renamed
     configs = {f.name: json.loads((f / "stage_config.json").read_text())
@@ -214,9 +238,9 @@ def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:
         if isinstance(obj, str):
             if _KEY.fullmatch(obj) and obj in by_key:
                 return name_of(by_key[obj]).rsplit("-", 1)[1]
-            for m in _STAGE_DIR.finditer(obj):
-                if m[1] in configs or m[1] in renamed:
-                    return f"{spell}/{name_of(m[1])}{obj[m.end():]}"
+            for folder, rest in stage_refs(obj):
+                if folder in configs or folder in renamed:
+                    return f"{spell}/{name_of(folder)}{rest}"
             return obj
         if isinstance(obj, dict):
             return {k: translate(v, spell) for k, v in obj.items()}
@@ -224,20 +248,29 @@ def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:
             return [translate(v, spell) for v in obj]
         return obj
 
-    for n in configs:
+    def done(n: str) -> bool:
+        return (d / n / "DONE.json").is_file()
+
+    # finished folders first: of two copies of one stage (a folder reached by two spellings
+    # of --out), the finished one takes the name
+    for n in sorted(configs, key=lambda n: not done(n)):
         to = name_of(n)
         if to == n:
             continue
-        if (d / to).exists():
-            log(f"[stages] {n}: left as it is ({to} exists)")
-            continue
         renamed[n] = to
         atomic_write_json(log_file, renamed)
+        if (d / to).exists():  # a second copy: the unfinished one, or this one, is set aside
+            aside = to if done(n) and not done(to) else n
+            (d / SUPERSEDED).mkdir(exist_ok=True)
+            os.replace(d / aside, d / SUPERSEDED / f"{aside}-{time.time_ns()}")
+            log(f"[stages] {aside}: a second copy of {to}, set aside in {SUPERSEDED}/")
+            if aside == n:
+                continue
         atomic_write_json(d / n / "stage_config.json", translate(configs[n]))
-        if (done := d / n / "DONE.json").is_file():
-            rec = json.loads(done.read_text())
-            atomic_write_json(done, {**rec, "config": translate(rec["config"]),
-                                     "output": translate(rec["output"], str(d))})
+        if done(n):
+            rec = json.loads((d / n / "DONE.json").read_text())
+            atomic_write_json(d / n / "DONE.json", {**rec, "config": translate(rec["config"]),
+                                                    "output": translate(rec["output"], str(d))})
         os.rename(d / n, d / to)
         log(f"[stages] {n} -> {to} (keys no longer hold the folder's path)")
     return renamed
