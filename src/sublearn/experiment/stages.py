@@ -45,6 +45,17 @@ def stage_refs(path: str) -> Iterator[tuple[str, str]]:
         yield m[1], path[m.end() + len(m[1]):]
 
 
+def map_strings(obj: Any, f: Callable[[str], str]) -> Any:
+    """`obj` (a config or record: dicts, lists, scalars) with `f` applied to each string."""
+    if isinstance(obj, str):
+        return f(obj)
+    if isinstance(obj, dict):
+        return {k: map_strings(v, f) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [map_strings(v, f) for v in obj]
+    return obj
+
+
 def renames(stages_dir: Path) -> dict[str, str]:
     """The stage folders `migrate` renamed in `stages_dir`: old name -> new name."""
     log = stages_dir / RENAMED
@@ -126,31 +137,25 @@ class Stages:
 
     def portable(self, obj: Any) -> Any:
         """`obj` with each path into `self.dir` written from `TOKEN`: what keys are hashed on."""
-        if isinstance(obj, str):
-            norm = os.path.normpath(obj) if "/" in obj else obj
+        def one(s: str) -> str:
+            norm = os.path.normpath(s) if "/" in s else s
             for sp in self._spellings:
                 if norm == sp or norm.startswith(sp + "/"):
                     return TOKEN + norm[len(sp):]
-            return obj
-        if isinstance(obj, dict):
-            return {k: self.portable(v) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return [self.portable(v) for v in obj]
-        return obj
+            return s
+
+        return map_strings(obj, one)
 
     def local(self, obj: Any) -> Any:
         """A done stage's recorded output with each path into a stage folder that this folder
         holds spelt under `self.dir`: the record may come from where the folder was made."""
-        if isinstance(obj, str):
-            if obj == TOKEN or obj.startswith(TOKEN + "/"):
-                return str(self.dir) + obj[len(TOKEN):]
-            found = relocate(obj, self.dir, self._renamed)
-            return obj if found is None else found
-        if isinstance(obj, dict):
-            return {k: self.local(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.local(v) for v in obj]
-        return obj
+        def one(s: str) -> str:
+            if s == TOKEN or s.startswith(TOKEN + "/"):
+                return str(self.dir) + s[len(TOKEN):]
+            found = relocate(s, self.dir, self._renamed)
+            return s if found is None else found
+
+        return map_strings(obj, one)
 
     def _dir(self, name: str, cfg: dict[str, Any]) -> tuple[Path, str]:
         key = config_hash(self.portable(cfg))
@@ -235,18 +240,15 @@ def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:
 
     def translate(obj: Any, spell: str = TOKEN) -> Any:
         """References to stages under their new names: paths spelt from `spell`."""
-        if isinstance(obj, str):
-            if _KEY.fullmatch(obj) and obj in by_key:
-                return name_of(by_key[obj]).rsplit("-", 1)[1]
-            for folder, rest in stage_refs(obj):
+        def one(s: str) -> str:
+            if _KEY.fullmatch(s) and s in by_key:
+                return name_of(by_key[s]).rsplit("-", 1)[1]
+            for folder, rest in stage_refs(s):
                 if folder in configs or folder in renamed:
                     return f"{spell}/{name_of(folder)}{rest}"
-            return obj
-        if isinstance(obj, dict):
-            return {k: translate(v, spell) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [translate(v, spell) for v in obj]
-        return obj
+            return s
+
+        return map_strings(obj, one)
 
     def done(n: str) -> bool:
         return (d / n / "DONE.json").is_file()
