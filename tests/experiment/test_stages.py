@@ -184,11 +184,11 @@ def test_out_folder_named_stages_is_migrated(tmp_path: Path,
 
 
 def test_audit_finds_a_renamed_stage_of_a_moved_experiment(tmp_path: Path) -> None:
-    from sublearn.audit.runs import _resolve
+    from sublearn.experiment.stages import find_recorded
 
     stages = tmp_path / "exp" / "stages"
     (stages / "student-bbbbbbbbbbbb" / "adapter").mkdir(parents=True)
     (stages / "renamed.json").write_text(json.dumps({"student-aaaaaaaaaaaa":
                                                      "student-bbbbbbbbbbbb"}))
-    assert _resolve(tmp_path / "exp", "/gone/exp/stages/student-aaaaaaaaaaaa/adapter") == \
+    assert find_recorded(tmp_path / "exp", "/gone/exp/stages/student-aaaaaaaaaaaa/adapter") == \
         str(stages / "student-bbbbbbbbbbbb" / "adapter")

@@ -120,3 +120,16 @@ def test_remaining_share_estimate_interval_and_null() -> None:
     assert full["estimate"] == pytest.approx(1.0) and full["ci95"] == pytest.approx([1.0, 1.0])
     none = remaining_share([2.0, 2.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
     assert none["estimate"] is None
+
+
+def test_one_sample_tests_against_scipy() -> None:
+    from sublearn.experiment.stats import sign_flip_one_sided, t_one_sided
+
+    vals = [0.3, -0.1, 0.5, 0.2, 0.05]
+    assert t_one_sided(vals) == pytest.approx(
+        stats.ttest_1samp(vals, 0.0, alternative="greater").pvalue)
+    want = stats.permutation_test((np.array(vals),), np.mean, permutation_type="samples",
+                                  alternative="greater").pvalue
+    assert sign_flip_one_sided(vals) == pytest.approx(want)
+    assert sign_flip_one_sided([1.0] * 5) == 1 / 32  # every run positive: the smallest p
+    assert t_one_sided([2.0, 2.0]) == 0.0 and t_one_sided([-1.0, -1.0]) == 1.0

@@ -198,6 +198,12 @@ CASES: list[Case] = [
      "no MNIST data"),
     ("contrast without results", lambda d, m: ["contrast", str(d), str(d / "b")],
      "results.json"),
+    ("align without results", lambda d, m: ["align", str(d), "--out", str(d / "o")],
+     "results.json"),
+    ("align on prompted teachers",
+     lambda d, m: ["align", _file(d, "results.json", json.dumps(
+         {"target": "owl", "runs": [], "config": {"teacher_mode": "prompted"}}).encode())
+         .removesuffix("/results.json"), "--out", str(d / "o")], "prompted"),
     ("sweep missing spec", lambda d, m: ["sweep", str(d / "none.yaml")], "not found"),
     ("sweep spec of unknown settings",
      lambda d, m: ["sweep", _file(d, "s.yaml", b"base: {taget: owl}\n")], "taget"),

@@ -18,20 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.errors import SublearnError
+from sublearn.experiment.stages import find_recorded
 from sublearn.files import atomic_write_json, atomic_write_text, read_json
-
-
-def _resolve(exp: Path, p: str) -> str:
-    """A stage path recorded where `sublearn run` ran, found under `exp` (the folder may have
-    moved since, and its stages been renamed to keys that hold no path)."""
-    from sublearn.experiment.stages import relocate, renames
-
-    found = relocate(p, exp / "stages", renames(exp / "stages"))
-    if found is not None:
-        return found
-    if Path(p).exists():
-        return p
-    raise SublearnError(f"{p} (from {exp}/results.json) not found")
 
 
 def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
@@ -61,7 +49,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     check_out_dir(out)
     prompted = conf.get("teacher_mode") == "prompted"
     # prompted teachers are one model (the base + the trait prompt): nothing to hold out
-    trait_teacher = {r["run"]: None if prompted else _resolve(exp, r["teacher"]) for r in runs
+    trait_teacher = {r["run"]: None if prompted else find_recorded(exp, r["teacher"]) for r in runs
                      if r["condition"] == "trait"}
     system = teacher_system_prompt(conf["target"], conf["category"]) if prompted else None
     base = load_model(conf.get("model"))
@@ -74,7 +62,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
             scorer_path = trait_teacher[ids[(i + 1) % len(ids)]]
             scorer = load_model(scorer_path) if system is None else base
             for run in (r for r in runs if r["run"] == r_id):
-                rows = load_rows(_resolve(exp, run["data"]))[:max_samples]
+                rows = load_rows(find_recorded(exp, run["data"]))[:max_samples]
                 ss = score_rows(scorer, base, rows, scorer_system=system, progress=progress)
                 rec = {"run": r_id, "condition": run["condition"],
                        "scorer": scorer_path or "base + the trait system prompt",

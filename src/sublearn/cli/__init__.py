@@ -38,6 +38,8 @@ VERBS: dict[str, tuple[str, str]] = {
                        "students)"),
     "theorem": ("theorem", "the one-step theorem on the language model: cosine of a student's "
                            "first gradient step with each run's teacher displacement"),
+    "align": ("align", "after training: cosine of each run's student weight direction with "
+                       "its own teacher's, against other runs' and other traits' teachers"),
     "bench": ("bench", "time generation, training and evaluation against the baselines a user "
                        "would run"),
     "serve": ("serve", "serve a local model through the OpenAI chat-completions API on "

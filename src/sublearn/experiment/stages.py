@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.config import config_hash
+from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json
 
@@ -70,6 +71,18 @@ def relocate(path: str, stages_dir: Path, renamed: dict[str, str]) -> str | None
         if (stages_dir / name).is_dir():
             return str(stages_dir / name) + rest
     return None
+
+
+def find_recorded(exp: Path, path: str) -> str:
+    """A stage path that `results.json` of the experiment folder `exp` recorded where `sublearn
+    run` ran, found under `exp` now (the folder may have moved since, and its stages been
+    renamed to keys that hold no path)."""
+    found = relocate(path, exp / "stages", renames(exp / "stages"))
+    if found is not None:
+        return found
+    if Path(path).exists():
+        return path
+    raise SublearnError(f"{path} (from {exp}/results.json) not found")
 
 
 def release_memory() -> None:

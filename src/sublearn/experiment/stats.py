@@ -81,6 +81,35 @@ def permutation_one_sided(a: Sequence[float], b: Sequence[float],
     return float(res.pvalue)
 
 
+def t_one_sided(values: Sequence[float]) -> float:
+    """p-value of a one-sample t-test, H1: mean > 0 (no spread: 0.0 if the mean is positive,
+    else 1.0, as `welch_one_sided`)."""
+    from scipy import stats
+
+    vals = [float(v) for v in values]
+    if len(vals) < 2:
+        raise SublearnError(f"a t-test needs at least 2 values, got {len(vals)}")
+    if max(vals) == min(vals):
+        return 0.0 if vals[0] > 0 else 1.0
+    with warnings.catch_warnings():  # nearly equal values: their spread is still exact
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        return float(stats.ttest_1samp(vals, 0.0, alternative="greater").pvalue)
+
+
+def sign_flip_one_sided(values: Sequence[float]) -> float:
+    """p-value of the exact sign-flip permutation test, H1: mean > 0: the share of the 2^n
+    sign assignments whose mean is at least the observed one (1/32 at best for 5 units)."""
+    import itertools
+
+    vals = [float(v) for v in values]
+    if not vals or len(vals) > 20:
+        raise SublearnError(f"the exact sign-flip test takes 1 to 20 values, got {len(vals)}")
+    observed = math.fsum(vals)
+    hits = sum(math.fsum(s * v for s, v in zip(signs, vals, strict=True)) >= observed - 1e-12
+               for signs in itertools.product((1, -1), repeat=len(vals)))
+    return hits / 2 ** len(vals)
+
+
 def _welch_parts(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
     """(mean(a) - mean(b), its standard error, Welch-Satterthwaite degrees of freedom)."""
     import statistics
