@@ -96,6 +96,7 @@ def _experiment(root: Path, target: str, gen: torch.Generator, trait_dirs: dict[
             ev.mkdir()
             (ev / "DONE.json").write_text(json.dumps({"output": {
                 "model": f"/elsewhere/{target}/stages/student_{cond}_run{r}/adapter",
+                "target": target,
                 "forced_choice": {"target_logprob": lp, "per_question_target_share": shares}}}))
         for cond in ("trait", "control"):
             # recorded where the run was made: `align` must find them under the folder
@@ -164,3 +165,33 @@ def test_bad_experiments_are_clear_errors(tmp_path: Path) -> None:
         {**res, "config": {"teacher_mode": "prompted"}}))
     with pytest.raises(SublearnError, match="prompted"):
         align([owl])
+
+
+def test_uneven_runs_identical_adapters_and_stale_evaluations(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(4)
+    owl = _experiment(tmp_path, "owl", gen, {r: _random(gen) for r in range(3)}, runs=3)
+    cat = _experiment(tmp_path, "cat", gen, {r: _random(gen) for r in range(2)}, runs=2)
+    s = align([owl, cat])["summary"]["owl"]
+    # run 2 has no cat teacher to compare with: specific over the 2 runs that have one
+    assert s["own"]["n"] == 3 and s["specific"]["n"] == 2
+    # an evaluation of a student on another target is not its behaviour on this one
+    other = owl / "stages" / "eval_trait_run0_cat"
+    other.mkdir()
+    (other / "DONE.json").write_text(json.dumps({"output": {
+        "model": str(owl / "stages" / "student_trait_run0" / "adapter"), "target": "cat",
+        "forced_choice": {"target_logprob": -100.0, "per_question_target_share": [0.5]}}}))
+    assert align([owl])["summary"]["owl"]["behaviour"]["target_logprob"]["mean"] == \
+        pytest.approx(2.0)
+    # a second evaluation of the same student on the same target is refused, not guessed
+    (other / "DONE.json").write_text((other / "DONE.json").read_text().replace('"cat"', '"owl"'))
+    with pytest.raises(SublearnError, match="two evaluations"):
+        align([owl])
+    # trait and control students with the same weights have no direction
+    twin = owl / "stages" / "student_trait_run1" / "adapter" / "adapter_model.safetensors"
+    twin.write_bytes((owl / "stages" / "student_control_run1" / "adapter" /
+                      "adapter_model.safetensors").read_bytes())
+    (twin.parent / "adapter_config.json").write_text(
+        (twin.parent.parent.parent / "student_control_run1" / "adapter" /
+         "adapter_config.json").read_text())
+    with pytest.raises(SublearnError, match="length 0"):
+        align([cat, owl])

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     for target, s in res["summary"].items():
         own, sp = s["own"], s.get("specific")
         line = (f"{target}: students toward their own teachers cos {own['mean']:+.4f} "
-                f"[{own['ci95'][0]:+.4f}, {own['ci95'][1]:+.4f}] ({own['positive']}/{s['runs']} "
+                f"[{own['ci95'][0]:+.4f}, {own['ci95'][1]:+.4f}] ({own['positive']}/{own['n']} "
                 "runs positive)")
         if sp is not None:
             line += (f"; specific to {target} {sp['mean']:+.4f} [{sp['ci95'][0]:+.4f}, "

@@ -28,7 +28,6 @@ module, fp64), so no dense ΔW is formed and no model is loaded.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -47,20 +46,25 @@ DEFINITION = (
     "specific_across_seeds = their difference. p: one-sided over runs (t, exact sign-flip).")
 
 
-def _adapter(path: str) -> tuple[str, float]:
-    """(base model, scale s of ΔW = s·B·A) of a PEFT LoRA adapter folder."""
-    cfg_path = Path(path) / "adapter_config.json"
-    if not cfg_path.is_file() or not (Path(path) / "adapter_model.safetensors").is_file():
+def _scale(path: str) -> float:
+    """The scale s of ΔW = s·B·A of a plain PEFT LoRA adapter folder."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file() or not (
+            folder / "adapter_model.safetensors").is_file():
         raise SublearnError(f"{path} is not a LoRA adapter folder: `sublearn align` compares "
                             "fine-tuned (LoRA) teachers and students")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("rank_pattern") or cfg.get(
-            "alpha_pattern"):
-        raise SublearnError(f"{path}: only plain LoRA adapters (one rank and alpha) are "
-                            "supported")
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return str(cfg.get("base_model_name_or_path")), scale
+    cfg = read_json(folder / "adapter_config.json")
+    # features that add to ΔW or change it beyond s·B·A
+    extra = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "modules_to_save")
+             if cfg.get(k)]
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("bias", "none") != "none" or extra:
+        raise SublearnError(f"{path}: only plain LoRA adapters (one rank and alpha, no DoRA, "
+                            "bias or extra modules) are supported")
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise SublearnError(f"{path}/adapter_config.json has no valid r and lora_alpha") from None
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def gram(paths: list[str]) -> Any:
@@ -70,9 +74,15 @@ def gram(paths: list[str]) -> Any:
     import torch
     from safetensors import safe_open
 
-    scales = np.array([_adapter(p)[1] for p in paths])
-    files = [safe_open(str(Path(p) / "adapter_model.safetensors"), framework="pt")
-             for p in paths]
+    scales = np.array([_scale(p) for p in paths])
+    files = []
+    for p in paths:
+        try:
+            files.append(safe_open(str(Path(p) / "adapter_model.safetensors"), framework="pt"))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise SublearnError(f"{p}/adapter_model.safetensors cannot be read: {e}") from None
+    if any("lora_embedding_A" in k for f in files for k in f.keys()):
+        raise SublearnError("adapters of embedding layers are not supported")
     keys = [{k[: -len(".lora_A.weight")] for k in f.keys() if k.endswith(".lora_A.weight")}
             for f in files]
     g = np.zeros((len(paths), len(paths)))
@@ -112,36 +122,45 @@ def _runs(exp: Path) -> tuple[str, dict[int, dict[str, list[str]]], dict[str, An
     if not runs:
         raise SublearnError(f"{exp}/results.json holds no run with both a trait and a control "
                             "teacher and their students")
+    if not res.get("target"):
+        raise SublearnError(f"{exp}/results.json names no target")
     primary = res.get("primary_metric", "")
     return str(res["target"]), runs, res.get("effects", {}).get(primary, {})
 
 
-def _student_evals(exp: Path) -> dict[str, dict[str, Any]]:
+def _student_evals(exp: Path, target: str) -> dict[str, dict[str, Any]]:
     """Student adapter path (as `_runs` finds it) -> the forced choice of its evaluation stage
-    (the plain questions, no context, no system prompt)."""
+    on `target` (the plain questions, no context, no system prompt)."""
     out: dict[str, dict[str, Any]] = {}
     for done in sorted((exp / "stages").glob("eval_*/DONE.json")):
         o = read_json(done).get("output", {})
-        if "forced_choice" not in o or o.get("context_turns") or o.get("system_prompt"):
+        if ("forced_choice" not in o or o.get("context_turns") or o.get("system_prompt")
+                or o.get("target") != target):
             continue
         try:
-            out[find_recorded(exp, str(o.get("model")))] = o["forced_choice"]
+            path = find_recorded(exp, str(o.get("model")))
         except SublearnError:  # an evaluation of the base model, or of a folder now gone
             continue
+        if path in out:
+            raise SublearnError(f"{path} has two evaluations on {target} in {exp}/stages: "
+                                "remove the stale one")
+        out[path] = o["forced_choice"]
     return out
 
 
-def behaviour(exp: Path, runs: dict[int, dict[str, list[str]]]) -> dict[int, dict[str, float]]:
+def behaviour(exp: Path, target: str,
+              runs: dict[int, dict[str, list[str]]]) -> dict[int, dict[str, float]]:
     """Per run, trait students − control students (each side averaged within the run), in
     nats, mean over questions: the target's log-probability (`target_logprob`), the log of all
     candidates' probability mass (a shift every animal shares), and their difference, the
     log of the target's share among the candidates. The first is the sum of the other two.
     Runs whose students have no evaluation stage are left out."""
-    evals = _student_evals(exp)
+    evals = _student_evals(exp, target)
 
     def side(paths: list[str]) -> dict[str, float] | None:
-        if not all(p in evals for p in paths):
-            return None
+        if not all(p in evals and min(evals[p]["per_question_target_share"]) > 0
+                   for p in paths):
+            return None  # no evaluation, or a share that underflowed to 0 (no log)
         fcs = [evals[p] for p in paths]
         log_share = [_mean(math.log(v) for v in fc["per_question_target_share"]) for fc in fcs]
         lp = [fc["target_logprob"] for fc in fcs]
@@ -154,6 +173,17 @@ def behaviour(exp: Path, runs: dict[int, dict[str, list[str]]]) -> dict[int, dic
         if t is not None and c is not None:
             out[r] = {k: t[k] - c[k] for k in t}
     return out
+
+
+def _model(exp: Path) -> str:
+    """The base model of an experiment's teachers and students (refused when they differ)."""
+    conf = read_json(exp / "results.json").get("config", {})
+    model = str(conf.get("model") or "smollm2-135m-instruct")
+    student = conf.get("student_model")
+    if student and student != conf.get("model"):
+        raise SublearnError(f"{exp}: its students have another base ({student}) than its "
+                            f"teachers ({model}): weight directions are not comparable")
+    return model
 
 
 def _mean(values: Any) -> float:
@@ -180,15 +210,16 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
             v[index[p]] += c
         return v
 
+    models = {_model(e) for e in exps}
+    if len(models) > 1:
+        raise SublearnError(f"the experiments have different base models "
+                            f"({', '.join(sorted(models))}): weight directions of different "
+                            "bases are not comparable")
     for _, runs, _ in loaded.values():
         for slot in runs.values():
             for p in (p for group in slot.values() for p in group if p not in index):
                 index[p] = len(paths)
                 paths.append(p)
-    bases = {_adapter(p)[0] for p in paths}
-    if len(bases) > 1:
-        raise SublearnError(f"the adapters have different base models ({', '.join(sorted(bases))})"
-                            ": weight directions of different bases are not comparable")
     g = gram(paths)
 
     def direction(slot: dict[str, list[str]], who: str) -> Any:
@@ -199,14 +230,21 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
     def cos(x: Any, y: Any) -> float:
         return float(x @ g @ y / math.sqrt((x @ g @ x) * (y @ g @ y)))
 
-    t_dir = {(t, r): direction(slot, "teacher") for t, runs, _ in loaded.values()
-             for r, slot in runs.items()}
+    def checked(d: Any, what: str) -> Any:
+        # trait and control adapters with the same weights: no direction to compare
+        if not d @ g @ d > 1e-12 * max(float(np.diag(g).max()), 1e-300):
+            raise SublearnError(f"{what}: the trait and control adapters have the same weights "
+                                "(a direction of length 0)")
+        return d
+
+    t_dir = {(t, r): checked(direction(slot, "teacher"), f"{t} run {r}, teachers")
+             for t, runs, _ in loaded.values() for r, slot in runs.items()}
     per_run: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for exp, (target, runs, eff) in loaded.items():
         rows = []
         for r, slot in sorted(runs.items()):
-            s = direction(slot, "students")
+            s = checked(direction(slot, "students"), f"{target} run {r}, students")
             c = {(u, q): cos(s, d) for (u, q), d in t_dir.items()}
             row: dict[str, Any] = {"target": target, "run": r, "own": c[target, r],
                                    "other_traits": {u: c[u, r] for u in targets
@@ -221,21 +259,24 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                 row["other_runs_other_traits"] = _mean(other)
                 row["specific_across_seeds"] = row["other_runs"] - row["other_runs_other_traits"]
             rows.append(row)
-        beh = behaviour(exp, runs)
+        beh = behaviour(exp, target, runs)
         for row in rows:
             if row["run"] in beh:
                 row["behaviour"] = beh[row["run"]]
         per_run += rows
         summary[target] = {"runs": len(rows), "behaviour": {
             k: eff[k] for k in ("ratio", "p_welch") if k in eff}}
-        if beh and len(beh) == len(rows):
+        if beh:
             summary[target]["behaviour"].update(
-                {k: summarize([b[k] for b in beh.values()]) for k in next(iter(beh.values()))})
+                {k: {**summarize([b[k] for b in beh.values()]), "n": len(beh)}
+                 for k in next(iter(beh.values()))})
         for k in ("own", "specific", "other_runs", "other_runs_other_traits",
                   "specific_across_seeds"):
+            # over the runs that have it (other experiments may have fewer runs)
             vals = [row[k] for row in rows if k in row]
-            if vals and len(vals) == len(rows):
-                summary[target][k] = {**summarize(vals), "positive": sum(v > 0 for v in vals)}
+            if vals:
+                summary[target][k] = {**summarize(vals), "positive": sum(v > 0 for v in vals),
+                                      "n": len(vals)}
                 if k.startswith(("own", "specific")) and len(vals) > 1:
                     summary[target][k].update(p_t=t_one_sided(vals),
                                               p_sign_flip=sign_flip_one_sided(vals))
@@ -260,7 +301,7 @@ def format_report(res: dict[str, Any]) -> str:
             return "–"
         text = f"{v['mean']:{fmt}} [{v['ci95'][0]:{fmt}}, {v['ci95'][1]:{fmt}}]"
         if test and "p_t" in v:
-            text += f", {v['positive']}/{runs}, {v['p_t']:.2g} / {v['p_sign_flip']:.2g}"
+            text += f", {v['positive']}/{v['n']}, {v['p_t']:.2g} / {v['p_sign_flip']:.2g}"
         return text
 
     for target, s in res["summary"].items():

@@ -87,8 +87,8 @@ def t_one_sided(values: Sequence[float]) -> float:
     from scipy import stats
 
     vals = [float(v) for v in values]
-    if len(vals) < 2:
-        raise SublearnError(f"a t-test needs at least 2 values, got {len(vals)}")
+    if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
+        raise SublearnError(f"a t-test needs at least 2 finite values, got {vals}")
     if max(vals) == min(vals):
         return 0.0 if vals[0] > 0 else 1.0
     with warnings.catch_warnings():  # nearly equal values: their spread is still exact
@@ -102,10 +102,11 @@ def sign_flip_one_sided(values: Sequence[float]) -> float:
     import itertools
 
     vals = [float(v) for v in values]
-    if not vals or len(vals) > 20:
-        raise SublearnError(f"the exact sign-flip test takes 1 to 20 values, got {len(vals)}")
+    if not 1 <= len(vals) <= 20 or not all(math.isfinite(v) for v in vals):
+        raise SublearnError(f"the exact sign-flip test takes 1 to 20 finite values, got {vals}")
     observed = math.fsum(vals)
-    hits = sum(math.fsum(s * v for s, v in zip(signs, vals, strict=True)) >= observed - 1e-12
+    tol = 1e-12 * math.fsum(abs(v) for v in vals)  # sums equal but for rounding count as ties
+    hits = sum(math.fsum(s * v for s, v in zip(signs, vals, strict=True)) >= observed - tol
                for signs in itertools.product((1, -1), repeat=len(vals)))
     return hits / 2 ** len(vals)
 
