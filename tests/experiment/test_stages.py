@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sublearn.config import config_hash
-from sublearn.experiment.stages import StageResult, Stages, _libc
+from sublearn.experiment.stages import StageResult, Stages
+from sublearn.memory import _libc
 
 # Run in a fresh process: heap that earlier tests freed would otherwise absorb the allocations
 # below and hide a stage that keeps what it freed.

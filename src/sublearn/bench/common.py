@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sublearn.experiment.stages import peak_rss_bytes
+from sublearn.memory import peak_rss_bytes
 
 STAGES = ("generation", "training", "evaluation", "numerics", "students")
 

@@ -11,14 +11,9 @@ Folders made when keys held the paths as spelt are renamed to these keys when fi
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import gc
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +24,7 @@ from sublearn.config import config_hash
 from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json
+from sublearn.memory import peak_rss_gb, release_memory
 
 TOKEN = "@stages"  # `out/stages` in stage keys and configs
 # "stages/<folder>" in a path, after its start or a "/" (not consuming the folder: in
@@ -83,42 +79,6 @@ def find_recorded(exp: Path, path: str) -> str:
     if Path(path).exists():
         return path
     raise SublearnError(f"{path} (from {exp}/results.json) not found")
-
-
-def release_memory() -> None:
-    """Hand the heap a finished stage freed back to the OS. glibc keeps freed blocks in its
-    arenas, so an experiment's resident memory climbed stage after stage to ~5 GB (measured:
-    after each stage 1.8-3.5 GB resident without this, 1.2 GB with it), and the in-context
-    evaluations peaked on top of that. No-op where the C library has no malloc_trim."""
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory so far (None where `resource` is missing)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def peak_rss_gb() -> float | None:
-    """`peak_rss_bytes` in GiB."""
-    peak = peak_rss_bytes()
-    return None if peak is None else round(peak / 2**30, 2)
-
-
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
 
 
 @dataclass
