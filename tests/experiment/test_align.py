@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from sublearn.cli import main
 from sublearn.errors import SublearnError
-from sublearn.experiment.align import align, gram
+from sublearn.experiment.align import align, bands, gram
 
 SHAPES = {"layers.0.q_proj": (6, 5), "layers.0.down_proj": (5, 7)}  # (out, in)
 PREFIX = "base_model.model.model."
@@ -126,6 +126,9 @@ def test_students_point_at_their_own_trait(tmp_path: Path) -> None:
             [1 - row["other_traits"][{"owl": "cat", "cat": "owl"}[t]]
              for row in res["per_run"] if row["target"] == t])
         assert s["specific"]["p_sign_flip"] == 1 / 8
+        # one decoder layer here: its band is the whole
+        assert s["specific_by_band"]["layers 0-0"]["values"] == pytest.approx(
+            s["specific"]["values"])
         # the students' evaluations: +2 nats on the target = log-share + log-mass of all
         b = s["behaviour"]
         assert b["target_logprob"]["mean"] == pytest.approx(2.0)
@@ -195,3 +198,8 @@ def test_uneven_runs_identical_adapters_and_stale_evaluations(tmp_path: Path) ->
          "adapter_config.json").read_text())
     with pytest.raises(SublearnError, match="length 0"):
         align([cat, owl])
+
+
+def test_bands_split_the_layers_in_thirds() -> None:
+    assert list(bands(list(range(30)))) == ["layers 0-9", "layers 10-19", "layers 20-29"]
+    assert bands([-1, 0, 1]) == {"layers 0-0": [0], "layers 1-1": [1]}  # -1: no layer

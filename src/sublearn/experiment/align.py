@@ -67,9 +67,12 @@ def _scale(path: str) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
-def gram(paths: list[str]) -> Any:
-    """G[i, j] = <ΔW_i, ΔW_j> summed over every adapted weight (numpy, fp64), module by
-    module: a module only some adapters adapt counts as zero for the others."""
+def layer_grams(paths: list[str]) -> dict[int, Any]:
+    """Decoder layer index (-1: a module outside the layers) -> G with G[i, j] = <ΔW_i, ΔW_j>
+    summed over that layer's adapted weights (numpy, fp64). A module only some adapters adapt
+    counts as zero for the others."""
+    import re
+
     import numpy as np
     import torch
     from safetensors import safe_open
@@ -85,7 +88,7 @@ def gram(paths: list[str]) -> Any:
         raise SublearnError("adapters of embedding layers are not supported")
     keys = [{k[: -len(".lora_A.weight")] for k in f.keys() if k.endswith(".lora_A.weight")}
             for f in files]
-    g = np.zeros((len(paths), len(paths)))
+    grams: dict[int, Any] = {}
     for module in sorted(set().union(*keys)):
         own = [i for i, ks in enumerate(keys) if module in ks]
         a = [files[i].get_tensor(f"{module}.lora_A.weight").double() for i in own]
@@ -97,9 +100,23 @@ def gram(paths: list[str]) -> Any:
         ga, gb = torch.cat(a) @ torch.cat(a).T, torch.cat(b, 1).T @ torch.cat(b, 1)
         owner = torch.cat([torch.full((x.shape[0],), k) for k, x in enumerate(a)])
         onehot = torch.nn.functional.one_hot(owner, len(own)).double()
-        block = (onehot.T @ (ga * gb) @ onehot).numpy()
-        g[np.ix_(own, own)] += block
-    return g * np.outer(scales, scales)
+        layer = int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", module)) else -1
+        g = grams.setdefault(layer, np.zeros((len(paths), len(paths))))
+        g[np.ix_(own, own)] += (onehot.T @ (ga * gb) @ onehot).numpy()
+    return {k: g * np.outer(scales, scales) for k, g in sorted(grams.items())}
+
+
+def gram(paths: list[str]) -> Any:
+    """G[i, j] = <ΔW_i, ΔW_j> summed over every adapted weight."""
+    return sum(layer_grams(paths).values())
+
+
+def bands(layers: list[int], n: int = 3) -> dict[str, list[int]]:
+    """The decoder layers in `n` contiguous bands of near-equal size ("layers 0-9", ...)."""
+    idx = sorted(x for x in layers if x >= 0)
+    cuts = [round(k * len(idx) / n) for k in range(n + 1)]
+    parts = [idx[cuts[k]:cuts[k + 1]] for k in range(n) if cuts[k + 1] > cuts[k]]
+    return {f"layers {p[0]}-{p[-1]}": p for p in parts}
 
 
 def _runs(exp: Path) -> tuple[str, dict[int, dict[str, list[str]]], dict[str, Any]]:
@@ -220,14 +237,17 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
             for p in (p for group in slot.values() for p in group if p not in index):
                 index[p] = len(paths)
                 paths.append(p)
-    g = gram(paths)
+    per_layer = layer_grams(paths)
+    g = sum(per_layer.values())
+    band_grams = {name: sum(per_layer[x] for x in ls)
+                  for name, ls in bands(list(per_layer)).items()}
 
     def direction(slot: dict[str, list[str]], who: str) -> Any:
         trait, control = slot[f"trait_{who}"], slot[f"control_{who}"]
         return (vec({p: 1 / len(trait) for p in trait})
                 - vec({p: 1 / len(control) for p in control}))
 
-    def cos(x: Any, y: Any) -> float:
+    def cos(x: Any, y: Any, g: Any = g) -> float:
         return float(x @ g @ y / math.sqrt((x @ g @ x) * (y @ g @ y)))
 
     def checked(d: Any, what: str) -> Any:
@@ -251,6 +271,10 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                                                     if u != target and (u, r) in c}}
             if row["other_traits"]:
                 row["specific"] = row["own"] - _mean(row["other_traits"].values())
+                # where in depth: the same, over each band of layers alone
+                row["bands"] = {name: cos(s, t_dir[target, r], bg) - _mean(
+                    cos(s, t_dir[u, r], bg) for u in row["other_traits"])
+                    for name, bg in band_grams.items()}
             same = [v for (u, q), v in c.items() if u == target and q != r]
             if same:
                 row["other_runs"] = _mean(same)
@@ -280,6 +304,12 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                 if k.startswith(("own", "specific")) and len(vals) > 1:
                     summary[target][k].update(p_t=t_one_sided(vals),
                                               p_sign_flip=sign_flip_one_sided(vals))
+        banded = [row["bands"] for row in rows if "bands" in row]
+        if banded:
+            summary[target]["specific_by_band"] = {
+                name: {**summarize([b[name] for b in banded]),
+                       "positive": sum(b[name] > 0 for b in banded), "n": len(banded)}
+                for name in band_grams}
     return {"experiments": {t: str(e) for e, (t, _, _) in loaded.items()},
             "summary": summary, "per_run": per_run,
             "definition": DEFINITION}
@@ -312,5 +342,16 @@ def format_report(res: dict[str, Any]) -> str:
                      f"{ci(s.get('specific'), n)} | {ci(s.get('specific_across_seeds'), n)} | "
                      f"{share} | {ci(b.get('log_share'), n, fmt='+.2f')} | "
                      f"{ci(b.get('log_mass'), n, fmt='+.2f')} |")
+    banded = {t: s["specific_by_band"] for t, s in res["summary"].items()
+              if "specific_by_band" in s}
+    if banded:
+        names = list(next(iter(banded.values())))
+        lines += ["", "Specific, by depth (the same cosines over each band of layers alone):", "",
+                  "| target | " + " | ".join(f"{n} [95% CI], runs > 0" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for t, b in banded.items():
+            lines.append(f"| {t} | " + " | ".join(
+                f"{ci(b[n], 0, test=False)}, {b[n]['positive']}/{b[n]['n']}" for n in names)
+                + " |")
     lines += ["", res["definition"], ""]
     return "\n".join(lines)
