@@ -18,7 +18,8 @@ cosine within a run is larger for that alone. So each cosine is set against its 
                          trait, other seeds) − that with the other experiments' teachers of
                          other runs (other traits, other seeds).
 Runs are the unit: means with 95% t-intervals over runs, a one-sample t-test and an exact
-sign-flip test of each > 0. Beside them, what the students' evaluations show (`behaviour`):
+sign-flip test of each > 0. `specific` is also given by depth: the same cosines over each
+third of the decoder layers alone. Beside them, what the students' evaluations show (`behaviour`):
 the target's log-probability shift split into the target's log-share among the candidates
 and a log-mass shift of all candidates alike.
 
