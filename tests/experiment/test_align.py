@@ -203,3 +203,19 @@ def test_uneven_runs_identical_adapters_and_stale_evaluations(tmp_path: Path) ->
 def test_bands_split_the_layers_in_thirds() -> None:
     assert list(bands(list(range(30)))) == ["layers 0-9", "layers 10-19", "layers 20-29"]
     assert bands([-1, 0, 1]) == {"layers 0-0": [0], "layers 1-1": [1]}  # -1: no layer
+
+
+def test_a_band_no_student_adapts_is_left_out(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(5)
+    owl = _experiment(tmp_path, "owl", gen, {r: _random(gen) for r in range(2)}, runs=2)
+    cat = _experiment(tmp_path, "cat", gen, {r: _random(gen) for r in range(2)}, runs=2)
+    for f in tmp_path.glob("*/stages/teacher_*/adapter/adapter_model.safetensors"):
+        sd = load_file(str(f))  # the teachers also adapt a second layer; no student does
+        sd[f"{PREFIX}layers.1.q_proj.lora_A.weight"] = torch.randn(2, 5, generator=gen)
+        sd[f"{PREFIX}layers.1.q_proj.lora_B.weight"] = torch.randn(6, 2, generator=gen)
+        save_file(sd, str(f))
+    res = align([owl, cat])
+    assert list(res["summary"]["owl"]["specific_by_band"]) == ["layers 0-0"]
+    assert main(["align", str(owl), str(cat), "--out", str(tmp_path / "out")]) == 0

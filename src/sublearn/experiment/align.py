@@ -272,10 +272,13 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                                                     if u != target and (u, r) in c}}
             if row["other_traits"]:
                 row["specific"] = row["own"] - _mean(row["other_traits"].values())
-                # where in depth: the same, over each band of layers alone
-                row["bands"] = {name: cos(s, t_dir[target, r], bg) - _mean(
-                    cos(s, t_dir[u, r], bg) for u in row["other_traits"])
-                    for name, bg in band_grams.items()}
+                # where in depth: the same, over each band of layers alone (a band that
+                # some adapter leaves untouched has no direction there)
+                teachers = [t_dir[u, r] for u in (target, *row["other_traits"])]
+                row["bands"] = {name: cos(s, teachers[0], bg) - _mean(
+                    cos(s, t, bg) for t in teachers[1:])
+                    for name, bg in band_grams.items()
+                    if all(x @ bg @ x > 0 for x in (s, *teachers))}
             same = [v for (u, q), v in c.items() if u == target and q != r]
             if same:
                 row["other_runs"] = _mean(same)
@@ -305,12 +308,12 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                 if k.startswith(("own", "specific")) and len(vals) > 1:
                     summary[target][k].update(p_t=t_one_sided(vals),
                                               p_sign_flip=sign_flip_one_sided(vals))
-        banded = [row["bands"] for row in rows if "bands" in row]
-        if banded:
+        banded = {name: [row["bands"][name] for row in rows if name in row.get("bands", {})]
+                  for name in band_grams}
+        if any(banded.values()):
             summary[target]["specific_by_band"] = {
-                name: {**summarize([b[name] for b in banded]),
-                       "positive": sum(b[name] > 0 for b in banded), "n": len(banded)}
-                for name in band_grams}
+                name: {**summarize(v), "positive": sum(x > 0 for x in v), "n": len(v)}
+                for name, v in banded.items() if v}
     return {"experiments": {t: str(e) for e, (t, _, _) in loaded.items()},
             "summary": summary, "per_run": per_run,
             "definition": DEFINITION}
@@ -346,13 +349,13 @@ def format_report(res: dict[str, Any]) -> str:
     banded = {t: s["specific_by_band"] for t, s in res["summary"].items()
               if "specific_by_band" in s}
     if banded:
-        names = list(next(iter(banded.values())))
+        names = list(dict.fromkeys(n for b in banded.values() for n in b))
         lines += ["", "Specific, by depth (the same cosines over each band of layers alone):", "",
                   "| target | " + " | ".join(f"{n} [95% CI], runs > 0" for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for t, b in banded.items():
             lines.append(f"| {t} | " + " | ".join(
-                f"{ci(b[n], 0, test=False)}, {b[n]['positive']}/{b[n]['n']}" for n in names)
-                + " |")
+                f"{ci(b[n], 0, test=False)}, {b[n]['positive']}/{b[n]['n']}" if n in b else "–"
+                for n in names) + " |")
     lines += ["", res["definition"], ""]
     return "\n".join(lines)
