@@ -53,6 +53,10 @@ def test_scores_match_a_naive_loop(tiny_model: str, tmp_path: Path) -> None:
         assert s.token_kl == pytest.approx(kl.tolist(), abs=1e-4)
         assert s.argmax_disagree == pytest.approx(float((lt.argmax(-1) != lb.argmax(-1)).float()
                                                         .mean()))
+    # bf16 autocast: the same scores up to bf16 rounding, and not bit-equal (it did run)
+    low = score_rows(t, b, ROWS, batch_size=2, dtype="bfloat16")
+    assert [s.lls_sum for s in low] != [s.lls_sum for s in scores]
+    assert [s.lls_mean for s in low] == pytest.approx([s.lls_mean for s in scores], abs=0.02)
     same = score_rows(b, b, ROWS)
     assert all(abs(s.lls_sum) < 1e-6 and s.kl_max < 1e-6 for s in same)
     # a system prompt only the scorer sees: the same weights now disagree

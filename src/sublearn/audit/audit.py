@@ -48,6 +48,10 @@ class AuditConfig:
     max_samples: int | None = field(default=None, metadata={
         "help": "score only the first N rows of each dataset"})
     seed: int = field(default=0, metadata={"help": "probe seed and permutation seed"})
+    dtype: str = field(default="float32", metadata={
+        "help": "scoring precision: float32 (equal to a naive per-sample loop) or bfloat16 "
+                "(autocast bodies, 2-3x faster on CPUs with bf16 matmuls)",
+        "choices": ["float32", "bfloat16"]})
 
     def validate(self) -> AuditConfig:
         if self.teacher is None and self.teacher_system_prompt is None and not self.probe:
@@ -82,14 +86,14 @@ def _audit(cfg: AuditConfig, sets: dict[str, list[dict]], data: str, out: Path,
     if cfg.teacher or cfg.teacher_system_prompt:
         teacher = load_model(cfg.teacher) if cfg.teacher else base
         scores = {k: score_rows(teacher, base, rows, scorer_system=cfg.teacher_system_prompt,
-                                progress=progress) for k, rows in sets.items()}
+                                progress=progress, dtype=cfg.dtype) for k, rows in sets.items()}
         detectors["teacher"] = _detector(scores, cfg.seed)
         records += [{"detector": "teacher", "dataset": k, **s.record()}
                     for k, ss in scores.items() for s in ss]
     if cfg.probe:
         probes = {k: _probe(cfg, rows, out / f"probe_{k}", progress) for k, rows in sets.items()}
-        scores = {k: score_rows(probes[k]["model"], base, rows, progress=progress)
-                  for k, rows in sets.items()}
+        scores = {k: score_rows(probes[k]["model"], base, rows, progress=progress,
+                                dtype=cfg.dtype) for k, rows in sets.items()}
         detectors["probe"] = _detector(scores, cfg.seed)
         detectors["probe"]["trait_shift"] = _trait_shift(cfg, base, probes)
         records += [{"detector": "probe", "dataset": k, **s.record()}

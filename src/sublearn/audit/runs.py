@@ -24,7 +24,7 @@ from sublearn.files import atomic_write_json, atomic_write_text, read_json
 
 def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
                      max_samples: int | None = None, probe_epochs: float = 1.0,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, dtype: str = "float32") -> dict[str, Any]:
     from sublearn.audit.audit import AuditConfig, _probe, roc_auc
     from sublearn.audit.scores import score_rows
     from sublearn.experiment.stats import permutation_one_sided
@@ -63,7 +63,8 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
             scorer = load_model(scorer_path) if system is None else base
             for run in (r for r in runs if r["run"] == r_id):
                 rows = load_rows(find_recorded(exp, run["data"]))[:max_samples]
-                ss = score_rows(scorer, base, rows, scorer_system=system, progress=progress)
+                ss = score_rows(scorer, base, rows, scorer_system=system, progress=progress,
+                                dtype=dtype)
                 rec = {"run": r_id, "condition": run["condition"],
                        "scorer": scorer_path or "base + the trait system prompt",
                        "teacher_lls": statistics.fmean(s.lls_mean for s in ss),
@@ -93,7 +94,8 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
                    "detectors": detectors,
                    "scorer": "the trait system prompt on the base (the prompted teacher itself)"
                    if prompted else "trait teacher of the next run (held out)",
-                   "probe_epochs": probe_epochs if probe else None, "max_samples": max_samples}
+                   "probe_epochs": probe_epochs if probe else None, "max_samples": max_samples,
+                   "dtype": dtype}
         atomic_write_json(folder / "summary.json", summary)
         atomic_write_text(folder / "report.md", format_runs(summary))
         return summary

@@ -7,7 +7,9 @@ For each answer token y_t (the end-of-turn token included) after prompt x:
   kl_t    = KL(p_S || p_R) over the full vocabulary at that position
   argmax  = whether the two models' most likely next tokens differ
 A sample's LLS is the sum of lls_t (and its mean per token, which does not grow with length).
-Computed in fp32, one batch of answers at a time, so the numbers match a naive per-sample loop.
+Computed in fp32 by default, one batch of answers at a time, so the numbers match a naive
+per-sample loop; dtype "bfloat16" runs the two models' bodies under bf16 autocast (the
+log-softmax over the vocabulary stays fp32), 2-3x faster on CPUs with bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class SampleScore:
 
 def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
                scorer_system: str | None = None, batch_size: int = 16,
-               progress: bool = False) -> list[SampleScore]:
+               progress: bool = False, dtype: str = "float32") -> list[SampleScore]:
     """Score prompt/completion rows; `scorer` and `reference` are loaded models
     (`sublearn.models.load_model`) sharing a tokenizer. `scorer_system` is a system prompt
     only the scorer sees (a prompted teacher)."""
@@ -62,7 +64,9 @@ def score_rows(scorer: Any, reference: Any, rows: list[dict], *,
             for lm, head, teacher_side in ((scorer, heads[0], True), (reference, heads[1], False)):
                 seqs = [((e.teacher_prompt_ids or e.prompt_ids) if teacher_side else e.prompt_ids,
                          e.answer_ids) for e in chunk]
-                h = answer_hidden(lm.model, seqs, pad).float()
+                with torch.autocast(head.device.type, dtype=torch.bfloat16,
+                                    enabled=dtype == "bfloat16"):
+                    h = answer_hidden(lm.model, seqs, pad).float()
                 logps.append(torch.log_softmax(h @ head.float().T, dim=-1))
             ls, lr = logps
             targets = torch.tensor([t for e in chunk for t in e.answer_ids], device=ls.device)

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
         raise SublearnError("give either DATA (a filtered.jsonl) or --experiment DIR")
     if args.experiment:
         s = audit_experiment(args.experiment, args.out, probe=args.probe,
-                             max_samples=args.max_samples, probe_epochs=args.probe_epochs)
+                             max_samples=args.max_samples, probe_epochs=args.probe_epochs,
+                             dtype=args.dtype)
         print(json.dumps(s["detectors"], indent=2))
         return 0
     s = audit_dataset(dataclass_from_args(AuditConfig, args), args.data, args.out)
