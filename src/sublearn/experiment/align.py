@@ -30,8 +30,10 @@ module, fp64), so no dense ΔW is formed and no model is loaded.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Any
+from statistics import fmean
+from typing import Any, NamedTuple
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import find_recorded
@@ -72,8 +74,6 @@ def layer_grams(paths: list[str]) -> dict[int, Any]:
     """Decoder layer index (-1: a module outside the layers) -> G with G[i, j] = <ΔW_i, ΔW_j>
     summed over that layer's adapted weights (numpy, fp64). A module only some adapters adapt
     counts as zero for the others."""
-    import re
-
     import numpy as np
     import torch
     from safetensors import safe_open
@@ -120,15 +120,30 @@ def bands(layers: list[int], n: int = 3) -> dict[str, list[int]]:
     return {f"layers {p[0]}-{p[-1]}": p for p in parts}
 
 
-def _runs(exp: Path) -> tuple[str, dict[int, dict[str, list[str]]], dict[str, Any]]:
-    """(target, run -> {trait_teacher, control_teacher, trait_students, control_students}
-    as adapter paths found under `exp`, the primary effect of results.json)."""
+class _Experiment(NamedTuple):
+    target: str
+    runs: dict[int, dict[str, list[str]]]  # run -> {trait_teacher, ..., control_students}
+    effect: dict[str, Any]  # results.json's effect on the primary metric
+    model: str  # the base of its teachers and students
+
+
+def _experiment(exp: Path) -> _Experiment:
+    """An experiment folder's runs as adapter paths found under `exp`, read from its
+    results.json; refused when teachers have no weights or students another base."""
+    from sublearn.models.load import DEFAULT_MODEL
+
     if not (exp / "results.json").is_file():
         raise SublearnError(f"{exp} holds no results.json of `sublearn run`")
     res = read_json(exp / "results.json")
-    if res.get("config", {}).get("teacher_mode") == "prompted":
+    conf = res.get("config", {})
+    if conf.get("teacher_mode") == "prompted":
         raise SublearnError(f"{exp}: prompted teachers have no weights of their own to compare "
                             "with (run it with fine-tuned teachers)")
+    model = str(conf.get("model") or DEFAULT_MODEL)
+    student = conf.get("student_model")
+    if student and student != conf.get("model"):
+        raise SublearnError(f"{exp}: its students have another base ({student}) than its "
+                            f"teachers ({model}): weight directions are not comparable")
     runs: dict[int, dict[str, list[str]]] = {}
     for r in res.get("runs", []):
         if r.get("condition") not in ("trait", "control") or not r.get("teacher"):
@@ -143,11 +158,11 @@ def _runs(exp: Path) -> tuple[str, dict[int, dict[str, list[str]]], dict[str, An
     if not res.get("target"):
         raise SublearnError(f"{exp}/results.json names no target")
     primary = res.get("primary_metric", "")
-    return str(res["target"]), runs, res.get("effects", {}).get(primary, {})
+    return _Experiment(str(res["target"]), runs, res.get("effects", {}).get(primary, {}), model)
 
 
 def _student_evals(exp: Path, target: str) -> dict[str, dict[str, Any]]:
-    """Student adapter path (as `_runs` finds it) -> the forced choice of its evaluation stage
+    """Student adapter path (as `_experiment` finds it) -> the forced choice of its evaluation stage
     on `target` (the plain questions, no context, no system prompt)."""
     out: dict[str, dict[str, Any]] = {}
     for done in sorted((exp / "stages").glob("eval_*/DONE.json")):
@@ -180,10 +195,10 @@ def behaviour(exp: Path, target: str,
                    for p in paths):
             return None  # no evaluation, or a share that underflowed to 0 (no log)
         fcs = [evals[p] for p in paths]
-        log_share = [_mean(math.log(v) for v in fc["per_question_target_share"]) for fc in fcs]
+        log_share = [fmean(math.log(v) for v in fc["per_question_target_share"]) for fc in fcs]
         lp = [fc["target_logprob"] for fc in fcs]
-        return {"target_logprob": _mean(lp), "log_share": _mean(log_share),
-                "log_mass": _mean(a - b for a, b in zip(lp, log_share, strict=True))}
+        return {"target_logprob": fmean(lp), "log_share": fmean(log_share),
+                "log_mass": fmean(a - b for a, b in zip(lp, log_share, strict=True))}
 
     out: dict[int, dict[str, float]] = {}
     for r, slot in runs.items():
@@ -193,29 +208,13 @@ def behaviour(exp: Path, target: str,
     return out
 
 
-def _model(exp: Path) -> str:
-    """The base model of an experiment's teachers and students (refused when they differ)."""
-    conf = read_json(exp / "results.json").get("config", {})
-    model = str(conf.get("model") or "smollm2-135m-instruct")
-    student = conf.get("student_model")
-    if student and student != conf.get("model"):
-        raise SublearnError(f"{exp}: its students have another base ({student}) than its "
-                            f"teachers ({model}): weight directions are not comparable")
-    return model
-
-
-def _mean(values: Any) -> float:
-    vals = list(values)
-    return math.fsum(vals) / len(vals)
-
-
 def align(experiments: list[str | Path]) -> dict[str, Any]:
     """Cosines of each run's student direction with teacher directions (module docstring)."""
     import numpy as np
 
     exps = [Path(e) for e in experiments]
-    loaded = {e: _runs(e) for e in exps}
-    targets = [loaded[e][0] for e in exps]
+    loaded = {e: _experiment(e) for e in exps}
+    targets = [loaded[e].target for e in exps]
     if len(set(targets)) < len(targets):
         raise SublearnError(f"two experiments have the same target ({', '.join(targets)}): "
                             "give one experiment per target")
@@ -228,13 +227,13 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
             v[index[p]] += c
         return v
 
-    models = {_model(e) for e in exps}
+    models = {x.model for x in loaded.values()}
     if len(models) > 1:
         raise SublearnError(f"the experiments have different base models "
                             f"({', '.join(sorted(models))}): weight directions of different "
                             "bases are not comparable")
-    for _, runs, _ in loaded.values():
-        for slot in runs.values():
+    for x in loaded.values():
+        for slot in x.runs.values():
             for p in (p for group in slot.values() for p in group if p not in index):
                 index[p] = len(paths)
                 paths.append(p)
@@ -259,10 +258,10 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
         return d
 
     t_dir = {(t, r): checked(direction(slot, "teacher"), f"{t} run {r}, teachers")
-             for t, runs, _ in loaded.values() for r, slot in runs.items()}
+             for t, runs, *_ in loaded.values() for r, slot in runs.items()}
     per_run: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for exp, (target, runs, eff) in loaded.items():
+    for exp, (target, runs, eff, _) in loaded.items():
         rows = []
         for r, slot in sorted(runs.items()):
             s = checked(direction(slot, "students"), f"{target} run {r}, students")
@@ -271,20 +270,20 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
                                    "other_traits": {u: c[u, r] for u in targets
                                                     if u != target and (u, r) in c}}
             if row["other_traits"]:
-                row["specific"] = row["own"] - _mean(row["other_traits"].values())
+                row["specific"] = row["own"] - fmean(row["other_traits"].values())
                 # where in depth: the same, over each band of layers alone (a band that
                 # some adapter leaves untouched has no direction there)
                 teachers = [t_dir[u, r] for u in (target, *row["other_traits"])]
-                row["bands"] = {name: cos(s, teachers[0], bg) - _mean(
+                row["bands"] = {name: cos(s, teachers[0], bg) - fmean(
                     cos(s, t, bg) for t in teachers[1:])
                     for name, bg in band_grams.items()
                     if all(x @ bg @ x > 0 for x in (s, *teachers))}
             same = [v for (u, q), v in c.items() if u == target and q != r]
             if same:
-                row["other_runs"] = _mean(same)
+                row["other_runs"] = fmean(same)
             other = [v for (u, q), v in c.items() if u != target and q != r]
             if same and other:
-                row["other_runs_other_traits"] = _mean(other)
+                row["other_runs_other_traits"] = fmean(other)
                 row["specific_across_seeds"] = row["other_runs"] - row["other_runs_other_traits"]
             rows.append(row)
         beh = behaviour(exp, target, runs)
@@ -314,7 +313,7 @@ def align(experiments: list[str | Path]) -> dict[str, Any]:
             summary[target]["specific_by_band"] = {
                 name: {**summarize(v), "positive": sum(x > 0 for x in v), "n": len(v)}
                 for name, v in banded.items() if v}
-    return {"experiments": {t: str(e) for e, (t, _, _) in loaded.items()},
+    return {"experiments": {x.target: str(e) for e, x in loaded.items()},
             "summary": summary, "per_run": per_run,
             "definition": DEFINITION}
 
