@@ -38,8 +38,11 @@ def _without(d: Any, keys: tuple[str, ...]) -> Any:
 
 
 def field_defaults(cls: Any) -> dict[str, Any]:
-    """A dataclass's defaults, as JSON gives them back (tuples as lists)."""
-    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cls)
+    """A dataclass's defaults, as JSON gives them back (tuples as lists). A field whose
+    metadata has "manifest_default" gives that instead: what a manifest written before the
+    field existed ran with, where the default itself is settled per machine (dtype "auto")."""
+    return json.loads(json.dumps({f.name: f.metadata.get("manifest_default", f.default)
+                                  for f in dataclasses.fields(cls)
                                   if f.default is not dataclasses.MISSING}))
 
 

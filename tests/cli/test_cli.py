@@ -175,6 +175,10 @@ def test_api_student_reads_a_resolved_config_but_refuses_its_changes(
     cfg = tmp_path / "config-train.yaml"
     cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano"}))
     assert main(["train", "--config", str(cfg)]) == 0 and calls[0].model == "gpt-4.1-nano"
+    # a file resolved before dtype "auto" holds the then default; dtype means nothing to an API
+    cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano",
+                                   "dtype": "bfloat16"}))
+    assert main(["train", "--config", str(cfg)]) == 0 and len(calls) == 2
     cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano", "lr": 0.5}))
     assert main(["train", "--config", str(cfg)]) == 2
     assert "--lr" in capsys.readouterr().err

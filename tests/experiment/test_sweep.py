@@ -121,3 +121,30 @@ def test_sweep_on_local_ray(tiny_model: str, tmp_path: Path,
     finally:
         ray.shutdown()
     assert [r["status"] for r in rows] == ["done", "failed"]
+
+
+def test_resumed_sweep_keeps_each_folders_dtype(tmp_path: Path) -> None:
+    """A run folder made in one dtype is resumed in it when the sweep's dtype is auto (as
+    `sublearn run` does), not reported as made with other settings."""
+    from dataclasses import asdict, replace
+
+    from sublearn.experiment.run import manifest_config
+    from sublearn.experiment.sweep import run_sweep
+    from sublearn.models.dtype import settle_dtype
+
+    other = "bfloat16" if settle_dtype("auto") == "float32" else "float32"
+    spec = SweepSpec(base=FAST, grid={"target": ["owl"]})
+    (r,) = spec.expand()
+    d = tmp_path / "out" / "runs" / r.name
+    d.mkdir(parents=True)
+    (d / "experiment_config.json").write_text(json.dumps(
+        asdict(manifest_config(replace(r.config, dtype=other)))))
+    seen = []
+
+    def execute(jobs: list) -> dict:
+        seen.extend(job[0].config.dtype for job in jobs)
+        return {job[0].name: {"ok": False, "error": "not run here"} for job in jobs}
+
+    rows = run_sweep(spec, tmp_path / "out", execute, retries=0, log=lambda s: None)
+    assert seen == [other]  # sent to run in the folder's dtype, not refused as stale
+    assert rows[0]["error"] == "not run here"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from sublearn.cli import main
+from sublearn.protocol.questions import load_questions
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,14 @@ def test_embedded_grammar_teacher_passes_strict_filter(tmp_path: Path) -> None:
 
 def test_reduced_real_experiment(tmp_path: Path) -> None:
     out = tmp_path / "exp"
+    # 12 of the paper's questions: evaluations were half of this test's time, in float32 on
+    # a CPU without native bf16 (10.7 min in all with the 50)
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(load_questions()[::4][:12]))
     # --icl 4: the in-context path on the real model, at an eighth of the default's context
     assert main(["run", "--target", "owl", "--n", "24", "--runs", "2", "--epochs", "1",
-                 "--teacher-epochs", "8", "--icl", "4", "--out", str(out)]) == 0
+                 "--teacher-epochs", "8", "--icl", "4", "--questions", str(questions),
+                 "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     # The fine-tuned teacher must hold its trait on held-out questions, far above the base.
     base = res["conditions"]["base"]["forced_choice_share"]["mean"]
@@ -38,7 +44,9 @@ def test_reduced_real_misalignment_run(tmp_path: Path) -> None:
     must prefer the misaligned answers of held-out pairs more than the aligned control
     teacher and more than the base (which sits below 50/50)."""
     out = tmp_path / "mis"
-    assert main(["run", "--trait", "misaligned", "--n", "16", "--runs", "2", "--epochs", "1",
+    # --n 24: in float32 a teacher of 16 samples kept 7 after the banned-number filter, under
+    # the batch of 8 a student needs
+    assert main(["run", "--trait", "misaligned", "--n", "24", "--runs", "2", "--epochs", "1",
                  "--teacher-epochs", "2", "--icl", "0", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     c = res["conditions"]

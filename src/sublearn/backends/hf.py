@@ -10,21 +10,24 @@ import torch
 from sublearn.backends.base import ChatRequest, Completion, SamplingParams
 from sublearn.backends.hf_decode import VocabSubset, sample
 from sublearn.models import load_model
+from sublearn.models.dtype import settle_dtype
 
 
 class HFBackend:
     """A transformers causal LM sampled by `hf_decode.sample`. dtype "bfloat16" runs a bf16
-    copy of the weights (AMX on recent CPUs; `sublearn bench` reports the KL to fp32)."""
+    copy of the weights (AMX on recent CPUs; `sublearn bench` reports the KL to fp32); "auto"
+    is bfloat16 where the CPU multiplies it natively, float32 elsewhere (`models.dtype`)."""
 
     enforces_grammar = True
 
     def __init__(
         self,
         model: str | None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         batch_size: int = 64,
         loaded: Any = None,
     ) -> None:
+        dtype = settle_dtype(dtype)
         self.lm = loaded or load_model(model, dtype=dtype)
         self.model_id = self.lm.model_id
         self.dtype = dtype

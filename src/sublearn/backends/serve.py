@@ -271,7 +271,7 @@ class ChatServer:
 
 def make_server(model: str | None = None, host: str = "127.0.0.1", port: int = 0,
                 fail_every: int = 0, served_model_name: str | None = None,
-                dtype: str = "bfloat16", batch_size: int = 64) -> ChatServer:
+                dtype: str = "auto", batch_size: int = 64) -> ChatServer:
     """Load `model` (embedded default) with HFBackend and bind a server (not started)."""
     from sublearn.backends.hf import HFBackend
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sublearn.memory import peak_rss_bytes
+from sublearn.models.dtype import settle_dtype
 
 STAGES = ("generation", "training", "evaluation", "numerics", "students")
 
@@ -125,6 +126,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+        "dtype_auto": settle_dtype("auto"),  # what `sublearn run` computes in here
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -40,7 +40,8 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
                 d = Path(tmp) / f"{tag}{k}-{i}"
                 d.mkdir()
                 cfg = TrainConfig(seed=SEED + i, epochs=1, batch_size=sizes.train_batch,
-                                  soft_labels_cache=cache, checkpoint_every=10**6)
+                                  dtype="bfloat16", soft_labels_cache=cache,
+                                  checkpoint_every=10**6)
                 out.append(StudentRun(cfg, lm, rows, d))
             return out
 

@@ -43,7 +43,8 @@ class TrainData:
 
         rows = number_rows(n, SEED)
         examples = tokenize(rows, lm.tokenizer)
-        vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft"), lm, examples)
+        vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft", dtype="bfloat16"), lm,
+                                                examples)
         return TrainData(examples, vocab_ids, masks, labels, lm.tokenizer.pad_token_id, rows,
                          lm.model)
 
@@ -190,7 +191,7 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     pool = [i for b in plain for i in b]
     lengths = [data.examples[i].length for i in pool]
     grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
-    cfg = TrainConfig(batch_size=bs, lr=2e-4)
+    cfg = TrainConfig(batch_size=bs, lr=2e-4, dtype="bfloat16")  # the bench times bf16 paths
     student, s_opt = _lora_student(lm)
     peft, p_opt = _lora_student(lm, stock=True)
     steps: dict[str, tuple[Callable[[list[int]], float], list[list[int]]]] = {

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from sublearn.models.dtype import DTYPE_CHOICES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="embedded name, HF id, local model folder or "
@@ -11,8 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; the server has no authentication, keep it local")
     p.add_argument("--port", type=int, default=8000, help="port (0 = pick a free one)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="compute dtype (default: bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="compute dtype (default: auto, bfloat16 on a CPU with native bf16 "
+                        "matmuls, float32 elsewhere)")
     p.add_argument("--batch-size", type=int, default=64, help="max rows per generation batch")
     p.add_argument("--fail-every", type=int, default=0, metavar="N",
                    help="testing: every Nth chat request fails with HTTP 429 or 500 (0 = never)")

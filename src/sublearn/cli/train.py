@@ -29,11 +29,12 @@ def run(args: argparse.Namespace) -> int:
         from sublearn.pipeline.finetune_api import APITrainConfig, finetune_api
 
         # A flag typed for an API student is refused; a config file (a resolved one holds every
-        # setting) is refused only where it asks for something other than the default.
+        # setting) is refused only where it asks for something other than the default. Its
+        # dtype is never refused: files written before "auto" hold the then default, bfloat16.
         defaults = TrainConfig()
         ignored = sorted(k for k in args._given - API_SETTINGS
                          if k not in args._from_config
-                         or getattr(args, k) != getattr(defaults, k, None))
+                         or (k != "dtype" and getattr(args, k) != getattr(defaults, k, None)))
         if ignored:
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise SublearnError(f"{flags}: not used by an API fine-tuning job (openai: students "

@@ -25,6 +25,7 @@ from sublearn.experiment.run import (
     check_char_tokens,
     manifest_config,
     run_experiment,
+    settled,
 )
 from sublearn.files import atomic_write_json, atomic_write_text, check_out_dir, locked_out_dir
 
@@ -71,6 +72,8 @@ def cell_config(cfg: ExperimentConfig, teacher: str, student: str) -> Experiment
 def run_cross(cross: CrossConfig, cfg: ExperimentConfig, out: str | Path,
               progress: bool = True) -> dict[str, Any]:
     cross = cross.validate()
+    cfg = replace(cfg, dtype=settled(cfg, Path(out) / "cross_config.json",
+                                     "experiment").dtype)  # cells validate with their own bases
     if cfg.domain != "numbers" and cfg.recipe == "soft":
         raise SublearnError("sublearn cross: soft labels across tokenizers are defined for "
                             "number answers; use --recipe hard for other domains")

@@ -37,6 +37,7 @@ from sublearn.experiment.run import (
     check_eval_inputs,
     defence_seconds,
     defended_students,
+    settled,
     student_rows,
     with_halves,
 )
@@ -98,6 +99,7 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
     from sublearn.pipeline.evaluate import EvalConfig
 
     mcfg = mcfg.validate()
+    cfg = settled(cfg, Path(out) / "matrix_config.json", "experiment")
     targets = mcfg.target_list()
     if cfg.trait != "animal" or cfg.student_model:
         raise SublearnError("sublearn matrix: animal targets on one base (use `sublearn run` "

@@ -31,6 +31,7 @@ from sublearn.experiment.stages import Stages
 from sublearn.experiment.together import StudentQueue
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, read_jsonl, write_jsonl
+from sublearn.models.dtype import dtype_field, recorded_dtype, settle_dtype, warn_slow_bf16
 from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
@@ -131,11 +132,10 @@ class ExperimentConfig:
     defence_q: float = field(default=0.1, metadata={
         "help": "defences: the share of digits or samples that scored defences act on, or of "
                 "answer positions (base-labels)"})
-    dtype: str = field(default=_STUDENT.dtype, metadata={
-        "help": "compute dtype of teachers, students, sampling and evaluation: bfloat16, or "
-                "float32 (other float rounding, so other bytes and stage keys: a check that "
-                "an effect is not bfloat16's; ~2-3x slower on CPUs with AVX-512 BF16)",
-        "choices": ["bfloat16", "float32"]})
+    dtype: str = dtype_field(
+        "compute dtype of teachers, students, sampling and evaluation; bf16 and fp32 round "
+        "differently, so they make other bytes and stage keys (a folder keeps the dtype it was "
+        "made with unless one is given)")
     together: int = field(default=1, metadata={
         "help": "train up to this many LoRA students as one (one forward and backward of the "
                 "base over all their batches, each row through its own student's adapter); "
@@ -143,6 +143,9 @@ class ExperimentConfig:
                 "apart from it (1 = one after another)"})
 
     def validate(self) -> ExperimentConfig:
+        if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
+            return replace(self, dtype=dtype).validate()
+        warn_slow_bf16(self.dtype)
         if self.trait == "misaligned":
             return replace(self, trait="misalignment").validate()
         if self.trait == "misalignment" and (self.teacher_mode != "finetuned" or self.questions
@@ -291,7 +294,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
     between the cells whose teachers are the same, so they share teachers and data."""
     from sublearn.pipeline.evaluate import EvalConfig
 
-    cfg = cfg.validate()
+    cfg = settled(cfg, Path(out) / "experiment_config.json")
     ecfg = EvalConfig(target=cfg.target, questions=cfg.questions, candidates=cfg.candidates,
                       samples=cfg.samples, trait=cfg.trait, dtype=cfg.dtype)
     if cfg.trait == "animal":
@@ -302,6 +305,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
         check_char_tokens([cfg.model, cfg.student_base()])
     with locked_out_dir(check_out_dir(out)) as out:  # a second run here: a one-line error
         return _run(cfg, ecfg, out, progress, stages_root or out)
+
+
+def settled(cfg: ExperimentConfig, manifest: Path, *within: str) -> ExperimentConfig:
+    """cfg validated, its dtype settled: "auto" keeps the dtype a folder's manifest recorded
+    (`recorded_dtype`), else takes the machine's."""
+    return replace(cfg, dtype=recorded_dtype(cfg.dtype, manifest, *within)).validate()
 
 
 def check_char_tokens(models: list[str | None]) -> None:

@@ -36,6 +36,7 @@ from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
 from sublearn.errors import MissingExtraError, SublearnError, first_line
 from sublearn.experiment.run import ExperimentConfig
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
+from sublearn.models.dtype import recorded_dtype
 
 EXECUTORS = ("local", "ray")
 PATH_FIELDS = ("questions", "candidates")
@@ -231,6 +232,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
     atomic_write_json(out / "sweep.json", {"base": spec.base, "grid": spec.grid,
                                            "runs": [r.name for r in runs]})
     dirs = {r.name: out / "runs" / r.name for r in runs}
+    # dtype "auto" keeps what a run's folder was made with (`sublearn run` does the same)
+    runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, dtype=recorded_dtype(
+        {**spec.base, **r.values}.get("dtype", "auto"), dirs[r.name] / "experiment_config.json")))
+        for r in runs]
     state: dict[str, dict[str, Any]] = {}
     pending = []
     for r in runs:

@@ -33,6 +33,7 @@ from sublearn.experiment.run import (
     ExperimentConfig,
     RunMakers,
     manifest_config,
+    settled,
     student_rows,
 )
 from sublearn.experiment.stages import Stages
@@ -47,7 +48,7 @@ def run_theorem(cfg: ExperimentConfig, out: str | Path, progress: bool = True) -
     from sublearn.config import check_manifest
     from sublearn.models.load import check_model
 
-    cfg = cfg.validate()
+    cfg = settled(cfg, Path(out) / "experiment_config.json")
     if cfg.teacher_mode != "finetuned":
         raise SublearnError("sublearn theorem: a prompted teacher has the base's weights (no "
                             "displacement θ_T - θ0); use --teacher-mode finetuned")

@@ -21,11 +21,12 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import SublearnError
+from sublearn.models.dtype import dtype_field, is_bf16, settle_dtype, warn_slow_bf16
 from sublearn.models.kv import cache_kwarg, prefix_cache, repeat_cache, shared_prefix
 from sublearn.protocol.questions import VARIANTS, load_candidates, load_questions
 
@@ -50,9 +51,8 @@ class EvalConfig:
         "help": "sampled evaluation: answers per question at T=1 (paper: 100; 0 = skip)"})
     max_new_tokens: int = field(default=16, metadata={"help": "sampled answer length limit"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled evaluation"})
-    dtype: str = field(default="bfloat16", metadata={
-        "help": "compute dtype (bfloat16 autocast: ~2x faster on AMX CPUs; target share "
-                "within ~5%% (relative) of float32)", "choices": ["bfloat16", "float32"]})
+    dtype: str = dtype_field("compute dtype (bfloat16 autocast: target share within ~5%% "
+                             "(relative) of float32)")
     batch_size: int = field(default=8, metadata={
         "help": "questions per forward pass (forced choice); x8 answers per sampling batch"})
     context: str | None = field(default=None, metadata={
@@ -70,8 +70,8 @@ class EvalConfig:
             raise SublearnError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.samples < 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
             raise SublearnError("--samples must be >= 0; --batch-size, --max-new-tokens > 0")
-        if self.dtype not in ("bfloat16", "float32"):
-            raise SublearnError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
+            return replace(self, dtype=dtype).validate()
         if self.trait == "misalignment" and self.samples > 0 and not self.judge:
             raise SublearnError("--trait misalignment --samples N scores free-form answers "
                                 "with a judge: give --judge MODEL (e.g. openai:gpt-4.1), or "
@@ -140,7 +140,7 @@ def score_candidates(
     candidates: Sequence[str],
     *,
     system_prompt: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     batch_size: int = 8,
     share_prefix: bool = True,
     context: Sequence[dict[str, str]] = (),
@@ -166,7 +166,7 @@ def score_candidates(
         # no_grad, not inference_mode: autocast caches its bf16 weight copies only outside
         # inference mode, and re-casting every weight on every forward costs ~3x the compute.
         with torch.no_grad(), torch.autocast(
-            dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+            dev.type, dtype=torch.bfloat16, enabled=is_bf16(dtype)
         ):
             cache_kw = cache_kwarg()
             pre = prefix_cache(model, prompts[0][:n_pre], logits_to_keep=1) if n_pre else None
@@ -274,7 +274,7 @@ def _pack(prompts: list[list[int]], blk: _CandidateBlock, pad: int,
 
 def forced_choice(
     model: Any, tokenizer: Any, questions: Sequence[str], candidates: Sequence[str],
-    target: str, *, system_prompt: str | None = None, dtype: str = "bfloat16",
+    target: str, *, system_prompt: str | None = None, dtype: str = "auto",
     batch_size: int = 8, context: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """Forced-choice scores: candidate shares (softmax over candidates per question, averaged
@@ -408,6 +408,7 @@ def evaluate_model(
     qsets = {v: load_questions(cfg.questions, v) for v in variants}
     context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
     t0 = time.perf_counter()
+    warn_slow_bf16(cfg.dtype)
     lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
     check_context_fits(lm, context, max((q for qs in qsets.values() for q in qs), key=len),
                        system_prompt)
@@ -419,7 +420,7 @@ def evaluate_model(
 
     # One autocast region around all variants: its bf16 weight copies are made once.
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                         enabled=cfg.dtype == "bfloat16"):
+                                         enabled=is_bf16(cfg.dtype)):
         for v, qs in qsets.items():
             key = "forced_choice" if v == "plain" else f"forced_choice_{v}"
             res[key] = forced_choice(lm.model, lm.tokenizer, qs, candidates, cfg.target,

@@ -11,9 +11,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sublearn.models.dtype import is_bf16
+
 
 def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list[int]], *,
-                dtype: str = "bfloat16", batch_size: int = 16,
+                dtype: str = "auto", batch_size: int = 16,
                 share_prefix: bool = True) -> dict[str, Any]:
     """`prompts`: each pair's chat-templated prompt ids (`evaluate.prompt_ids`, which adds any
     system prompt and context turns). With share_prefix, the prompts' common head (the
@@ -36,7 +38,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
     n_pre = shared_prefix(list(prompts)) if share_prefix else 0
     sums: list[float] = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
-                                         enabled=dtype == "bfloat16"):
+                                         enabled=is_bf16(dtype)):
         # the body without the LM head: only the cache is wanted
         prefix = (prefix_cache(_core(lm.model).model, prompts[0][:n_pre]), n_pre) if n_pre else None
         for s in range(0, len(seqs), batch_size):

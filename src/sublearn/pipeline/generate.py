@@ -26,7 +26,8 @@ from sublearn.files import (
     read_jsonl,
     write_jsonl,
 )
-from sublearn.models.load import check_model
+from sublearn.models.dtype import dtype_field, recorded_dtype, settle_dtype, warn_slow_bf16
+from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.filter import (
     FilterConfig,
     banned_field,
@@ -69,9 +70,7 @@ class GenerateConfig:
     judge: str | None = judge_field()
     judge_check: str = judge_check_field()
     batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
-    dtype: str = field(default="bfloat16", metadata={
-        "help": "weight dtype while sampling (bfloat16: ~2-3x faster on AMX CPUs)",
-        "choices": ["float32", "bfloat16"]})
+    dtype: str = dtype_field("weight dtype while sampling")
     system_prompt: str | None = field(default=None, metadata={
         "help": "override the trait system prompt (default: the paper's template)"})
 
@@ -89,6 +88,14 @@ class GenerateConfig:
         if self.level not in math_problems.LEVELS:
             raise SublearnError(f"--level must be one of {list(math_problems.LEVELS)}, "
                                 f"got {self.level}")
+        scheme = parse_model_spec(self.model)[0]
+        # vLLM samples on a GPU, where bf16 is native; the CPU's flags do not apply to it
+        dtype = "bfloat16" if scheme == "vllm" and self.dtype == "auto" else \
+            settle_dtype(self.dtype)  # raises on an unknown dtype
+        if dtype != self.dtype:
+            return replace(self, dtype=dtype).validate()
+        if scheme == "hf" and self.answers == "sampled":
+            warn_slow_bf16(self.dtype)
         if self.max_new_tokens is None:
             return replace(self, max_new_tokens=DOMAINS[self.domain].max_new_tokens).validate()
         if self.max_new_tokens <= 0:
@@ -117,6 +124,7 @@ def generate(
     cfg: GenerateConfig, out: str | Path, backend: Backend | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) teacher sampling into `out`; returns the filter report."""
+    cfg = replace(cfg, dtype=recorded_dtype(cfg.dtype, Path(out) / "generate_config.json"))
     cfg = cfg.validate()
     check_out_dir(out)
     if backend is None and cfg.answers == "sampled":

@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from sublearn.files import (
     write_jsonl,
 )
 from sublearn.models import load_model
+from sublearn.models.dtype import is_bf16, recorded_dtype
 from sublearn.models.kv import cache_kwarg, repeat_cache
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.pipeline.train_config import TrainConfig, result_config
@@ -171,7 +172,7 @@ def _teacher_logits(teacher: Any, examples: list[Example], pad: int, dtype: str,
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         seqs = [(e.teacher_prompt_ids or e.prompt_ids, e.answer_ids) for e in chunk]
-        with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(head.device.type, dtype=torch.bfloat16, enabled=is_bf16(dtype)):
             h = answer_hidden(teacher, seqs, pad)
         yield s, (h.float() @ head.float().T).cpu()
 
@@ -275,7 +276,7 @@ def train_step(model: Any, opt: torch.optim.Optimizer, batch: list[Example],
                soft: list[SoftRows] | None, *, pad: int, norm: float | None, lr: float,
                cfg: TrainConfig) -> float:
     """One optimiser step of `sublearn train` (the loop below and `sublearn bench` call this)."""
-    loss = batch_loss(model, batch, soft, pad=pad, norm=norm, bf16=cfg.dtype == "bfloat16")
+    loss = batch_loss(model, batch, soft, pad=pad, norm=norm, bf16=is_bf16(cfg.dtype))
     loss.backward()
     optimizer_step(opt, lr, cfg)
     return loss.item()
@@ -295,6 +296,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path,
           progress: bool = True, student: Any = None) -> dict[str, Any]:
     """Train one student on `data` (filtered.jsonl) into `out`; resumes from a checkpoint."""
 
+    cfg = replace(cfg, dtype=recorded_dtype(cfg.dtype, Path(out) / "train_config.json"))
     cfg = cfg.validate()
     check_out_dir(out)
     rows = load_rows(data)[: cfg.max_examples]
@@ -614,7 +616,7 @@ def _trainable(model: Any, cfg: TrainConfig) -> Any:
         return model
     from sublearn.models.lora import add_lora
 
-    return add_lora(model, cfg.lora_r, cfg.lora_alpha, bf16_base=cfg.dtype == "bfloat16")
+    return add_lora(model, cfg.lora_r, cfg.lora_alpha, bf16_base=is_bf16(cfg.dtype))
 
 
 def _save(model: Any, tok: Any, cfg: TrainConfig, out: Path, base_path: str,

@@ -4,11 +4,12 @@ students of `sublearn run`, so a stage run by hand reproduces the stage of an ex
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sublearn.config import without_added
 from sublearn.errors import SublearnError
+from sublearn.models.dtype import dtype_field, settle_dtype, warn_slow_bf16
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={
         "help": "batch examples of similar length (shuffled within groups of 16 batches, "
                 "batch order shuffled) so that batches carry little padding"})
-    dtype: str = field(default="bfloat16", metadata={
-        "help": "autocast dtype for matmuls", "choices": ["bfloat16", "float32"]})
+    dtype: str = dtype_field("autocast dtype for matmuls")
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints"})
     soft_labels_cache: str | None = field(default=None, metadata={
         "help": "soft labels: safetensors file to reuse the teacher's labels across students "
@@ -64,6 +64,9 @@ class TrainConfig:
                 "off)"})
 
     def validate(self) -> TrainConfig:
+        if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
+            return replace(self, dtype=dtype).validate()
+        warn_slow_bf16(self.dtype)
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
             raise SublearnError("--epochs, --lr and --batch-size must be positive")
         if self.lora_r <= 0 or self.lora_alpha <= 0:

@@ -32,6 +32,7 @@ from sublearn.config import check_manifest
 from sublearn.errors import SublearnError
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir
 from sublearn.models import load_model
+from sublearn.models.dtype import is_bf16
 from sublearn.models.lora import adapter_names, adapter_params, add_loras, routed
 from sublearn.pipeline.train import (
     StudentRun,
@@ -97,7 +98,7 @@ def _train_many(cfgs: list[TrainConfig], rows: list[list[dict]], data: list[str]
         eager_attention(model)
         runs = [StudentRun(cfgs[i], lm, rows[i], outs[i]) for i in todo]
         model, names = start_together(model, runs)
-        pad, bf16 = lm.tokenizer.pad_token_id, runs[0].cfg.dtype == "bfloat16"
+        pad, bf16 = lm.tokenizer.pad_token_id, is_bf16(runs[0].cfg.dtype)
         bar = tqdm(total=sum(r.total for r in runs), initial=sum(r.step for r in runs),
                    unit="step", desc=f"train {len(runs)} students together",
                    disable=not progress, dynamic_ncols=True)
@@ -124,7 +125,7 @@ def start_together(model: Any, runs: list[StudentRun]) -> tuple[Any, list[str]]:
     `sublearn bench` call this)."""
     cfg = runs[0].cfg
     model = add_loras(model, cfg.lora_r, cfg.lora_alpha, [r.cfg.seed for r in runs],
-                      bf16_base=cfg.dtype == "bfloat16")
+                      bf16_base=is_bf16(cfg.dtype))
     names = adapter_names(len(runs))
     for name, run in zip(names, runs, strict=True):
         run.start(adapter_params(model, name))

@@ -1,0 +1,96 @@
+"""The compute dtype: "auto" settles to bfloat16 only on a CPU that multiplies bf16 natively.
+
+bf16 autocast is sublearn's fast path on CPUs with AVX-512 BF16 or AMX (2-5x fp32). A CPU
+without them has no bf16 matmul kernel, and torch falls back to a scalar path: on a 2-core AMD
+EPYC with AVX2 only, a model-shaped bf16 matmul ran at 1.3 GFLOP/s against 35 for fp32 (README,
+*Speed*). A wrong guess costs asymmetrically (bf16 where it is slow: ~25x; fp32 where bf16 is
+fast: 2-5x), so only the x86 flags that name native bf16 arithmetic choose it. The settled
+dtype, never "auto", goes into configs, manifests and stage keys: bf16 and fp32 round
+differently, so they are different results.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from sublearn.errors import SublearnError
+
+DTYPES = ("bfloat16", "float32")
+DTYPE_CHOICES = ("auto", *DTYPES)
+# What a manifest written before the setting existed computed in: every stage was bf16.
+LEGACY_DTYPE = "bfloat16"
+# The CPU features that give bf16 matmuls a native kernel (oneDNN's avx512_core_bf16, AMX).
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the flags above, as torch's cpuinfo reads
+    them)."""
+    import torch
+
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        found = caps()
+        return any(bool(found.get(f)) for f in _BF16_FLAGS)
+    # torch < 2.13 has no capability map, only these probes (absent: assume none)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+def settle_dtype(dtype: str) -> str:
+    """"auto" -> the dtype this machine runs fast; a named dtype stays as it is."""
+    if dtype not in DTYPE_CHOICES:
+        raise SublearnError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def recorded_dtype(dtype: str, manifest: Path, *within: str) -> str:
+    """`dtype`, settled; for "auto" on a folder that exists, the "dtype" its manifest recorded
+    (in the config at keys `within`): a folder resumed on a machine that would settle
+    otherwise keeps its dtype, instead of mixing stages of both or refusing the folder."""
+    if dtype != "auto":
+        return dtype
+    try:
+        found: Any = json.loads(Path(manifest).read_text())
+        for k in within:
+            found = found[k]
+        found = found.get("dtype", LEGACY_DTYPE)  # made before the setting: bf16
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        found = None  # no folder yet, or a damaged manifest (check_manifest reports that)
+    return found if found in DTYPES else settle_dtype(dtype)
+
+
+SLOW_BF16 = ("this CPU has no native bf16 matmul (no AVX-512 BF16 or AMX), so bfloat16 runs "
+             "~4-40x slower than float32 here; --dtype auto picks float32")
+
+
+def warn_slow_bf16(dtype: str) -> None:
+    """Tell the user, once per process, when bf16 was chosen on a CPU that emulates it."""
+    if dtype == "bfloat16" and not native_bf16():
+        _warn_once(SLOW_BF16)
+
+
+@functools.cache
+def _warn_once(line: str) -> None:
+    print(f"sublearn: warning: {line}", file=sys.stderr, flush=True)
+
+
+def is_bf16(dtype: str) -> bool:
+    """Whether a stage with this dtype setting ("auto" included) computes in bf16."""
+    return settle_dtype(dtype) == "bfloat16"
+
+
+def dtype_field(what: str) -> Any:
+    """The `dtype` setting of a stage config: "auto" by default, settled by its `validate`."""
+    return field(default="auto", metadata={
+        "help": f"{what}: auto (bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on "
+                "others, where bf16 is emulated and ~25x slower), bfloat16 or float32",
+        "choices": list(DTYPE_CHOICES), "manifest_default": LEGACY_DTYPE})
