@@ -1,10 +1,11 @@
 """The compute dtype: "auto" settles to bfloat16 only on a CPU that multiplies bf16 natively.
 
 bf16 autocast is sublearn's fast path on CPUs with AVX-512 BF16 or AMX (2-5x fp32). A CPU
-without them has no bf16 matmul kernel, and torch falls back to a scalar path: on a 2-core AMD
-EPYC with AVX2 only, a model-shaped bf16 matmul ran at 1.3 GFLOP/s against 35 for fp32 (README,
-*Speed*). A wrong guess costs asymmetrically (bf16 where it is slow: ~25x; fp32 where bf16 is
-fast: 2-5x), so only the x86 flags that name native bf16 arithmetic choose it. The settled
+without them has no bf16 matmul kernel, and torch emulates it: on a 2-core AMD EPYC with AVX2
+only, the bench's bf16 matmul peak was 2.3 GFLOP/s against 94 for fp32, and `sublearn train`
+12x slower (README, *The experiment*, `--dtype`). A wrong guess costs asymmetrically (bf16
+where it is emulated: 4-40x; fp32 where bf16 is native: 2-5x), so only the x86 flags that
+name native bf16 arithmetic choose it. The settled
 dtype, never "auto", goes into configs, manifests and stage keys: bf16 and fp32 round
 differently, so they are different results.
 """
@@ -92,5 +93,5 @@ def dtype_field(what: str) -> Any:
     """The `dtype` setting of a stage config: "auto" by default, settled by its `validate`."""
     return field(default="auto", metadata={
         "help": f"{what}: auto (bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on "
-                "others, where bf16 is emulated and ~25x slower), bfloat16 or float32",
+                "others, where bf16 is emulated and 4-40x slower), bfloat16 or float32",
         "choices": list(DTYPE_CHOICES), "manifest_default": LEGACY_DTYPE})
