@@ -13,6 +13,7 @@ import pytest
 from sublearn.bench import QUICK, markdown, run_bench
 from sublearn.bench.generation import padding_overhead
 from sublearn.cli import main
+from sublearn.models.dtype import settle_dtype
 
 # tiny sizes: the schema is the same at any size
 SIZES = replace(QUICK, prompts=4, max_new_tokens=8, questions=2, matmul_reps=2)
@@ -24,7 +25,8 @@ def _positive(x: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def result(tiny_model: str) -> dict[str, Any]:
-    return run_bench(tiny_model, SIZES, cuda=False, log=lambda s: None)
+    # bf16 named: the schema of a CPU with native bf16, whatever this one has
+    return run_bench(tiny_model, SIZES, dtype="bfloat16", cuda=False, log=lambda s: None)
 
 
 def test_schema_and_ratios(result: dict[str, Any]) -> None:
@@ -73,7 +75,7 @@ def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
     # the fast forced-choice path agrees with the naive one in fp32
     assert result["evaluation"]["max_abs_logprob_diff_fp32_vs_per_pair"] < 1e-3
     # and with the batched baseline in bf16 (both autocast; padding changes bf16 rounding)
-    assert result["evaluation"]["max_abs_logprob_diff_bf16_vs_batched"] < 0.5
+    assert result["evaluation"]["max_abs_logprob_diff_vs_batched"] < 0.5
     mem = result["memory"]
     assert all(_positive(mem[f"after_{s}"]) for s in ("load", "generation", "training"))
     lev = result["levers"]
@@ -92,8 +94,12 @@ def test_cli_writes_json_and_prints_table(tiny_model: str, tmp_path: Path,
     res = json.loads(out.read_text())
     assert res["mode"] == "quick" and _positive(res["evaluation"]["ratio"])
     assert "generation" not in res
+    # --dtype auto: what `sublearn run` computes in on this machine
+    dt = settle_dtype("auto")
+    assert res["dtype"] == res["machine"]["dtype_auto"] == dt
     text = capsys.readouterr().out
-    assert "| evaluation (questions/s) vs candidates batched per question, bf16 |" in text
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dt]
+    assert f"| evaluation (questions/s) vs candidates batched per question, {short} |" in text
 
 
 def test_markdown_rows(result: dict[str, Any]) -> None:
@@ -113,14 +119,58 @@ def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
     assert main(["bench", "--out", str(tmp_path / "x"), "--stages", "nope"]) == 2
 
 
-def test_training_levers_are_measured(tiny_model: str) -> None:
-    res = run_bench(tiny_model, replace(SIZES, levers=True, steps=2), stages=("training",),
+def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
+    """On a CPU that emulates bf16, auto benches fp32: ours and every baseline in fp32, TRL's
+    bf16 run left out (nobody would pick it there); the costly levers, bf16 among them, are
+    measured."""
+    res = run_bench(tiny_model, replace(SIZES, levers=True, steps=2),
+                    stages=("generation", "training", "evaluation"), dtype="float32",
                     cuda=False, log=lambda s: None)
-    t = res["training"]
+    assert res["dtype"] == "float32"
+    t, g, e = res["training"], res["generation"], res["evaluation"]
+    assert "trl_sft_bf16" not in t and t["baseline_hard"] == "trl_sft_fp32"
+    assert t["ratio_hard"] == t["ratio_hard_fp32"]
+    assert t["trl_sft_fp32"]["steps"] == 2
     for key in ("bf16_autocast_speedup", "length_grouping_speedup", "lora_layer_speedup"):
         assert _positive(t["levers"][key]), key
-    # ours trains on the same examples as the baseline, regrouped by length
+    # ours trains on the same examples as the baselines, regrouped by length
     assert t["tokens_per_step"]["ours_soft"] <= t["tokens_per_step"]["peft_kl_loop"]
     assert t["ours_soft"]["items"] == t["peft_kl_loop"]["items"] == 2 * SIZES.train_batch
-    assert t["trl_sft_bf16"]["items"] == 2 * SIZES.train_batch
+    assert t["trl_sft_fp32"]["items"] == 2 * SIZES.train_batch
     assert res["lever_speedups"]["lora_layer"]["training"] == t["levers"]["lora_layer_speedup"]
+    # the bf16 lever is bf16 over fp32 whichever dtype is ours
+    lev = t["levers"]
+    assert lev["bf16_autocast_speedup"] == pytest.approx(
+        lev["lora_soft_bf16"]["per_s"] / t["ours_soft"]["per_s"])
+    gl = g["levers"]
+    assert gl["fp32_with_grammar"]["per_s"] == gl["ours_on_these_prompts"]["per_s"]
+    assert _positive(gl["bf16_speedup"]) and _positive(e["levers"]["bf16_autocast_speedup"])
+    # fp32 ours agrees with the fp32 batched baseline far closer than bf16 could
+    assert e["max_abs_logprob_diff_vs_batched"] < 1e-3
+    table = markdown(res, "sublearn bench --dtype float32")
+    assert "ours in fp32" in table and "same fp32 weights + grammar" in table
+    assert "TRL SFTTrainer + PEFT, bf16" not in table and table.count("\n| training") == 2
+
+
+def test_a_slow_matmul_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 (~0.8 s a matmul) is timed once, not 3 trials of `reps`."""
+    import torch
+
+    from sublearn.bench import common
+
+    calls: list[float] = []
+    real = common.timed
+
+    def counted(fn: Any, device: Any) -> Any:
+        out = real(fn, device)
+        calls.append(out[1])
+        return out
+
+    monkeypatch.setattr(common, "timed", counted)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "SLOW_MATMUL_S", 0.0)
+    assert _positive(common.matmul_gflops((8, 8, 8), torch.float32, cpu, reps=2))
+    assert len(calls) == 1
+    monkeypatch.setattr(common, "SLOW_MATMUL_S", 1e9)
+    assert _positive(common.matmul_gflops((8, 8, 8), torch.float32, cpu, reps=2))
+    assert len(calls) == 1 + 1 + 3  # the probe, then best of 3 trials

@@ -30,9 +30,9 @@ def naive_scores(model: Any, tok: Any, questions: Sequence[str], candidates: Seq
 
 @torch.no_grad()
 def batched_scores(model: Any, tok: Any, questions: Sequence[str], candidates: Sequence[str],
-                   device: torch.device) -> torch.Tensor:
-    """Baseline: per question, one bf16-autocast forward over its candidates batched (prompt +
-    candidate, right-padded), as lm-eval-style harnesses score multiple choice."""
+                   device: torch.device, bf16: bool) -> torch.Tensor:
+    """Baseline: per question, one forward (bf16: under autocast) over its candidates batched
+    (prompt + candidate, right-padded), as lm-eval-style harnesses score multiple choice."""
     from sublearn.bench.common import autocast
     from sublearn.pipeline.evaluate import answer_ids, prompt_ids
 
@@ -47,7 +47,7 @@ def batched_scores(model: Any, tok: Any, questions: Sequence[str], candidates: S
         for ci, a in enumerate(answers):
             ids[ci, : len(p) + len(a)] = torch.tensor(p + a)
             mask[ci, : len(p) + len(a)] = 1
-        with autocast(device, True):
+        with autocast(device, bf16):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            use_cache=False).logits
         logp = torch.log_softmax(logits[:, len(p) - 1 : -1].float(), dim=-1)
@@ -77,8 +77,9 @@ def eval_work(tok: Any, questions: Sequence[str], candidates: Sequence[str],
             "per_pair": (naive, naive)}
 
 
-def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any],
-                     device: torch.device) -> dict[str, Any]:
+def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.device,
+                     dtype: str) -> dict[str, Any]:
+    """Ours and the batched baseline in `dtype`; both dtypes of ours for the bf16 lever."""
     from sublearn.pipeline.evaluate import score_candidates
     from sublearn.protocol.questions import load_candidates, load_questions
 
@@ -91,29 +92,31 @@ def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any],
         score_candidates(model, tok, qs[:1], cands, **kw)  # warm-up
         return clocked(lambda: score_candidates(model, tok, qs, cands, **kw), device)
 
+    bf16 = dtype == "bfloat16"
     lp16, s16, c16 = ours(dtype="bfloat16")
-    lp32, s32, _ = ours(dtype="float32")
-    batched_scores(model, tok, qs[:1], cands, device)  # warm-up
-    lpb, sb, cb = clocked(lambda: batched_scores(model, tok, qs, cands, device), device)
+    lp32, s32, c32 = ours(dtype="float32")
+    lpo, so, co = (lp16, s16, c16) if bf16 else (lp32, s32, c32)  # ours in the bench's dtype
+    batched_scores(model, tok, qs[:1], cands, device, bf16)  # warm-up
+    lpb, sb, cb = clocked(lambda: batched_scores(model, tok, qs, cands, device, bf16), device)
     naive_scores(model, tok, qs[:1], cands[:1], device)  # warm-up
     lpn, sn, cn = clocked(lambda: naive_scores(model, tok, qs, cands, device), device)
     # one question shares its whole prompt with itself: the prefix lever needs two or more
-    s_noshare = ours(dtype="bfloat16", share_prefix=False)[1] if len(qs) > 1 else None
+    s_noshare = ours(dtype=dtype, share_prefix=False)[1] if len(qs) > 1 else None
     res: dict[str, Any] = {
-        "ours": throughput(len(qs), s16, arch.flops(2, *work["ours"]), peak, "questions", c16),
+        "ours": throughput(len(qs), so, arch.flops(2, *work["ours"]), peak, "questions", co),
         "baseline": throughput(len(qs), sb, arch.flops(2, *work["baseline"]), peak,
                                "questions", cb),
         "fp32_per_pair": throughput(len(qs), sn, arch.flops(2, *work["per_pair"]), peak,
                                     "questions", cn),
         "questions": len(qs), "candidates": len(cands),
         "max_abs_logprob_diff_fp32_vs_per_pair": float((lp32 - lpn).abs().max()),
-        "max_abs_logprob_diff_bf16_vs_batched": float((lp16 - lpb).abs().max()),
+        "max_abs_logprob_diff_vs_batched": float((lpo - lpb).abs().max()),
         "levers": {"bf16_autocast_speedup": s32 / s16,
-                   "prefix_kv_cache_speedup": s_noshare / s16 if s_noshare else None,
+                   "prefix_kv_cache_speedup": s_noshare / so if s_noshare else None,
                    "fp32_seconds": s32, "no_shared_prefix_seconds": s_noshare},
     }
     res["ratio"] = res["ours"]["per_s"] / res["baseline"]["per_s"]
-    res["ratio_cpu"] = cb / c16
+    res["ratio_cpu"] = cb / co
     res["ratio_fp32_per_pair"] = res["ours"]["per_s"] / res["fp32_per_pair"]["per_s"]
     ti = [c.lower() for c in cands].index("owl")
     share16, share32 = torch.softmax(lp16, 1)[:, ti], torch.softmax(lp32, 1)[:, ti]

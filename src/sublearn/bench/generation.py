@@ -1,5 +1,5 @@
-"""Generation: HFBackend (bf16, grammar, our decoding loop) vs transformers `generate` with the
-same bf16 weights and xgrammar grammar."""
+"""Generation: HFBackend (grammar, our decoding loop) vs transformers `generate` with the same
+weights (bf16 or fp32, the bench's dtype) and xgrammar grammar."""
 
 from __future__ import annotations
 
@@ -22,16 +22,17 @@ from sublearn.bench.common import (
 )
 
 
-def threads_lever(lm: Any, texts: list[str], threads: int, device: torch.device,
+def threads_lever(lm: Any, texts: list[str], threads: int, device: torch.device, dtype: str,
                   reps: int) -> dict[str, Any]:
-    """torch.set_num_threads: matmul rate and a bf16 prefill at 1 vs `threads` threads."""
+    """torch.set_num_threads: matmul rate and a prefill (in `dtype`) at 1 vs `threads`
+    threads."""
     before = torch.get_num_threads()
     enc = _left_padded(lm.tokenizer, texts[:16], device)
     out: dict[str, Any] = {}
     try:
         for n in sorted({1, threads}):
             torch.set_num_threads(n)
-            with torch.no_grad(), autocast(device, True):
+            with torch.no_grad(), autocast(device, dtype == "bfloat16"):
                 lm.model(**enc, logits_to_keep=1)  # warm-up
                 _, s = timed(lambda: lm.model(**enc, logits_to_keep=1), device)
             out[str(n)] = {"bf16_gflops": matmul_gflops(MATMUL_SHAPES[0], torch.bfloat16,
@@ -135,7 +136,7 @@ def _gen_summary(comps: list[Any], seconds: float, cpu: float, work: tuple[int, 
 
 
 def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.device,
-                     levers: bool) -> dict[str, Any]:
+                     dtype: str, levers: bool) -> dict[str, Any]:
     from sublearn.backends.base import ChatRequest, SamplingParams
     from sublearn.backends.hf import HFBackend
     from sublearn.domains.numbers import answer_grammar, make_prompts
@@ -155,7 +156,9 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
                                        batch_size=sizes.batch, loaded=lm)
         return backends[bf16]
 
-    def ours(bf16: bool = True, constrained: bool = True) -> Callable[[int, int], list[Any]]:
+    main = dtype == "bfloat16"  # ours and the baseline sample from weights in the bench's dtype
+
+    def ours(bf16: bool = main, constrained: bool = True) -> Callable[[int, int], list[Any]]:
         be = backend(bf16)  # the real code path
         return lambda n, new: be.generate(reqs[:n], SamplingParams(
             max_new_tokens=new, grammar=grammar if constrained else None), SEED)
@@ -164,12 +167,12 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
         return hf_generate(lm.model, tok, texts[:n], seed=SEED,
                            **{**kw, "max_new_tokens": new})
 
-    def hf_bf16_grammar(n: int, new: int) -> list[Any]:
-        """transformers `generate` on our bf16 weights with xgrammar's logits processor:
-        what our own decoding loop replaces."""
+    def hf_same_grammar(n: int, new: int) -> list[Any]:
+        """transformers `generate` on our weights with xgrammar's logits processor: what our
+        own decoding loop replaces."""
         # the backend's compiled grammar: compiling inside the timed call would bill it here
-        return hf_generate(backend(True).model, tok, texts[:n], seed=SEED,
-                           grammar=backend(True)._grammar(grammar),
+        return hf_generate(backend(main).model, tok, texts[:n], seed=SEED,
+                           grammar=backend(main)._grammar(grammar),
                            **{**kw, "max_new_tokens": new})
 
     def run(fn: Callable[[int, int], list[Any]], n: int = len(texts), loop: bool = True,
@@ -177,16 +180,16 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
         fn(2, 4)  # warm-up: kernels, grammar compilation
         comps, s, cpu = clocked(lambda: fn(n, sizes.max_new_tokens), device)
         if loop:  # our loop: rows leave the batch, the head covers the grammar's tokens
-            sub = backend(True)._subsets.get(grammar) if constrained else None
+            sub = backend(main)._subsets.get(grammar) if constrained else None
             cols = len(sub.ids) if sub is not None else None
             work = loop_work(tok, texts[:n], comps, sizes.batch, cols)
         else:
             work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
         return _gen_summary(comps, s, cpu, work, arch, peak)
 
-    # the baseline: `generate` with the same bf16 weights and grammar; fp32 unconstrained
+    # the baseline: `generate` with the same weights and grammar; fp32 unconstrained
     # `generate` (the old baseline) stays as an extra line
-    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(hf_bf16_grammar, loop=False),
+    res: dict[str, Any] = {"ours": run(ours()), "baseline": run(hf_same_grammar, loop=False),
                            "fp32_unconstrained": run(baseline, loop=False)}
     o, b = res["ours"], res["baseline"]
     res.update(ratio=o["per_s"] / b["per_s"], tokens_ratio=o["tokens_per_s"] / b["tokens_per_s"],
@@ -200,27 +203,31 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
         # runs all 60 steps and would otherwise dominate the default run's time
         n = min(len(texts), max(2, sizes.batch // 2))
         ref = o if n == len(texts) else run(ours(), n)
+        other = run(ours(bf16=not main), n)
         res["levers"].update(generation_levers(
-            ref, run(ours(bf16=False), n), run(ours(constrained=False), n, constrained=False)))
+            ref if main else other, other if main else ref,
+            run(ours(constrained=False), n, constrained=False), ref))
         res["levers"]["decode_loop_speedup"] = o["per_s"] / b["per_s"]
         res["levers"]["prompts"] = n
         res["levers"]["prefix_kv_cache"] = prefix_cache_lever(
-            replace(lm, model=backend(True).model), texts[:n], device, ref["seconds"])
+            replace(lm, model=backend(main).model), texts[:n], device, ref["seconds"])
     return res
 
 
-def generation_levers(ref: dict[str, Any], fp32: dict[str, Any],
-                      free: dict[str, Any]) -> dict[str, Any]:
-    """bf16 weights (vs fp32, both constrained) and the grammar (vs unconstrained, both bf16;
-    also in strict-filter-passing samples/s): speed-up in samples/s. Our decoding loop vs
-    `generate` with the same weights and grammar is the stage's main ratio."""
+def generation_levers(bf16: dict[str, Any], fp32: dict[str, Any], free: dict[str, Any],
+                      ref: dict[str, Any]) -> dict[str, Any]:
+    """bf16 weights (vs fp32, both constrained) and the grammar (ours, `ref`, vs unconstrained
+    in the same dtype; also in strict-filter-passing samples/s): speed-up in samples/s. Our
+    decoding loop vs `generate` with the same weights and grammar is the stage's main
+    ratio."""
     keys = ("per_s", "tokens_per_s", "pass_rate", "passing_per_s", "mean_tokens", "gflops",
             "seconds")
     return {
         "ours_on_these_prompts": {k: ref[k] for k in keys},
+        "bf16_with_grammar": {k: bf16[k] for k in keys},
         "fp32_with_grammar": {k: fp32[k] for k in keys},
-        "bf16_no_grammar": {k: free[k] for k in keys},
-        "bf16_speedup": ref["per_s"] / fp32["per_s"],
+        "no_grammar": {k: free[k] for k in keys},
+        "bf16_speedup": bf16["per_s"] / fp32["per_s"],
         "grammar_speedup": ref["per_s"] / free["per_s"],
         "grammar_passing_speedup": ref["passing_per_s"] / free["passing_per_s"]
         if free["passing_per_s"] else None,
@@ -255,7 +262,8 @@ def padding_overhead(lens: list[int], batch: int) -> tuple[float, float]:
 def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
                        gen_seconds: float) -> dict[str, Any]:
     """Prefill of one generation batch with and without reusing the KV cache of the prompts'
-    shared chat prefix (the default system turn), in bf16 as in HFBackend."""
+    shared chat prefix (the default system turn), with the weights HFBackend samples from
+    (no autocast: HFBackend computes in its weights' dtype)."""
     from sublearn.models.kv import cache_kwarg, shared_prefix
 
     tok, model = lm.tokenizer, lm.model
@@ -282,11 +290,10 @@ def prefix_cache_lever(lm: Any, texts: list[str], device: torch.device,
         return model(input_ids=suf.to(device), attention_mask=mask, position_ids=pos,
                      use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
-    with autocast(device, next(model.parameters()).dtype == torch.float32):
-        ref = model(**full, use_cache=True, logits_to_keep=1).logits  # warm-up + reference
-        got = cached()
-        _, t_full = timed(lambda: model(**full, use_cache=True, logits_to_keep=1), device)
-        _, t_cached = timed(cached, device)
+    ref = model(**full, use_cache=True, logits_to_keep=1).logits  # warm-up + reference
+    got = cached()
+    _, t_full = timed(lambda: model(**full, use_cache=True, logits_to_keep=1), device)
+    _, t_cached = timed(cached, device)
     saved = t_full - t_cached
     return {"prefix_tokens": n_pre, "mean_prompt_tokens": sum(map(len, ids)) / len(ids),
             "prefill_s": t_full, "prefill_cached_s": t_cached, "prefill_speedup": t_full / t_cached,

@@ -40,40 +40,44 @@ def _cpu_rate(r: dict[str, Any], key: str) -> float:
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
-    """Table for the README: ours vs baseline per stage, ratio, and share of bf16 peak."""
+    """Table for the README: ours vs baseline per stage, ratio, and share of the peak of the
+    dtype ours computes in (the bench's dtype; bf16 in a bench.json from before the setting)."""
+    dt = "fp32" if res.get("dtype") == "float32" else "bf16"
     # (stage, ours, baseline, key, the baseline's precision)
     rows: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = []
     g, t, e = res.get("generation"), res.get("training"), res.get("evaluation")
     if g:
         for key, unit in (("tokens_per_s", "tokens/s"), ("per_s", "samples/s")):
-            rows.append((f"generation ({unit}) vs `generate`, same bf16 weights + grammar",
-                         g["ours"], g["baseline"], key, "bf16"))
+            rows.append((f"generation ({unit}) vs `generate`, same {dt} weights + grammar",
+                         g["ours"], g["baseline"], key, dt))
         rows.append(("generation (tokens/s) vs `generate` fp32, unconstrained (old baseline)",
                      g["ours"], g["fp32_unconstrained"], "tokens_per_s", "fp32"))
     if t:
-        rows.append(("training, hard labels (samples/s) vs TRL SFTTrainer + PEFT, bf16",
-                     t["ours_hard"], t["trl_sft_bf16"], "per_s", "bf16"))
+        if "trl_sft_bf16" in t:
+            rows.append(("training, hard labels (samples/s) vs TRL SFTTrainer + PEFT, bf16",
+                         t["ours_hard"], t["trl_sft_bf16"], "per_s", "bf16"))
         rows.append(("training, hard labels (samples/s) vs TRL SFTTrainer + PEFT, fp32 defaults",
                      t["ours_hard"], t["trl_sft_fp32"], "per_s", "fp32"))
-        rows.append(("training, soft labels (samples/s, teacher inside) vs PEFT KL loop, bf16",
-                     t["ours_soft"], t["peft_kl_loop"], "per_s", "bf16"))
+        rows.append((f"training, soft labels (samples/s, teacher inside) vs PEFT KL loop, {dt}",
+                     t["ours_soft"], t["peft_kl_loop"], "per_s", dt))
     if e:
-        rows.append(("evaluation (questions/s) vs candidates batched per question, bf16",
-                     e["ours"], e["baseline"], "per_s", "bf16"))
+        rows.append((f"evaluation (questions/s) vs candidates batched per question, {dt}",
+                     e["ours"], e["baseline"], "per_s", dt))
         rows.append(("evaluation (questions/s) vs one fp32 forward per pair (old baseline)",
                      e["ours"], e["fp32_per_pair"], "per_s", "fp32"))
     pk, m = res["peak"], res["machine"]
     amx = {True: "AMX", False: "no AMX"}.get(m.get("amx_bf16"), "AMX unknown")
     lines = [f"`{command}` on {m['cpu']} ({amx}, {m['torch_threads']} thread(s), load "
              f"{m['loadavg_start'][0] if m.get('loadavg_start') else '?'}); peak matmul "
-             f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} GFLOP/s", "",
+             f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} GFLOP/s; ours in "
+             f"{dt}", "",
              "| stage and baseline | ours | baseline | ratio | ratio by CPU time "
-             "| ours % of bf16 peak | baseline % of its precision's peak |",
+             f"| ours % of {dt} peak | baseline % of its precision's peak |",
              "|---|---|---|---|---|---|---|"]
     for name, o, b, key, prec in rows:
         lines.append(f"| {name} | {_fmt(o[key])} | {_fmt(b[key])} | {o[key] / b[key]:.2f}x | "
                      f"{_cpu_rate(o, key) / _cpu_rate(b, key):.2f}x | "
-                     f"{o['pct_bf16_peak']:.1f}% | {b[f'pct_{prec}_peak']:.1f}% |")
+                     f"{o[f'pct_{dt}_peak']:.1f}% | {b[f'pct_{prec}_peak']:.1f}% |")
     if g:
         lines.append(f"\nstrict-filter pass rate: ours {g['ours']['pass_rate']:.0%}, "
                      f"baseline {g['baseline']['pass_rate']:.0%}")

@@ -1,22 +1,25 @@
-"""`sublearn bench`: our fast paths against naive transformers baselines, in one process.
+"""`sublearn bench`: our fast paths against what a user would run instead, in one process.
 
 Every figure is timed against its baseline in the same run, on the same inputs, after a
-warm-up. On a shared machine read the CPU-time ratios too (training steps are interleaved;
-the load average is recorded). Stages:
+warm-up, in one compute dtype (`--dtype auto`: the one `sublearn run` settles to on this
+machine, bf16 only where the CPU multiplies it natively). On a shared machine read the CPU-time
+ratios too (training steps are interleaved; the load average is recorded). Stages:
 
-  generation  HFBackend (bf16 weights, numbers grammar, our decoding loop: hf_decode) vs
-              `generate` in fp32, unconstrained
-  training    our LoRA steps (answer positions only, soft or hard labels, bf16 autocast) vs full
-              fine-tuning in fp32 with `model(input_ids, labels=...)` and AdamW
-  evaluation  `score_candidates` (one packed forward per batch, shared prefix) vs one fp32
-              forward per (question, candidate)
+  generation  HFBackend (numbers grammar, our decoding loop: hf_decode) vs transformers
+              `generate` with the same weights and xgrammar grammar; fp32 unconstrained
+              `generate` as an extra line
+  training    `sublearn train`'s step (imported) vs TRL `SFTTrainer` + PEFT LoRA (hard
+              labels; its fp32 defaults, and bf16 when the dtype is bf16) and a plain PEFT
+              full-vocabulary KL loop (soft labels, the teacher inside the timing)
+  evaluation  `score_candidates` (packed, shared prefix) vs one forward per question with its
+              candidates batched; one fp32 forward per (question, candidate) as an extra line
   numerics    fp32 vs bf16 teacher distributions and forced-choice shares
   students    K LoRA students stepped together (one forward/backward) vs one after another
   peak        fp32 / bf16 matmul GFLOP/s at model-like shapes, the yardstick for every stage
 
 Levers (which of our choices help, and by how much) are measured in the default mode; --quick
 keeps the cheap ones. FLOPs are counted, not profiled: see FLOPS_FORMULA. With CUDA the same
-stages run again under "cuda"; a stage that fails there (score_candidates builds CPU tensors)
+stages run again under "cuda" (in bf16 unless --dtype names another); a stage that fails there
 is recorded as {"error": ...}.
 """
 
@@ -50,17 +53,21 @@ from sublearn.bench.training import TrainData, bench_training
 
 
 def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES,
-              threads: int | None = None, cuda: bool | None = None,
+              dtype: str = "auto", threads: int | None = None, cuda: bool | None = None,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
               ) -> dict[str, Any]:
-    """All figures on CPU (and on CUDA as an extra section where available), one process."""
+    """All figures on CPU (and on CUDA as an extra section where available), one process, in
+    `dtype` ("auto": what `sublearn run` computes in on this machine)."""
     from sublearn.models import load_model
+    from sublearn.models.dtype import settle_dtype, warn_slow_bf16
 
+    dt = settle_dtype(dtype)
+    warn_slow_bf16(dt)
     t0 = time.perf_counter()
     cpu = torch.device("cpu")
     lm = load_model(model, dtype="float32")
     log(f"bench: model loaded in {time.perf_counter() - t0:.1f} s")
-    res: dict[str, Any] = {"model": lm.model_id, "sizes": asdict(sizes),
+    res: dict[str, Any] = {"model": lm.model_id, "dtype": dt, "sizes": asdict(sizes),
                            "stages": list(stages), "flops_formula": FLOPS_FORMULA,
                            "machine": machine_info(cpu)}
     memory = res["memory"] = {"unit": "MiB, peak RSS (ru_maxrss) after each stage",
@@ -71,26 +78,30 @@ def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES
         n = max((sizes.steps + 1) * sizes.train_batch if "training" in stages else 0,
                 sizes.numerics_prompts if "numerics" in stages else 0)
         t = time.perf_counter()
-        data = TrainData.build(lm, n)
+        data = TrainData.build(lm, n, dt)
         memory["after_soft_labels"] = rss_mib()
         log(f"bench: {n} training examples and soft labels in {time.perf_counter() - t:.1f} s")
-    res.update(run_section(lm, data, sizes, stages, cpu, threads, log, memory))
+    res.update(run_section(lm, data, sizes, stages, cpu, dt, threads, log, memory))
     if torch.cuda.is_available() if cuda is None else cuda:
         dev = torch.device("cuda")
         glm = replace(lm, model=copy.deepcopy(lm.model).to(dev))
         gmem: dict[str, Any] = {"unit": "MiB, peak CUDA memory allocated after each stage"}
+        gdt = "bfloat16" if dtype == "auto" else dt  # the CPU's flags say nothing of a GPU
         res["cuda"] = {"machine": {"device": torch.cuda.get_device_name(dev)}, "memory": gmem,
-                       **run_section(glm, data, sizes, stages, dev, 1, log, gmem, True)}
+                       "dtype": gdt,
+                       **run_section(glm, data, sizes, stages, dev, gdt, 1, log, gmem, True)}
     res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
 
 def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[str],
-                device: torch.device, threads: int | None, log: Callable[[str], None],
-                memory: dict[str, Any], tolerant: bool = False) -> dict[str, Any]:
-    """The stages on one device. tolerant (CUDA, untested on CPU-only CI): a failing stage is
-    recorded as {"error": ...} instead of ending the run."""
+                device: torch.device, dtype: str, threads: int | None,
+                log: Callable[[str], None], memory: dict[str, Any],
+                tolerant: bool = False) -> dict[str, Any]:
+    """The stages on one device, ours and the baselines in `dtype` (settled). tolerant (CUDA,
+    untested on CPU-only CI): a failing stage is recorded as {"error": ...} instead of ending
+    the run."""
     res: dict[str, Any] = {}
     levers: dict[str, Any] = {}
 
@@ -116,11 +127,12 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
     if "error" in peak:
         return res
     if "generation" in stages:
-        stage("generation", lambda: bench_generation(lm, sizes, peak, device, sizes.levers))
+        stage("generation", lambda: bench_generation(lm, sizes, peak, device, dtype, sizes.levers))
     if "training" in stages and data is not None:
-        stage("training", lambda: bench_training(lm, data, sizes, peak, device, sizes.levers))
+        stage("training", lambda: bench_training(lm, data, sizes, peak, device, dtype,
+                                                          sizes.levers))
     if "evaluation" in stages:
-        stage("evaluation", lambda: bench_evaluation(lm, sizes, peak, device))
+        stage("evaluation", lambda: bench_evaluation(lm, sizes, peak, device, dtype))
     if "numerics" in stages and data is not None:
         stage("numerics", lambda: bench_numerics(lm, data, sizes.numerics_prompts, device))
         share = res.get("evaluation", {}).pop("_target_share", None)
@@ -128,13 +140,14 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
             res["numerics"]["forced_choice_target_share"] = share
     res.get("evaluation", {}).pop("_target_share", None)
     if "students" in stages:
-        stage("students", lambda: bench_students(lm, sizes, device))
+        stage("students", lambda: bench_students(lm, sizes, device, dtype))
     threads = threads or os.cpu_count() or 1
     if sizes.levers and device.type == "cpu" and threads > 1:
         from sublearn.domains.numbers import make_prompts
 
         texts = chat_texts(lm.tokenizer, make_prompts(16, SEED))
-        stage("threads", lambda: threads_lever(lm, texts, threads, device, sizes.matmul_reps))
+        stage("threads", lambda: threads_lever(lm, texts, threads, device, dtype,
+                                                     sizes.matmul_reps))
         levers["threads"] = res.pop("threads")
     res["levers"] = levers
     res["lever_speedups"] = lever_summary(levers)

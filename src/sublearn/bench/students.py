@@ -17,7 +17,8 @@ from sublearn.bench.common import SEED, Sizes, clocked, rss_mib
 from sublearn.bench.training import number_rows
 
 
-def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+def bench_students(lm: Any, sizes: Sizes, device: torch.device,
+                   dtype: str) -> dict[str, Any]:
     from sublearn.pipeline.train import (
         StudentRun,
         TrainConfig,
@@ -40,7 +41,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
                 d = Path(tmp) / f"{tag}{k}-{i}"
                 d.mkdir()
                 cfg = TrainConfig(seed=SEED + i, epochs=1, batch_size=sizes.train_batch,
-                                  dtype="bfloat16", soft_labels_cache=cache,
+                                  dtype=dtype, soft_labels_cache=cache,
                                   checkpoint_every=10**6)
                 out.append(StudentRun(cfg, lm, rows, d))
             return out
@@ -54,9 +55,10 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device) -> dict[str, Any
             def together(m: Any = model, rs: list[StudentRun] = runs,
                          ns: list[str] = names) -> None:
                 for _ in range(steps):
-                    step_together(m, rs, ns, pad=pad, bf16=True)
+                    step_together(m, rs, ns, pad=pad, bf16=dtype == "bfloat16")
 
-            step_together(model, runs, names, pad=pad, bf16=True)  # warm-up
+            step_together(model, runs, names, pad=pad,
+                          bf16=dtype == "bfloat16")  # warm-up
             _, t_wall, t_cpu = clocked(together, device)
             del model, together, runs  # the closure holds the model too
             a_wall = a_cpu = 0.0

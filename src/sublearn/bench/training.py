@@ -32,18 +32,18 @@ class TrainData:
     examples: list[Any]  # train.Example
     vocab_ids: torch.Tensor  # soft labels: the grammar's tokens
     masks: list[torch.Tensor]
-    labels: list[torch.Tensor]  # teacher log-probs (bf16 autocast, as train.py computes them)
+    labels: list[torch.Tensor]  # teacher log-probs (in the bench's dtype, as train.py's)
     pad: int
     rows: list[dict[str, Any]]  # the same examples as chat records (the TRL baseline's input)
     teacher: Any  # the model the soft labels come from (the base: only the cost matters)
 
     @staticmethod
-    def build(lm: Any, n: int) -> TrainData:
+    def build(lm: Any, n: int, dtype: str) -> TrainData:
         from sublearn.pipeline.train import TrainConfig, _compute_soft, tokenize
 
         rows = number_rows(n, SEED)
         examples = tokenize(rows, lm.tokenizer)
-        vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft", dtype="bfloat16"), lm,
+        vocab_ids, masks, labels = _compute_soft(TrainConfig(recipe="soft", dtype=dtype), lm,
                                                 examples)
         return TrainData(examples, vocab_ids, masks, labels, lm.tokenizer.pad_token_id, rows,
                          lm.model)
@@ -78,8 +78,8 @@ def ours_step(model: Any, opt: Any, data: TrainData, idx: list[int], soft: bool,
 
 
 def peft_kl_step(model: Any, opt: Any, data: TrainData, idx: list[int],
-                 device: torch.device) -> float:
-    """Baseline, soft labels: a stock PEFT LoRA model in a plain loop, bf16 autocast. The
+                 device: torch.device, bf16: bool) -> float:
+    """Baseline, soft labels: a stock PEFT LoRA model in a plain loop (bf16: autocast). The
     teacher and the student each run one ordinary forward with full-vocabulary logits at
     every position; the KL is then restricted to the answer positions and the grammar's
     tokens (renormalised), the same loss as ours."""
@@ -89,7 +89,7 @@ def peft_kl_step(model: Any, opt: Any, data: TrainData, idx: list[int],
     ids, mask, rows, cols = (t.to(device) for t in _batch(seqs, data.pad))
     vocab_ids = data.vocab_ids.to(device)
     allowed = torch.cat([data.masks[i] for i in idx]).to(device)
-    with autocast(device, True):
+    with autocast(device, bf16):
         with torch.no_grad():
             t_logits = data.teacher(input_ids=ids, attention_mask=mask).logits
         s_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -175,10 +175,11 @@ def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
 
 
 def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
-                   device: torch.device, levers: bool) -> dict[str, Any]:
+                   device: torch.device, dtype: str, levers: bool) -> dict[str, Any]:
     """Our training step (imported from `sublearn.pipeline.train`) against what a user would
-    run instead, on the same examples: hard labels, TRL `SFTTrainer` + PEFT (fp32 defaults and
-    bf16); soft labels, a stock PEFT model in a plain full-vocabulary KL loop. Ours and the
+    run instead, on the same examples: hard labels, TRL `SFTTrainer` + PEFT (its fp32
+    defaults, and bf16 when `dtype` is: on a CPU that emulates bf16 nobody would pick it);
+    soft labels, a stock PEFT model in a plain full-vocabulary KL loop. Ours and the
     KL loop are interleaved step by step so that a busy machine slows both alike; the TRL
     runs sit between the two halves of those steps. Each variant first takes an untimed
     step on a full batch."""
@@ -191,19 +192,20 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     pool = [i for b in plain for i in b]
     lengths = [data.examples[i].length for i in pool]
     grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
-    cfg = TrainConfig(batch_size=bs, lr=2e-4, dtype="bfloat16")  # the bench times bf16 paths
-    student, s_opt = _lora_student(lm)
+    bf16 = dtype == "bfloat16"
+    cfg = TrainConfig(batch_size=bs, lr=2e-4, dtype=dtype)
+    student, s_opt = _lora_student(lm, bf16=bf16)
     peft, p_opt = _lora_student(lm, stock=True)
     steps: dict[str, tuple[Callable[[list[int]], float], list[list[int]]]] = {
         "ours_soft": (lambda b: ours_step(student, s_opt, data, b, True, cfg), grouped),
         "ours_hard": (lambda b: ours_step(student, s_opt, data, b, False, cfg), grouped),
-        "peft_kl_loop": (lambda b: peft_kl_step(peft, p_opt, data, b, device), plain),
+        "peft_kl_loop": (lambda b: peft_kl_step(peft, p_opt, data, b, device, bf16), plain),
     }
+    other = "lora_soft_fp32" if bf16 else "lora_soft_bf16"  # the bf16 lever: the other dtype
     if levers:
-        fp32, f_opt = _lora_student(lm, bf16=False)
-        cfg32 = TrainConfig(batch_size=bs, lr=2e-4, dtype="float32")
-        steps["lora_soft_fp32"] = (lambda b: ours_step(fp32, f_opt, data, b, True, cfg32),
-                                   grouped)
+        o_student, o_opt = _lora_student(lm, bf16=not bf16)
+        o_cfg = TrainConfig(batch_size=bs, lr=2e-4, dtype="float32" if bf16 else "bfloat16")
+        steps[other] = (lambda b: ours_step(o_student, o_opt, data, b, True, o_cfg), grouped)
         steps["lora_soft_ungrouped"] = (
             lambda b: ours_step(student, s_opt, data, b, True, cfg), plain)
         steps["lora_soft_stock_peft"] = (
@@ -225,8 +227,9 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     trl: dict[str, dict[str, Any]] = {}
     for k in range(sizes.steps):
         if k == sizes.steps // 2:  # TRL between the halves: a drifting machine hits both
-            for tag, bf16 in (("trl_sft_fp32", False), ("trl_sft_bf16", True)):
-                trl[tag] = trl_sft(lm, data, len(pool) + bs, bs, bf16, device)
+            for tag, half in (("trl_sft_fp32", False), ("trl_sft_bf16", True)):
+                if bf16 or not half:
+                    trl[tag] = trl_sft(lm, data, len(pool) + bs, bs, half, device)
         for name, (step, batches) in steps.items():
             loss[name], w, c = clocked(lambda st=step, bb=batches[k]: st(bb), device)
             wall[name] += w
@@ -241,22 +244,26 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
         res[tag] = {**throughput(items, r["wall"], arch.flops(4, tokens_plain, tokens_plain)
                                  * items / n, peak, "samples", r["cpu"]), "steps": r["steps"]}
     lev: dict[str, Any] = {"length_batching": length_batching_train(lm.tokenizer, sizes)}
-    for name, key in (("lora_soft_fp32", "bf16_autocast_speedup"),
+    for name, key in ((other, "bf16_autocast_speedup"),
                       ("lora_soft_ungrouped", "length_grouping_speedup"),
                       ("lora_soft_stock_peft", "lora_layer_speedup")):
         if name in res:
-            other = res.pop(name)
-            lev[name] = {k: other[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
-            lev[key] = res["ours_soft"]["per_s"] / other["per_s"]
+            var = res.pop(name)
+            lev[name] = {k: var[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
+            lev[key] = res["ours_soft"]["per_s"] / var["per_s"]
+    if other in lev and not bf16:  # the lever is bf16 over fp32 whichever is ours
+        lev["bf16_autocast_speedup"] = 1 / lev["bf16_autocast_speedup"]
 
     def cpu_rate(r: dict[str, Any]) -> float:
         return r["items"] / r["cpu_seconds"]
 
+    same = "trl_sft_bf16" if bf16 else "trl_sft_fp32"  # TRL in our dtype: the headline
     res.update(
-        ratio_hard=res["ours_hard"]["per_s"] / res["trl_sft_bf16"]["per_s"],
+        dtype=dtype, baseline_hard=same,
+        ratio_hard=res["ours_hard"]["per_s"] / res[same]["per_s"],
         ratio_hard_fp32=res["ours_hard"]["per_s"] / res["trl_sft_fp32"]["per_s"],
         ratio_soft=res["ours_soft"]["per_s"] / res["peft_kl_loop"]["per_s"],
-        ratio_cpu_hard=cpu_rate(res["ours_hard"]) / cpu_rate(res["trl_sft_bf16"]),
+        ratio_cpu_hard=cpu_rate(res["ours_hard"]) / cpu_rate(res[same]),
         ratio_cpu_soft=cpu_rate(res["ours_soft"]) / cpu_rate(res["peft_kl_loop"]),
         steps=sizes.steps, batch=bs,
         tokens_per_step={name: tokens / sizes.steps for name, (tokens, _) in work.items()},

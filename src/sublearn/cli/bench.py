@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from sublearn.models.dtype import DTYPE_CHOICES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (bench.json inside)")
@@ -21,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
                    help="time the costly levers: generation without grammar / in fp32, fp32 "
                         "LoRA, thread count (default: on, off with --quick)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="what ours and the baselines compute in: auto (what `sublearn run` "
+                        "settles to here: bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 "
+                        "on others; TRL's bf16 baseline runs only in bfloat16), bfloat16 or "
+                        "float32")
     p.add_argument("--threads", type=int, default=None,
                    help="thread-count lever: compare 1 thread with this many "
                         "(default: all cores; 1 skips it)")
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["sublearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else \
         "sublearn bench " + ("--quick " if args.quick else "") + f"--out {args.out}"
     out = ensure_writable_dir(args.out) / "bench.json"
-    res = run_bench(args.model, sizes, stages=stages, threads=args.threads)
+    res = run_bench(args.model, sizes, stages=stages, dtype=args.dtype, threads=args.threads)
     res["command"] = command
     res["mode"] = "quick" if args.quick else "default"
     atomic_write_json(out, res)
