@@ -25,16 +25,16 @@ def native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
 def test_native_bf16_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    dt.native_bf16.cache_clear()
+    dt.bf16_flags.cache_clear()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_f": True})
     assert not dt.native_bf16()  # AVX-512 without its BF16 extension emulates bf16
-    dt.native_bf16.cache_clear()
+    dt.bf16_flags.cache_clear()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     assert dt.native_bf16()
-    dt.native_bf16.cache_clear()
+    dt.bf16_flags.cache_clear()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert dt.native_bf16()
-    dt.native_bf16.cache_clear()
+    dt.bf16_flags.cache_clear()
 
 
 def test_every_stage_config_settles_auto(native: bool) -> None:

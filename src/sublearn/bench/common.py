@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sublearn.memory import peak_rss_bytes
-from sublearn.models.dtype import settle_dtype
+from sublearn.models.dtype import bf16_flags, settle_dtype
 
 STAGES = ("generation", "training", "evaluation", "numerics", "students")
 
@@ -112,20 +112,19 @@ def rss_mib() -> float:
 def machine_info(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    cpu, flags = platform.processor(), ""
+    cpu = platform.processor()
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             if line.startswith("model name") and cpu in ("", "x86_64"):
                 cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
+                break
     except OSError:
         pass
     info: dict[str, Any] = {
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+        **bf16_flags(),  # amx_bf16, avx512_bf16: the flags --dtype auto reads
         "dtype_auto": settle_dtype("auto"),  # what `sublearn run` computes in here
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),

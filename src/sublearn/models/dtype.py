@@ -30,18 +30,23 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (the flags above, as torch's cpuinfo reads
-    them)."""
+def bf16_flags() -> dict[str, bool]:
+    """The CPU's native-bf16 flags (above), as torch's cpuinfo reads them."""
     import torch
 
     caps = getattr(torch.cpu, "get_capabilities", None)
     if caps is not None:
         found = caps()
-        return any(bool(found.get(f)) for f in _BF16_FLAGS)
+        return {f: bool(found.get(f)) for f in _BF16_FLAGS}
     # torch < 2.13 has no capability map, only these probes (absent: assume none)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+    return {f: bool(getattr(torch.cpu, p, lambda: False)())
+            for f, p in zip(_BF16_FLAGS, probes, strict=True)}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively."""
+    return any(bf16_flags().values())
 
 
 def settle_dtype(dtype: str) -> str:
