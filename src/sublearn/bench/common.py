@@ -37,7 +37,7 @@ class Sizes:
     questions: int = 8  # forced-choice questions (x 24 candidates)
     numerics_prompts: int = 16
     matmul_reps: int = 20
-    levers: bool = True  # the costly levers (generation variants, fp32 LoRA, threads)
+    levers: bool = True  # the costly levers (generation variants, other-dtype LoRA, threads)
     student_ks: tuple[int, ...] = (1, 2, 5, 10)  # students trained together vs one by one
     student_steps: int = 3  # timed steps per student
 

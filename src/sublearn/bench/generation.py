@@ -66,8 +66,9 @@ def _left_padded(tok: Any, texts: list[str], device: torch.device) -> dict[str, 
 def hf_generate(model: Any, tok: Any, texts: list[str], *, seed: int, batch: int,
                 max_new_tokens: int, device: torch.device, bf16: bool = False,
                 grammar: Any = None) -> list[Any]:
-    """Plain `generate`, T=1 over the full distribution: the baseline (fp32, no grammar); with
-    bf16/grammar it mirrors HFBackend on devices HFBackend does not handle (CUDA)."""
+    """Plain `generate`, T=1 over the full distribution: the old baseline (fp32 weights, no
+    grammar); with a grammar, on HFBackend's own weights, the main baseline (`bf16` autocasts;
+    the bench passes weights already in its dtype instead)."""
     from sublearn.backends.base import Completion
 
     eos = tok.convert_tokens_to_ids(tok.eos_token)

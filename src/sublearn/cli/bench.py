@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, default=None,
                    help="override: forced-choice questions")
     p.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the costly levers: generation without grammar / in fp32, fp32 "
-                        "LoRA, thread count (default: on, off with --quick)")
+                   help="time the costly levers: generation without grammar / in the other "
+                        "dtype, LoRA in the other dtype, thread count (default: on, off with "
+                        "--quick)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="what ours and the baselines compute in: auto (what `sublearn run` "
                         "settles to here: bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 "
