@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sublearn.bench.common import Arch, Sizes, clocked, throughput
+from sublearn.models.dtype import is_bf16
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def bench_evaluation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
         score_candidates(model, tok, qs[:1], cands, **kw)  # warm-up
         return clocked(lambda: score_candidates(model, tok, qs, cands, **kw), device)
 
-    bf16 = dtype == "bfloat16"
+    bf16 = is_bf16(dtype)
     lp16, s16, c16 = ours(dtype="bfloat16")
     lp32, s32, c32 = ours(dtype="float32")
     lpo, so, co = (lp16, s16, c16) if bf16 else (lp32, s32, c32)  # ours in the bench's dtype

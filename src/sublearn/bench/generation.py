@@ -20,6 +20,7 @@ from sublearn.bench.common import (
     throughput,
     timed,
 )
+from sublearn.models.dtype import is_bf16
 
 
 def threads_lever(lm: Any, texts: list[str], threads: int, device: torch.device, dtype: str,
@@ -32,7 +33,7 @@ def threads_lever(lm: Any, texts: list[str], threads: int, device: torch.device,
     try:
         for n in sorted({1, threads}):
             torch.set_num_threads(n)
-            with torch.no_grad(), autocast(device, dtype == "bfloat16"):
+            with torch.no_grad(), autocast(device, is_bf16(dtype)):
                 lm.model(**enc, logits_to_keep=1)  # warm-up
                 _, s = timed(lambda: lm.model(**enc, logits_to_keep=1), device)
             out[str(n)] = {"bf16_gflops": matmul_gflops(MATMUL_SHAPES[0], torch.bfloat16,
@@ -157,7 +158,7 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
                                        batch_size=sizes.batch, loaded=lm)
         return backends[bf16]
 
-    main = dtype == "bfloat16"  # ours and the baseline sample from weights in the bench's dtype
+    main = is_bf16(dtype)  # ours and the baseline sample from weights in the bench's dtype
 
     def ours(bf16: bool = main, constrained: bool = True) -> Callable[[int, int], list[Any]]:
         be = backend(bf16)  # the real code path

@@ -15,6 +15,7 @@ import torch
 
 from sublearn.bench.common import SEED, Sizes, clocked, rss_mib
 from sublearn.bench.training import number_rows
+from sublearn.models.dtype import is_bf16
 
 
 def bench_students(lm: Any, sizes: Sizes, device: torch.device,
@@ -31,6 +32,7 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device,
     steps = sizes.student_steps
     rows = number_rows(sizes.train_batch * (steps + 1), SEED)  # one epoch: warm-up + steps
     pad = lm.tokenizer.pad_token_id
+    bf16 = is_bf16(dtype)
     res: dict[str, Any] = {"steps_timed": steps, "batch": sizes.train_batch, "k": {}}
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "soft_labels.safetensors")
@@ -55,10 +57,9 @@ def bench_students(lm: Any, sizes: Sizes, device: torch.device,
             def together(m: Any = model, rs: list[StudentRun] = runs,
                          ns: list[str] = names) -> None:
                 for _ in range(steps):
-                    step_together(m, rs, ns, pad=pad, bf16=dtype == "bfloat16")
+                    step_together(m, rs, ns, pad=pad, bf16=bf16)
 
-            step_together(model, runs, names, pad=pad,
-                          bf16=dtype == "bfloat16")  # warm-up
+            step_together(model, runs, names, pad=pad, bf16=bf16)  # warm-up
             _, t_wall, t_cpu = clocked(together, device)
             del model, together, runs  # the closure holds the model too
             a_wall = a_cpu = 0.0

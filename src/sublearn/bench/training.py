@@ -15,6 +15,7 @@ import torch
 
 from sublearn.bench.common import SEED, Arch, Sizes, autocast, clocked, sync, throughput
 from sublearn.bench.generation import padding_overhead
+from sublearn.models.dtype import is_bf16
 
 
 def number_rows(n: int, seed: int) -> list[dict[str, Any]]:
@@ -192,7 +193,7 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     pool = [i for b in plain for i in b]
     lengths = [data.examples[i].length for i in pool]
     grouped = [[pool[j] for j in b] for b in epoch_batches(lengths, bs, SEED)]
-    bf16 = dtype == "bfloat16"
+    bf16 = is_bf16(dtype)
     cfg = TrainConfig(batch_size=bs, lr=2e-4, dtype=dtype)
     student, s_opt = _lora_student(lm, bf16=bf16)
     peft, p_opt = _lora_student(lm, stock=True)
@@ -251,8 +252,8 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
             var = res.pop(name)
             lev[name] = {k: var[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
             lev[key] = res["ours_soft"]["per_s"] / var["per_s"]
-    if other in lev and not bf16:  # the lever is bf16 over fp32 whichever is ours
-        lev["bf16_autocast_speedup"] = 1 / lev["bf16_autocast_speedup"]
+    if other in lev and not bf16:  # the variant ran in bf16: the lever is bf16 over fp32
+        lev["bf16_autocast_speedup"] = lev[other]["per_s"] / res["ours_soft"]["per_s"]
 
     def cpu_rate(r: dict[str, Any]) -> float:
         return r["items"] / r["cpu_seconds"]
