@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import sublearn
 
@@ -67,9 +72,21 @@ def test_cycle_detector_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_public_api_resolves() -> None:
-    import sublearn as pkg
-
+@pytest.mark.parametrize("package", ["sublearn", "sublearn.experiment"])
+def test_public_api_resolves(package: str) -> None:
+    pkg = importlib.import_module(package)
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None, name
     assert set(pkg.__all__) <= set(dir(pkg))
+    assert sorted(pkg._API) == sorted(pkg.__all__)  # each name listed in both
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        pkg.nothing_here  # noqa: B018
+
+
+def test_public_names_load_lazily() -> None:
+    """Importing a package with lazy names loads none of their modules (nor torch)."""
+    code = ("import sys, sublearn, sublearn.experiment; "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'sublearn.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert eval(out) == ["sublearn._lazy", "sublearn.experiment"]

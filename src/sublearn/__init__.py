@@ -9,8 +9,9 @@ implementation detail that may move. Names load on first use, so `import sublear
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sublearn._lazy import lazy_api
 
 __version__ = "0.1.0"
 
@@ -47,17 +48,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sublearn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
-
+__getattr__, __dir__ = lazy_api(__name__, _API)
 
 if TYPE_CHECKING:
     from sublearn.audit.audit import AuditConfig, audit_dataset
