@@ -149,3 +149,16 @@ def test_grouped_batches_weight_every_answer_token_alike() -> None:
     examples = [Example(prompt_ids=[1] * 5, answer_ids=[2] * k) for k in (2, 4, 6, 8)]
     assert answer_tokens_per_batch(examples, TrainConfig(batch_size=2)) == 2 * 5.0
     assert answer_tokens_per_batch(examples, TrainConfig(group_by_length=False)) is None
+
+
+def test_wrapping_and_loading_an_adapter_warn_nothing(tiny_model: str, tmp_path: Path) -> None:
+    """PEFT's read of transformers' deprecated property used to print a FutureWarning for
+    every teacher and student."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm = load_model(tiny_model)
+        add_lora(lm.model, 4, 8).save_pretrained(tmp_path / "adapter")
+        lm.tokenizer.save_pretrained(tmp_path / "adapter")
+        load_model(str(tmp_path / "adapter"))

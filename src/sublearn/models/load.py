@@ -84,9 +84,12 @@ def _load_adapter(path: str, torch_dtype: Any) -> Any:
     """A PEFT adapter folder (a LoRA student or teacher): load its base, merge for speed."""
     from peft import AutoPeftModelForCausalLM, PeftConfig
 
+    from sublearn.models.lora import quiet_peft
+
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     resolve_model_path(base)  # make sure an embedded base is converted before PEFT reads it
-    model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    with quiet_peft():
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.merge_and_unload()
 
 

@@ -21,6 +21,7 @@ large), so K students share each forward and backward of the frozen base.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -118,6 +119,16 @@ def _bf16_base(peft_model: Any) -> None:
             p.data = p.data.clone()
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a
+    model: a FutureWarning on every teacher and student that a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        yield
+
+
 def add_lora(model: Any, r: int, alpha: int, *, bf16_base: bool = False,
              fast: bool = True, targets: list[str] | None = None) -> Any:
     """Freeze `model` and wrap it in a trainable PEFT LoRA adapter (dropout 0).
@@ -128,7 +139,8 @@ def add_lora(model: Any, r: int, alpha: int, *, bf16_base: bool = False,
 
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, lora_config(r, alpha, targets, fast))
+    with quiet_peft():
+        peft_model = get_peft_model(model, lora_config(r, alpha, targets, fast))
     if bf16_base:
         _bf16_base(peft_model)
     return peft_model
