@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sublearn.bench import QUICK, markdown, run_bench
+from sublearn.bench import QUICK, STAGES, default_stages, markdown, run_bench
 from sublearn.bench.generation import padding_overhead
 from sublearn.cli import main
 from sublearn.models.dtype import settle_dtype
@@ -52,6 +52,8 @@ def test_schema_and_ratios(result: dict[str, Any]) -> None:
     g = result["generation"]
     assert 0 <= g["baseline"]["pass_rate"] <= 1 and 0 <= g["ours"]["pass_rate"] <= 1
     assert g["ours"]["items"] == g["baseline"]["items"] == SIZES.prompts
+    assert set(result["stage_seconds"]) == {"peak", *STAGES}
+    assert all(_positive(v) for v in result["stage_seconds"].values())
 
 
 def test_students_together_vs_alone(result: dict[str, Any]) -> None:
@@ -150,6 +152,20 @@ def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
     table = markdown(res, "sublearn bench --dtype float32")
     assert "ours in fp32" in table and "same fp32 weights + grammar" in table
     assert "TRL SFTTrainer + PEFT, bf16" not in table and table.count("\n| training") == 2
+
+
+def test_float32_leaves_out_what_only_bf16_needs(tiny_model: str) -> None:
+    """A float32 bench runs no emulated bf16 it was not asked for: numerics is not a default
+    stage, and evaluation times ours in bf16 only for a lever or numerics."""
+    assert default_stages("bfloat16") == STAGES
+    assert "numerics" not in default_stages("float32")
+    assert set(default_stages("float32")) == set(STAGES) - {"numerics"}
+    res = run_bench(tiny_model, SIZES, stages=("evaluation",), dtype="float32", cuda=False,
+                    log=lambda s: None)
+    e = res["evaluation"]
+    assert e["levers"]["bf16_autocast_speedup"] is None and _positive(e["ratio"])
+    assert "_target_share" not in e and set(res["stage_seconds"]) == {"peak", "evaluation"}
+    assert "| bf16 | - |" in markdown(res, "sublearn bench --quick")
 
 
 def test_a_slow_matmul_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,13 @@ from sublearn.models.dtype import bf16_flags, settle_dtype
 
 STAGES = ("generation", "training", "evaluation", "numerics", "students")
 
+
+def default_stages(dtype: str) -> tuple[str, ...]:
+    """Every stage, but numerics only where the bench computes in bf16: it measures what bf16
+    rounding does against fp32, which a float32 machine never runs, and there bf16 is
+    emulated (4 of the 6.4 min of --quick on an AVX2-only CPU). Named in --stages, it runs."""
+    return STAGES if dtype == "bfloat16" else tuple(s for s in STAGES if s != "numerics")
+
 FLOPS_FORMULA = (
     "k * (N_body * T + d * V_head * R); k = 2 forward, 4 LoRA training (forward + input "
     "gradients; frozen weights get none), 6 full training; N_body = parameters outside the "
@@ -42,8 +49,8 @@ class Sizes:
     student_steps: int = 3  # timed steps per student
 
 
-# --quick: < 1 min on 2 busy cores with native bf16 (6.4 min on an AVX2-only CPU, where the
-# numerics stage emulates bf16); batch 4 because each variant's warm-up is a full batch
+# --quick: < 1 min on 2 busy cores with native bf16 (on an AVX2-only CPU, see default_stages);
+# batch 4 because each variant's warm-up is a full batch
 QUICK = Sizes(prompts=4, steps=1, train_batch=4, questions=1, numerics_prompts=4,
               matmul_reps=5, levers=False, student_ks=(1, 2), student_steps=1)
 SEED = 0

@@ -104,6 +104,7 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
     the run."""
     res: dict[str, Any] = {}
     levers: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
 
     def stage(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         t = time.perf_counter()
@@ -120,7 +121,8 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
         if "levers" in out:
             levers[name] = out["levers"]
         res[name] = out
-        log(f"bench [{device.type}] {name}: {time.perf_counter() - t:.1f} s")
+        seconds[name] = round(time.perf_counter() - t, 2)
+        log(f"bench [{device.type}] {name}: {seconds[name]:.1f} s")
 
     stage("peak", lambda: measure_peak(device, sizes.matmul_reps))
     peak = res["peak"]
@@ -132,7 +134,8 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
         stage("training", lambda: bench_training(lm, data, sizes, peak, device, dtype,
                                                           sizes.levers))
     if "evaluation" in stages:
-        stage("evaluation", lambda: bench_evaluation(lm, sizes, peak, device, dtype))
+        stage("evaluation", lambda: bench_evaluation(
+            lm, sizes, peak, device, dtype, both_dtypes=sizes.levers or "numerics" in stages))
     if "numerics" in stages and data is not None:
         stage("numerics", lambda: bench_numerics(lm, data, sizes.numerics_prompts, device))
         share = res.get("evaluation", {}).pop("_target_share", None)
@@ -151,4 +154,5 @@ def run_section(lm: Any, data: TrainData | None, sizes: Sizes, stages: Sequence[
         levers["threads"] = res.pop("threads")
     res["levers"] = levers
     res["lever_speedups"] = lever_summary(levers)
+    res["stage_seconds"] = seconds
     return res

@@ -9,13 +9,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (bench.json inside)")
     p.add_argument("--quick", action="store_true",
                    help="small fixed sizes (4 prompts, 1 training step of 4, 1 question), "
-                        "cheap levers only: < 1 min on 2 cores with native bf16 (~6 min where bf16 "
-                        "is emulated: the numerics stage computes in bf16)")
+                        "cheap levers only: < 1 min on 2 cores with native bf16")
     p.add_argument("--model", default=None,
                    help="model to time (default: embedded smollm2-135m-instruct)")
     p.add_argument("--stages", default=None,
                    help="comma-separated subset of generation,training,evaluation,numerics,"
-                        "students (default: all; peak always runs)")
+                        "students (default: all, numerics only where the dtype is bfloat16; "
+                        "peak always runs)")
     p.add_argument("--prompts", type=int, default=None, help="override: generation prompts")
     p.add_argument("--steps", type=int, default=None,
                    help="override: timed training steps per variant")
@@ -40,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import replace
 
-    from sublearn.bench import QUICK, STAGES, Sizes, markdown, run_bench
+    from sublearn.bench import QUICK, STAGES, Sizes, default_stages, markdown, run_bench
     from sublearn.errors import SublearnError
     from sublearn.files import atomic_write_json, ensure_writable_dir
+    from sublearn.models.dtype import settle_dtype
 
-    stages = STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
+    stages = default_stages(settle_dtype(args.dtype)) if args.stages is None else \
+        tuple(s.strip() for s in args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
         raise SublearnError(f"unknown --stages {sorted(unknown)}; choose from {STAGES}")
     sizes = QUICK if args.quick else Sizes()
