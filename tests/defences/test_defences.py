@@ -169,6 +169,9 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
     assert "[stage]" not in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())["defence_effects"]["drop-top-lls"]
     assert again["seconds_per_dataset"] == cost  # still counted, from the stage records
+    # q is read by the scored defences alone: sort, made at 0.25, is not redone at 0.5
+    assert main([*common, "--defence", "sort", "--defence-q", "0.5"]) == 0
+    assert "[stage]" not in capsys.readouterr().out
     # a folder from before the scoring stage (its defences scored inside their own stage):
     # done defences are not scored again
     import shutil

@@ -195,12 +195,25 @@ def test_run_dtype_reaches_every_stage(tiny_model: str, tmp_path: Path) -> None:
     """--dtype float32: teachers, sampling, students and evaluations all compute in it (each
     stage's key records it), so a float32 experiment shares no stage with a bfloat16 one."""
     out = tmp_path / "fp32"
-    assert _run(tiny_model, out, "--dtype", "float32", "--icl", "0") == 0
+    assert _run(tiny_model, out, "--dtype", "float32", "--icl", "0", "--defence",
+                "resample") == 0
     seen = {}
     for f in (out / "stages").glob("*/stage_config.json"):
         cfg = json.loads(f.read_text())
         kind = f.parent.name.split("_")[0]
-        inner = cfg.get("train") or cfg.get("generate") or cfg.get("eval")
+        inner = cfg.get("train") or cfg.get("generate") or cfg.get("eval") or cfg["defend"]
         seen.setdefault(kind, set()).add(inner["dtype"])
-    assert seen == {k: {"float32"} for k in ("teacher", "data", "student", "eval")}
+    # the resample defence's writer samples in it too
+    assert seen == {k: {"float32"} for k in ("teacher", "data", "student", "eval", "defend")}
     assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"
+
+
+def test_sampled_evaluation_beside_the_in_context_control(tiny_model: str,
+                                                          tmp_path: Path) -> None:
+    """--samples N samples the students' answers; the in-context control stays forced choice
+    (it used to take --samples too, and refused it after every student had trained)."""
+    out = tmp_path / "sampled"
+    assert _run(tiny_model, out, "--samples", "2", "--icl", "4") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert any(m.startswith("sampled") for m in res["conditions"]["trait"])
+    assert "forced_choice_share" in res["conditions"]["icl_trait"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from sublearn.defences.methods import DEFENCES, Context, answer
 from sublearn.domains import numbers
 from sublearn.errors import SublearnError
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, write_jsonl
+from sublearn.models.dtype import dtype_field, settle_dtype
 from sublearn.pipeline.filter import FilterConfig, banned_field
 
 PARAPHRASE = ("{prompt}\n\nA draft answer: {draft}\nWrite your own answer in the same format. "
@@ -46,8 +47,11 @@ class DefendConfig:
     mix: str | None = field(default=None, metadata={
         "help": "mix-teachers: comma-separated filtered.jsonl files of other teachers"})
     banned: str = banned_field()
+    dtype: str = dtype_field("resample/paraphrase: the writer's weight dtype")
 
     def validate(self) -> DefendConfig:
+        if (dtype := settle_dtype(self.dtype)) != self.dtype:
+            return replace(self, dtype=dtype).validate()
         need = DEFENCES[self.method].needs
         if not 0 < self.q < 1:
             raise SublearnError(f"--q must be a share in (0, 1), got {self.q}")
@@ -111,7 +115,7 @@ def defence_scores(cfg: DefendConfig, rows: list[dict], progress: bool) -> list[
 def _writer(cfg: DefendConfig, paraphrase: bool) -> Any:
     from sublearn.backends import ChatRequest, SamplingParams, get_backend
 
-    backend = get_backend(cfg.writer or cfg.base)
+    backend = get_backend(cfg.writer or cfg.base, dtype=cfg.dtype)
     params = SamplingParams(temperature=cfg.temperature, max_new_tokens=60,
                             grammar=numbers.answer_grammar())
 

@@ -31,7 +31,13 @@ from sublearn.experiment.stages import Stages
 from sublearn.experiment.together import StudentQueue
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, read_jsonl, write_jsonl
-from sublearn.models.dtype import dtype_field, recorded_dtype, settle_dtype, warn_slow_bf16
+from sublearn.models.dtype import (
+    LEGACY_DTYPE,
+    dtype_field,
+    recorded_dtype,
+    settle_dtype,
+    warn_slow_bf16,
+)
 from sublearn.models.load import check_model, parse_model_spec
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
@@ -275,6 +281,8 @@ def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
 # EvalConfig settings added after experiments were cached: left out of a stage key at their
 # default, so an older folder's evaluations stay cached.
 _EVAL_ADDED = {"trait": "animal", "judge": None}
+# DefendConfig's dtype came later: the writers of older folders sampled in bf16
+_DEFEND_ADDED = {"dtype": LEGACY_DTYPE}
 
 
 def eval_key(e: Any) -> dict[str, Any]:
@@ -430,11 +438,14 @@ class RunMakers:
                 return path, dkey, {"method": m, "rows_out": sum(1 for line in f if line.strip())}
         cfg, base = self.cfg, self.cfg.student_base()
         scored = DEFENCES[m].needs == "scores"
-        dcfg = DefendConfig(method=m, seed=cfg.seed + r, q=cfg.defence_q, base=base,
+        # q only where it is read (the scored methods): --defence-q reruns no other defence
+        dcfg = DefendConfig(method=m, seed=cfg.seed + r, base=base,
+                            **({"q": cfg.defence_q} if scored else {}),
                             teacher=t.model if scored else None,
                             teacher_system_prompt=t.system if scored else None, writer=base,
-                            banned=cfg.banned_list())
-        key = {"defend": asdict(dcfg), "data": dkey, "teacher": t.key if scored else None}
+                            banned=cfg.banned_list(), dtype=cfg.dtype)
+        key = {"defend": without_added(asdict(dcfg), _DEFEND_ADDED), "data": dkey,
+               "teacher": t.key if scored else None}
         name = f"defend_{m}_{cond}_run{r}"
         # scored before the defence's own stage, so that its seconds and the scoring's are
         # apart (a folder from before the scoring stage has it inside the defence's seconds)
@@ -472,7 +483,9 @@ class RunMakers:
         of that data); `dep` is the stage key of what the model is made from."""
         from sublearn.pipeline.evaluate import VARIANTS, evaluate_model
 
-        e = replace(ecfg, context=context, context_n=self.cfg.icl) if context else ecfg
+        # in context: forced choice only (sampled answers are the students' measure)
+        e = replace(ecfg, context=context, context_n=self.cfg.icl, samples=0) if context \
+            else ecfg
         key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
         # In context, only the plain questions: the control is reported on the primary metric,
         # and the ~3k-token context makes each variant ~10x a plain evaluation.
