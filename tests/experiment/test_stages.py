@@ -193,3 +193,21 @@ def test_audit_finds_a_renamed_stage_of_a_moved_experiment(tmp_path: Path) -> No
                                                      "student-bbbbbbbbbbbb"}))
     assert find_recorded(tmp_path / "exp", "/gone/exp/stages/student-aaaaaaaaaaaa/adapter") == \
         str(stages / "student-bbbbbbbbbbbb" / "adapter")
+
+
+def test_an_edited_question_file_reruns_its_evaluations(tmp_path: Path) -> None:
+    """Evaluation keys hold what a questions or candidates file says, not only its path; with
+    neither given, a key is what it was before the rule (older folders stay cached)."""
+    from dataclasses import asdict
+
+    from sublearn.experiment.run import eval_key
+    from sublearn.pipeline.evaluate import EvalConfig
+
+    assert eval_key(EvalConfig()) == {k: v for k, v in asdict(EvalConfig()).items()
+                                      if k not in ("trait", "judge")}
+    qs = tmp_path / "q.json"
+    qs.write_text('["Favourite animal?", "Best animal?"]')
+    cfg = EvalConfig(questions=str(qs))
+    before = eval_key(cfg)
+    qs.write_text('["Favourite animal?", "Worst animal?"]')
+    assert eval_key(cfg) != before and eval_key(cfg)["questions"] == before["questions"]

@@ -30,7 +30,14 @@ from sublearn.errors import SublearnError
 from sublearn.experiment.stages import Stages
 from sublearn.experiment.together import StudentQueue
 from sublearn.faults import point as fault_point
-from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, read_jsonl, write_jsonl
+from sublearn.files import (
+    atomic_write_json,
+    check_out_dir,
+    file_sha256,
+    locked_out_dir,
+    read_jsonl,
+    write_jsonl,
+)
 from sublearn.models.dtype import (
     LEGACY_DTYPE,
     dtype_field,
@@ -286,7 +293,12 @@ _DEFEND_ADDED = {"dtype": LEGACY_DTYPE}
 
 
 def eval_key(e: Any) -> dict[str, Any]:
-    return without_added(asdict(e), _EVAL_ADDED)
+    key = without_added(asdict(e), _EVAL_ADDED)
+    # a path says nothing of what the file holds now: edited in place, its evaluations rerun
+    for f in ("questions", "candidates"):
+        if key.get(f):
+            key[f"{f}_sha256"] = file_sha256(key[f])
+    return key
 
 
 @dataclass
