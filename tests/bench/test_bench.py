@@ -112,6 +112,31 @@ def test_markdown_rows(result: dict[str, Any]) -> None:
     assert "| bf16 |" in table and "| decode_loop |" in table
 
 
+def test_markdown_adds_the_cuda_section_and_names_failed_stages(result: dict[str, Any]) -> None:
+    gpu = {k: v for k, v in result.items() if k not in ("machine", "memory")}
+    gpu.update(machine={"device": "Some GPU"}, dtype="bfloat16",
+               students={"error": "RuntimeError: out of memory"})
+    table = markdown({**result, "cuda": gpu}, "sublearn bench --out b")
+    cpu_part, gpu_part = table.split("CUDA: Some GPU")
+    assert table.count("\n| stage") == 2 and "| training" in gpu_part
+    assert "students: failed on this device (RuntimeError: out of memory)" in gpu_part
+    assert "| students trained together" in cpu_part and "| students" not in gpu_part
+    # the GPU's figures alone (--device cuda): no CPU table
+    only = markdown({"machine": result["machine"], "cuda": gpu}, "sublearn bench --out b")
+    assert only.startswith("CUDA: Some GPU") and only.count("\n| stage") == 1
+
+
+def test_device_cuda_without_a_gpu_is_a_clean_error(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["bench", "--out", str(tmp_path / "x"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_padding_overhead_sorted_is_never_worse() -> None:
     rand, srt = padding_overhead([5, 100, 7, 90, 6, 95], 2)
     assert srt < rand and srt >= 0

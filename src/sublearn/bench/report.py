@@ -40,12 +40,38 @@ def _cpu_rate(r: dict[str, Any], key: str) -> float:
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
-    """Table for the README: ours vs baseline per stage, ratio, and share of the peak of the
-    dtype ours computes in (the bench's dtype; bf16 in a bench.json from before the setting)."""
-    dt = "fp32" if res.get("dtype") == "float32" else "bf16"
+    """Tables for the README: ours vs baseline per stage, ratio, and share of the peak of the
+    dtype ours computes in (the bench's dtype; bf16 in a bench.json from before the setting);
+    the CUDA section's after the CPU's, each where it ran."""
+    parts = []
+    if "peak" in res:
+        m, pk = res["machine"], res["peak"]
+        amx = {True: "AMX", False: "no AMX"}.get(m.get("amx_bf16"), "AMX unknown")
+        load = m["loadavg_start"][0] if m.get("loadavg_start") else "?"
+        parts.append(_section(res, res.get("dtype"), f"`{command}` on {m['cpu']} ({amx}, "
+                              f"{m['torch_threads']} thread(s), load {load}); peak matmul "
+                              f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} "
+                              "GFLOP/s"))
+    if c := res.get("cuda"):
+        pk = c.get("peak", {})
+        head = f"CUDA: {c['machine']['device']}"
+        if "error" in pk:
+            parts.append(f"{head}: failed ({pk['error']})")
+        else:
+            parts.append(_section(c, c.get("dtype"), f"{head}; peak matmul fp32 "
+                                  f"{pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} "
+                                  "GFLOP/s"))
+    return "\n\n".join(parts)
+
+
+def _section(res: dict[str, Any], dtype: str | None, head: str) -> str:
+    """One device's tables; a stage that failed there is named with its error."""
+    dt = "fp32" if dtype == "float32" else "bf16"
+    failed = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
     # (stage, ours, baseline, key, the baseline's precision)
     rows: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = []
-    g, t, e = res.get("generation"), res.get("training"), res.get("evaluation")
+    g, t, e = (res.get(k) if k not in failed else None
+               for k in ("generation", "training", "evaluation"))
     if g:
         for key, unit in (("tokens_per_s", "tokens/s"), ("per_s", "samples/s")):
             rows.append((f"generation ({unit}) vs `generate`, same {dt} weights + grammar",
@@ -65,12 +91,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
                      e["ours"], e["baseline"], "per_s", dt))
         rows.append(("evaluation (questions/s) vs one fp32 forward per pair (old baseline)",
                      e["ours"], e["fp32_per_pair"], "per_s", "fp32"))
-    pk, m = res["peak"], res["machine"]
-    amx = {True: "AMX", False: "no AMX"}.get(m.get("amx_bf16"), "AMX unknown")
-    lines = [f"`{command}` on {m['cpu']} ({amx}, {m['torch_threads']} thread(s), load "
-             f"{m['loadavg_start'][0] if m.get('loadavg_start') else '?'}); peak matmul "
-             f"fp32 {pk['fp32_gflops']:.0f} / bf16 {pk['bf16_gflops']:.0f} GFLOP/s; ours in "
-             f"{dt}", "",
+    lines = [f"{head}; ours in {dt}", "",
              "| stage and baseline | ours | baseline | ratio | ratio by CPU time "
              f"| ours % of {dt} peak | baseline % of its precision's peak |",
              "|---|---|---|---|---|---|---|"]
@@ -81,7 +102,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
     if g:
         lines.append(f"\nstrict-filter pass rate: ours {g['ours']['pass_rate']:.0%}, "
                      f"baseline {g['baseline']['pass_rate']:.0%}")
-    if st := res.get("students"):
+    lines += [f"\n{k}: failed on this device ({v})" for k, v in failed.items()]
+    if (st := res.get("students")) and "students" not in failed:
         lines += ["", "| students trained together, K | together (samples/s) | one after "
                   "another (samples/s) | speed-up | by CPU time |", "|---|---|---|---|---|"]
         for k, r in st["k"].items():

@@ -19,8 +19,9 @@ ratios too (training steps are interleaved; the load average is recorded). Stage
 
 Levers (which of our choices help, and by how much) are measured in the default mode; --quick
 keeps the cheap ones. FLOPs are counted, not profiled: see FLOPS_FORMULA. With CUDA the same
-stages run again under "cuda" (in bf16 unless --dtype names another); a stage that fails there
-is recorded as {"error": ...}.
+stages run again under "cuda" (in bf16 unless --dtype names another; --device cuda: there
+alone); a stage that fails there is recorded as {"error": ...}. Measured once on an H200
+(README, *Speed*).
 """
 
 from __future__ import annotations
@@ -54,22 +55,26 @@ from sublearn.bench.training import TrainData, bench_training
 
 def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES,
               dtype: str = "auto", threads: int | None = None, cuda: bool | None = None,
+              cpu: bool = True,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
               ) -> dict[str, Any]:
-    """All figures on CPU (and on CUDA as an extra section where available), one process, in
-    `dtype` ("auto": what `sublearn run` computes in on this machine)."""
+    """All figures on CPU (and on CUDA as an extra section where available: cuda None), one
+    process, in `dtype` ("auto": what `sublearn run` computes in on this machine). cpu False
+    skips the CPU section (a GPU machine's user wants the GPU's figures)."""
     from sublearn.models import load_model
     from sublearn.models.dtype import settle_dtype, warn_slow_bf16
 
-    dt = settle_dtype(dtype)
-    warn_slow_bf16(dt)
+    # the CPU's dtype and a model on the CPU: the bench's devices are --device's alone
+    dt = settle_dtype(dtype, gpu=False)
+    if cpu:
+        warn_slow_bf16(dt)
     t0 = time.perf_counter()
-    cpu = torch.device("cpu")
-    lm = load_model(model, dtype="float32")
+    host = torch.device("cpu")
+    lm = load_model(model, dtype="float32", device=host)
     log(f"bench: model loaded in {time.perf_counter() - t0:.1f} s")
     res: dict[str, Any] = {"model": lm.model_id, "dtype": dt, "sizes": asdict(sizes),
                            "stages": list(stages), "flops_formula": FLOPS_FORMULA,
-                           "machine": machine_info(cpu)}
+                           "machine": machine_info(host)}
     memory = res["memory"] = {"unit": "MiB, peak RSS (ru_maxrss) after each stage",
                               "after_load": rss_mib()}
     data = None
@@ -81,7 +86,8 @@ def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES
         data = TrainData.build(lm, n, dt)
         memory["after_soft_labels"] = rss_mib()
         log(f"bench: {n} training examples and soft labels in {time.perf_counter() - t:.1f} s")
-    res.update(run_section(lm, data, sizes, stages, cpu, dt, threads, log, memory))
+    if cpu:
+        res.update(run_section(lm, data, sizes, stages, host, dt, threads, log, memory))
     if torch.cuda.is_available() if cuda is None else cuda:
         dev = torch.device("cuda")
         glm = replace(lm, model=copy.deepcopy(lm.model).to(dev))

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "settles to here: bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 "
                         "on others; TRL's bf16 baseline runs only in bfloat16), bfloat16 or "
                         "float32")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to time: auto (the CPU, then the GPU where CUDA is available), "
+                        "cpu, or cuda (the GPU alone; its section computes in bfloat16 unless "
+                        "--dtype names another)")
     p.add_argument("--threads", type=int, default=None,
                    help="thread-count lever: compare 1 thread with this many "
                         "(default: all cores; 1 skips it)")
@@ -40,12 +44,18 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import replace
 
+    import torch
+
     from sublearn.bench import QUICK, STAGES, Sizes, default_stages, markdown, run_bench
     from sublearn.errors import SublearnError
     from sublearn.files import atomic_write_json, ensure_writable_dir
     from sublearn.models.dtype import settle_dtype
 
-    stages = default_stages(settle_dtype(args.dtype)) if args.stages is None else \
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SublearnError("--device cuda: no CUDA device is visible to torch here")
+    # the GPU's section computes in bf16 under auto (see run_bench): numerics belongs there
+    stages = default_stages("bfloat16" if args.device == "cuda" and args.dtype == "auto"
+                            else settle_dtype(args.dtype, gpu=False)) if args.stages is None else \
         tuple(s.strip() for s in args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
         raise SublearnError(f"unknown --stages {sorted(unknown)}; choose from {STAGES}")
@@ -58,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["sublearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else \
         "sublearn bench " + ("--quick " if args.quick else "") + f"--out {args.out}"
     out = ensure_writable_dir(args.out) / "bench.json"
-    res = run_bench(args.model, sizes, stages=stages, dtype=args.dtype, threads=args.threads)
+    res = run_bench(args.model, sizes, stages=stages, dtype=args.dtype, threads=args.threads,
+                    cpu=args.device != "cuda",
+                    cuda={"auto": None, "cpu": False, "cuda": True}[args.device])
     res["command"] = command
     res["mode"] = "quick" if args.quick else "default"
     atomic_write_json(out, res)
