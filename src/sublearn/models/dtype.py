@@ -49,13 +49,19 @@ def native_bf16() -> bool:
     return any(bf16_flags().values())
 
 
-def settle_dtype(dtype: str) -> str:
-    """"auto" -> the dtype this machine runs fast; a named dtype stays as it is."""
+def settle_dtype(dtype: str, gpu: bool | None = None) -> str:
+    """"auto" -> the dtype this machine runs fast: bfloat16 where models compute on a GPU
+    (gpu None: as SUBLEARN_DEVICE says) or the CPU multiplies bf16 natively; a named dtype
+    stays as it is."""
     if dtype not in DTYPE_CHOICES:
         raise SublearnError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype != "auto":
         return dtype
-    return "bfloat16" if native_bf16() else "float32"
+    if gpu is None:
+        from sublearn.models.device import on_gpu
+
+        gpu = on_gpu()
+    return "bfloat16" if gpu or native_bf16() else "float32"
 
 
 def recorded_dtype(dtype: str, manifest: Path, *within: str) -> str:
@@ -80,7 +86,9 @@ SLOW_BF16 = ("this CPU has no native bf16 matmul (no AVX-512 BF16 or AMX), so bf
 
 def warn_slow_bf16(dtype: str) -> None:
     """Tell the user, once per process, when bf16 was chosen on a CPU that emulates it."""
-    if dtype == "bfloat16" and not native_bf16():
+    from sublearn.models.device import on_gpu
+
+    if dtype == "bfloat16" and not native_bf16() and not on_gpu():
         _warn_once(SLOW_BF16)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sublearn.errors import SublearnError, first_line
+from sublearn.models.device import model_device
 from sublearn.models.embedded import EMBEDDED, embedded_path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -55,7 +56,9 @@ def resolve_model_path(model_id: str | None) -> str:
     return model_id  # Hugging Face hub id; loading reports if it can't be reached
 
 
-def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedModel:
+def load_model(model_id: str | None = None, dtype: str = "float32",
+               device: Any = None) -> LoadedModel:
+    """The model and its tokenizer, on `device` (None: SUBLEARN_DEVICE, cpu unless set)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +78,9 @@ def load_model(model_id: str | None = None, dtype: str = "float32") -> LoadedMod
             hint = f" (a remote model is written {model_id.replace('/', ':', 1)})"
         raise SublearnError(f"cannot load model '{model_id}': {first}{hint}") from None
     model.eval()
+    device = torch.device(device) if device is not None else model_device()
+    if device.type != "cpu":
+        model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model_id=model_id, path=path, model=model, tokenizer=tok)
@@ -100,6 +106,7 @@ def check_model(model_id: str | None) -> None:
     models (openai:, vllm:) and hub ids are checked when they are used."""
     if parse_model_spec(model_id)[0] != "hf":
         return
+    model_device()  # a bad SUBLEARN_DEVICE fails here, before any work
     path = Path(resolve_model_path(model_id)) if model_id not in EMBEDDED else None
     if path is None or not path.exists():
         return
