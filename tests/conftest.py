@@ -47,6 +47,13 @@ def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _models_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SUBLEARN_DEVICE exported in the shell does not move the CPU tests' models (their bytes
+    and dtypes are the CPU's); tests/test_cuda.py sets it where it wants a GPU."""
+    monkeypatch.delenv("SUBLEARN_DEVICE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))

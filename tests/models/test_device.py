@@ -9,9 +9,9 @@ import torch
 
 from sublearn.cli import main
 from sublearn.errors import SublearnError
-from sublearn.models import load_model
+from sublearn.models import dtype, load_model
 from sublearn.models.device import DEVICE_ENV, model_device, on_gpu
-from sublearn.models.dtype import native_bf16, settle_dtype
+from sublearn.models.dtype import native_bf16, settle_dtype, warn_slow_bf16
 
 
 def test_cpu_unless_set(monkeypatch: pytest.MonkeyPatch, tiny_model: str) -> None:
@@ -28,10 +28,38 @@ def test_auto_follows_what_torch_sees(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settle_dtype("auto") == want
 
 
-@pytest.mark.parametrize("value", ["tpu", "gpu", "cuda:x"])
+@pytest.mark.parametrize("value", ["tpu", "gpu", "cuda:x", "mps", "meta", "cuda:-1"])
 def test_a_bad_value_is_a_clean_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv(DEVICE_ENV, value)
     with pytest.raises(SublearnError, match=DEVICE_ENV):
+        model_device()
+    assert not on_gpu()  # reported where a local model loads, not by the dtype rule
+
+
+def _one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("value", ["cuda", " CUDA ", "cuda:0", "auto"])
+def test_a_gpu_setting_settles_auto_to_bf16(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str],
+                                            value: str) -> None:
+    _one_gpu(monkeypatch)
+    monkeypatch.setenv(DEVICE_ENV, value)
+    assert model_device().type == "cuda" and on_gpu()
+    assert settle_dtype("auto") == "bfloat16"
+    assert settle_dtype("auto", gpu=False) == ("bfloat16" if native_bf16() else "float32")
+    assert settle_dtype("float32") == "float32"
+    dtype._warn_once.cache_clear()  # printed once per process: make this call able to print
+    warn_slow_bf16("bfloat16")  # bf16 is native on the GPU: no warning
+    assert "no native bf16" not in capsys.readouterr().err
+
+
+def test_a_gpu_index_past_the_last_is_a_clean_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _one_gpu(monkeypatch)
+    monkeypatch.setenv(DEVICE_ENV, "cuda:1")
+    with pytest.raises(SublearnError, match="sees 1 CUDA device"):
         model_device()
 
 
@@ -47,3 +75,14 @@ def test_cuda_without_a_gpu_stops_before_any_work(monkeypatch: pytest.MonkeyPatc
     err = capsys.readouterr().err
     assert "no CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not (out / "stages").exists()
+
+
+def test_an_api_model_is_not_stopped_by_a_missing_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No local model loads, so SUBLEARN_DEVICE does not apply (it errs where one loads)."""
+    from sublearn.pipeline.generate import GenerateConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    cfg = GenerateConfig(model="openai:gpt-4.1-nano", target="owl", n=4).validate()
+    assert cfg.dtype in ("bfloat16", "float32")

@@ -133,7 +133,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **bf16_flags(),  # amx_bf16, avx512_bf16: the flags --dtype auto reads
-        "dtype_auto": settle_dtype("auto"),  # what `sublearn run` computes in here
+        "dtype_auto": settle_dtype("auto", gpu=False),  # what `sublearn run` computes in here
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

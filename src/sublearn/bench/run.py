@@ -67,7 +67,7 @@ def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES
     # the CPU's dtype and a model on the CPU: the bench's devices are --device's alone
     dt = settle_dtype(dtype, gpu=False)
     if cpu:
-        warn_slow_bf16(dt)
+        warn_slow_bf16(dt, gpu=False)
     t0 = time.perf_counter()
     host = torch.device("cpu")
     lm = load_model(model, dtype="float32", device=host)
@@ -92,7 +92,7 @@ def run_bench(model: str | None, sizes: Sizes, *, stages: Sequence[str] = STAGES
         dev = torch.device("cuda")
         glm = replace(lm, model=copy.deepcopy(lm.model).to(dev))
         gmem: dict[str, Any] = {"unit": "MiB, peak CUDA memory allocated after each stage"}
-        gdt = "bfloat16" if dtype == "auto" else dt  # the CPU's flags say nothing of a GPU
+        gdt = settle_dtype(dtype, gpu=True)  # the CPU's flags say nothing of a GPU
         res["cuda"] = {"machine": {"device": torch.cuda.get_device_name(dev)}, "memory": gmem,
                        "dtype": gdt,
                        **run_section(glm, data, sizes, stages, dev, gdt, 1, log, gmem, True)}

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SublearnError("--device cuda: no CUDA device is visible to torch here")
     # the GPU's section computes in bf16 under auto (see run_bench): numerics belongs there
-    stages = default_stages("bfloat16" if args.device == "cuda" and args.dtype == "auto"
-                            else settle_dtype(args.dtype, gpu=False)) if args.stages is None else \
+    stages = default_stages(settle_dtype(args.dtype, gpu=args.device == "cuda")) \
+        if args.stages is None else \
         tuple(s.strip() for s in args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
         raise SublearnError(f"unknown --stages {sorted(unknown)}; choose from {STAGES}")

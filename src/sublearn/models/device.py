@@ -31,12 +31,23 @@ def model_device() -> Any:
         raise SublearnError(f"{DEVICE_ENV}={want!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise SublearnError(f"{DEVICE_ENV}={want!r}: use cpu, cuda, cuda:N or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SublearnError(f"{DEVICE_ENV}={want}: no CUDA device is visible to torch here")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SublearnError(f"{DEVICE_ENV}={want}: no CUDA device is visible to torch here")
+        if (dev.index or 0) >= (n := torch.cuda.device_count()):
+            raise SublearnError(f"{DEVICE_ENV}={want}: torch sees {n} CUDA device(s), "
+                                f"cuda:0 to cuda:{n - 1}")
     return dev
 
 
 def on_gpu() -> bool:
-    """Whether local models compute on a GPU (bf16 is native there: see settle_dtype)."""
-    return os.environ.get(DEVICE_ENV, "cpu").strip().lower() not in ("", "cpu") and \
-        model_device().type == "cuda"
+    """Whether local models will compute on a GPU (bf16 is native there: see settle_dtype).
+    Never raises: a bad setting is reported where a local model is checked or loaded, so a
+    command that loads none (an API model) is not stopped by it."""
+    want = os.environ.get(DEVICE_ENV, "cpu").strip().lower()
+    if want in ("", "cpu"):
+        return False
+    try:
+        return model_device().type == "cuda"
+    except SublearnError:
+        return False

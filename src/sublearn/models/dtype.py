@@ -49,7 +49,7 @@ def native_bf16() -> bool:
     return any(bf16_flags().values())
 
 
-def settle_dtype(dtype: str, gpu: bool | None = None) -> str:
+def settle_dtype(dtype: str, *, gpu: bool | None = None) -> str:
     """"auto" -> the dtype this machine runs fast: bfloat16 where models compute on a GPU
     (gpu None: as SUBLEARN_DEVICE says) or the CPU multiplies bf16 natively; a named dtype
     stays as it is."""
@@ -84,11 +84,14 @@ SLOW_BF16 = ("this CPU has no native bf16 matmul (no AVX-512 BF16 or AMX), so bf
              "~4-40x slower than float32 here; --dtype auto picks float32")
 
 
-def warn_slow_bf16(dtype: str) -> None:
-    """Tell the user, once per process, when bf16 was chosen on a CPU that emulates it."""
-    from sublearn.models.device import on_gpu
+def warn_slow_bf16(dtype: str, *, gpu: bool | None = None) -> None:
+    """Tell the user, once per process, when bf16 was chosen on a CPU that emulates it (gpu
+    None: models compute where SUBLEARN_DEVICE says)."""
+    if gpu is None:
+        from sublearn.models.device import on_gpu
 
-    if dtype == "bfloat16" and not native_bf16() and not on_gpu():
+        gpu = on_gpu()
+    if dtype == "bfloat16" and not native_bf16() and not gpu:
         _warn_once(SLOW_BF16)
 
 
@@ -105,6 +108,7 @@ def is_bf16(dtype: str) -> bool:
 def dtype_field(what: str) -> Any:
     """The `dtype` setting of a stage config: "auto" by default, settled by its `validate`."""
     return field(default="auto", metadata={
-        "help": f"{what}: auto (bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on "
-                "others, where bf16 is emulated and 4-40x slower), bfloat16 or float32",
+        "help": f"{what}: auto (bfloat16 on a GPU or a CPU with AVX-512 BF16 or AMX, "
+                "float32 on other CPUs, where bf16 is emulated and 4-40x slower), bfloat16 "
+                "or float32",
         "choices": list(DTYPE_CHOICES), "manifest_default": LEGACY_DTYPE})

@@ -62,6 +62,7 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = torch.device(device) if device is not None else model_device()  # errs first
     model_id = model_id or DEFAULT_MODEL
     path = resolve_model_path(model_id)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -78,7 +79,6 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
             hint = f" (a remote model is written {model_id.replace('/', ':', 1)})"
         raise SublearnError(f"cannot load model '{model_id}': {first}{hint}") from None
     model.eval()
-    device = torch.device(device) if device is not None else model_device()
     if device.type != "cpu":
         model.to(device)
     if tok.pad_token is None:

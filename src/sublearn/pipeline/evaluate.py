@@ -419,8 +419,8 @@ def evaluate_model(
     import torch
 
     # One autocast region around all variants: its bf16 weight copies are made once.
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                         enabled=is_bf16(cfg.dtype)):
+    dev = next(lm.model.parameters()).device.type
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=is_bf16(cfg.dtype)):
         for v, qs in qsets.items():
             key = "forced_choice" if v == "plain" else f"forced_choice_{v}"
             res[key] = forced_choice(lm.model, lm.tokenizer, qs, candidates, cfg.target,

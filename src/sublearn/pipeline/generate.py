@@ -90,8 +90,7 @@ class GenerateConfig:
                                 f"got {self.level}")
         scheme = parse_model_spec(self.model)[0]
         # vLLM samples on a GPU, where bf16 is native; the CPU's flags do not apply to it
-        dtype = "bfloat16" if scheme == "vllm" and self.dtype == "auto" else \
-            settle_dtype(self.dtype)  # raises on an unknown dtype
+        dtype = settle_dtype(self.dtype, gpu=True if scheme == "vllm" else None)
         if dtype != self.dtype:
             return replace(self, dtype=dtype).validate()
         if scheme == "hf" and self.answers == "sampled":
