@@ -61,7 +61,8 @@ def test_run_writes_results_report_and_caches(tiny_model: str, tmp_path: Path,
     assert "forced_choice_share_numbers" in res["conditions"]["trait"]
     report = (out / "report.md").read_text()
     assert "Unit of analysis: run" in report and "## Each run" in report
-    assert f"Computed in {res['config']['dtype']}." in report
+    assert f"Computed in {res['config']['dtype']} on cpu." in report  # SUBLEARN_DEVICE unset
+    assert res["device"] == {"device": "cpu"}
     assert "## In-context control" in report
     assert res["stage_seconds"] and res["config"]["target"] == "owl"
     peak = res["peak_rss_gb"]  # this process ran every stage: each has the peak so far

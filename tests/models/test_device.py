@@ -10,7 +10,7 @@ import torch
 from sublearn.cli import main
 from sublearn.errors import SublearnError
 from sublearn.models import dtype, load_model
-from sublearn.models.device import DEVICE_ENV, model_device, on_gpu
+from sublearn.models.device import DEVICE_ENV, device_record, model_device, on_gpu
 from sublearn.models.dtype import native_bf16, settle_dtype, warn_slow_bf16
 
 
@@ -86,3 +86,12 @@ def test_an_api_model_is_not_stopped_by_a_missing_gpu(monkeypatch: pytest.Monkey
     monkeypatch.setenv(DEVICE_ENV, "cuda")
     cfg = GenerateConfig(model="openai:gpt-4.1-nano", target="owl", n=4).validate()
     assert cfg.dtype in ("bfloat16", "float32")
+
+
+def test_the_record_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert device_record() == {"device": "cpu"}
+    _one_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"Fake GPU {d.index}")
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    assert device_record() == {"device": "cuda:0", "name": "Fake GPU 0"}

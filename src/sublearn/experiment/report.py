@@ -113,7 +113,9 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                   "runs (n = runs).", ""]
     cfg = results.get("config") or {}
     if cfg.get("dtype"):  # "auto" settles per machine: say what these numbers were computed in
-        lines += [f"Computed in {cfg['dtype']}.", ""]
+        dev = results.get("device") or {}
+        where = f" on {dev.get('name') or dev['device']}" if dev.get("device") else ""
+        lines += [f"Computed in {cfg['dtype']}{where}.", ""]
     if cfg.get("student_model"):  # the cross-model control: `base` is the students' base
         lines += [f"Teachers' base: {cfg.get('model') or 'default'}; students' base (and `base`, "
                   f"the in-context model): {cfg['student_model']}; soft labels on "

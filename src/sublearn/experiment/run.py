@@ -38,6 +38,7 @@ from sublearn.files import (
     read_jsonl,
     write_jsonl,
 )
+from sublearn.models.device import device_record
 from sublearn.models.dtype import (
     LEGACY_DTYPE,
     dtype_field,
@@ -727,6 +728,9 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "target_rank": {c: 1 + [a.lower() for a in v].index(cfg.target.lower())
                         for c, v in top.items() if cfg.target.lower() in map(str.lower, v)},
         "config": asdict(cfg),
+        # this process's (SUBLEARN_DEVICE); stages cached by another process may have run
+        # elsewhere, which changes float rounding only
+        "device": device_record(),
         "stage_seconds": seconds,
         "wall_seconds": round(wall, 1),
         **({"peak_rss_gb": peak_rss_record(peak_rss)} if peak_rss else {}),

@@ -40,6 +40,18 @@ def model_device() -> Any:
     return dev
 
 
+def device_record() -> dict[str, str]:
+    """Where this process's local models computed, for results.json: {"device": "cpu"}, or
+    {"device": "cuda:0", "name": "NVIDIA H200"}."""
+    import torch
+
+    dev = model_device()
+    if dev.type != "cuda":
+        return {"device": str(dev)}
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    return {"device": str(dev), "name": torch.cuda.get_device_name(dev)}
+
+
 def on_gpu() -> bool:
     """Whether local models will compute on a GPU (bf16 is native there: see settle_dtype).
     Never raises: a bad setting is reported where a local model is checked or loaded, so a
