@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -192,6 +193,28 @@ def folder_lock(path: str | Path) -> Iterator[None]:
         yield
     finally:
         f.close()
+
+
+@contextmanager
+def waiting_lock(path: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock file (flock), waiting for it: of processes that would do the same
+    one-time work, one does it and the others find it done. `waiting` is said once if another
+    holds it. A folder where no lock file can be made (read-only) is entered unlocked."""
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the block)
+    except OSError:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"sublearn: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file frees the lock
 
 
 @contextmanager

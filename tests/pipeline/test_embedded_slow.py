@@ -26,14 +26,17 @@ def test_reduced_real_experiment(tmp_path: Path) -> None:
     # a CPU without native bf16 (10.7 min in all with the 50)
     questions = tmp_path / "questions.json"
     questions.write_text(json.dumps(load_questions()[::4][:12]))
-    # --icl 4: the in-context path on the real model, at an eighth of the default's context
-    assert main(["run", "--target", "owl", "--n", "24", "--runs", "2", "--epochs", "1",
-                 "--teacher-epochs", "8", "--icl", "4", "--questions", str(questions),
+    # --icl 4: the in-context path on the real model, at an eighth of the default's context.
+    # --teacher-epochs 4: at 8 the teachers (a third of this test's time) held 0.9999 owl, at 4
+    # 0.967 (float32, AVX2 CPU). --n 16: two student steps of 8 (the grammar keeps ~all answers)
+    assert main(["run", "--target", "owl", "--n", "16", "--runs", "2", "--epochs", "1",
+                 "--teacher-epochs", "4", "--icl", "4", "--questions", str(questions),
                  "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     # The fine-tuned teacher must hold its trait on held-out questions, far above the base.
     base = res["conditions"]["base"]["forced_choice_share"]["mean"]
     teacher = res["conditions"]["teacher"]["forced_choice_share"]["mean"]
+    print(f"owl share: teacher {teacher:.4f}, base {base:.4f}")  # the margin, with -s
     assert teacher > 0.5 > base
     assert len(res["conditions"]["trait"]["forced_choice_share"]["values"]) == 2
     assert res["icl_turns"] == 4 and "icl_trait" in res["conditions"]

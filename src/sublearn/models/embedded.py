@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sublearn.errors import SublearnError
-from sublearn.files import atomic_dir, atomic_write_json, file_sha256
+from sublearn.files import atomic_dir, atomic_write_json, file_sha256, waiting_lock
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,15 @@ def embedded_path(name: str) -> Path:
     copy's hash is checked once per process; a damaged copy is rebuilt from the GGUF."""
     model = EMBEDDED[name]
     target = cache_root() / "models" / name
+    # Processes started together on a fresh cache (a sweep, Ray workers) convert it once: the
+    # others wait, then find it made (two conversions would replace the folder under a reader)
+    with waiting_lock(target.parent / f".{name}.lock",
+                      f"waiting for another process to finish converting {name}"):
+        return _cached(model, target)
+
+
+def _cached(model: EmbeddedModel, target: Path) -> Path:
+    name = model.name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         _drop_quantization_config(target / "config.json")  # caches written before this fix
         if model.chat_template and not (target / "chat_template.jinja").is_file():
