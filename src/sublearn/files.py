@@ -206,6 +206,8 @@ def waiting_lock(path: Path, waiting: str) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the block)
     except OSError:
+        f = None
+    if f is None:
         yield
         return
     with f:

@@ -255,6 +255,18 @@ def test_processes_on_a_fresh_cache_convert_the_model_once(
     tally["concurrent first uses of the model cache, one conversion"] += 3
 
 
+def test_a_cache_with_no_room_for_a_lock_is_used_unlocked(tmp_path: Path) -> None:
+    """A read-only shared cache still serves: the lock is skipped where it cannot be made."""
+    from sublearn.files import waiting_lock
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    entered = False
+    with waiting_lock(not_a_folder / ".model.lock", "waiting"):
+        entered = True
+    assert entered
+
+
 def test_torn_jsonl_and_half_written_stage_are_redone(tiny_model: str, tmp_path: Path,
                                                        tally: Counter) -> None:
     out = tmp_path / "exp"

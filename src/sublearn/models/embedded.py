@@ -117,6 +117,7 @@ def embedded_path(name: str) -> Path:
 
 
 def _cached(model: EmbeddedModel, target: Path) -> Path:
+    """The checked cache at `target`, converted or rebuilt first where needed (under the lock)."""
     name = model.name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         _drop_quantization_config(target / "config.json")  # caches written before this fix
