@@ -109,6 +109,8 @@ def embedded_path(name: str) -> Path:
     copy's hash is checked once per process; a damaged copy is rebuilt from the GGUF."""
     model = EMBEDDED[name]
     target = cache_root() / "models" / name
+    if target in _verified and (target / "model.safetensors").is_file():
+        return target  # checked by this process already: no lock on every model load
     # Processes started together on a fresh cache (a sweep, Ray workers) convert it once: the
     # others wait, then find it made (two conversions would replace the folder under a reader)
     with waiting_lock(target.parent / f".{name}.lock",
