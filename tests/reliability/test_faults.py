@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,33 @@ def _results(folder: Path) -> dict:
     for k in TIMING:
         res.pop(k, None)  # peak_rss_gb: none when every stage was cached
     return res
+
+
+# Float rounding allowed between a resumed run's results and an uninterrupted one's. Early
+# chains differed by <= 2e-6 (relative) in a few merged models' evaluations while every stage
+# output was byte-identical (README, Reliability). Coarser faults stay visible: the same run
+# in float32 instead of bf16 differs beyond it in 259 of 280 floats (median 1.9e-4), and two
+# students of one condition differ by ~4e-3.
+REL_TOL = 1e-5
+
+
+def _mismatches(got: object, want: object, where: str = "") -> list[str]:
+    """Where two JSON values differ: in structure, a string, an int, or a float by more than
+    REL_TOL (relative)."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        if got.keys() != want.keys():
+            return [f"{where}: keys {sorted(got.keys() ^ want.keys())}"]
+        return [m for k in want for m in _mismatches(got[k], want[k], f"{where}.{k}")]
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return [f"{where}: {len(got)} items, not {len(want)}"]
+        return [m for i, (g, w) in enumerate(zip(got, want, strict=True))
+                for m in _mismatches(g, w, f"{where}[{i}]")]
+    if isinstance(got, float) and isinstance(want, float):
+        ok = (got == want or math.isnan(got) and math.isnan(want)
+              or abs(got - want) <= REL_TOL * max(abs(got), abs(want)))
+        return [] if ok else [f"{where}: {got!r} vs {want!r}"]
+    return [] if type(got) is type(want) and got == want else [f"{where}: {got!r} vs {want!r}"]
 
 
 def _stage_outputs_differing(ref: Path, out: Path) -> list[str]:
@@ -70,15 +98,13 @@ INSIDE = {"teacher": ["train.step:1"], "data": ["generate.batch:1"],
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "open (#18): a run resumed across 20+ kills once matched the uninterrupted run's scores "
-    "and once differed in their float digits; the cause is not yet found"))
 def test_kill_9_at_every_point_then_resume_gives_the_same_results(
         tiny_model: str, tmp_path: Path, tally: Counter) -> None:
     """Kill -9, resume, kill again: two attempts in three die inside the next stage not yet
     begun, the others one stage later, just before it is marked done (one stage of progress);
     the pattern reaches every kind of stage whatever their order. The finished run must equal
-    one that was never killed."""
+    one that was never killed: every stage output byte for byte, and results.json but for
+    float rounding (REL_TOL); whether the chain matched to the last digit is tallied."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert _cli([*RUN, "--model", tiny_model, "--out", str(ref)]).returncode == 0
     # stage folders in the order they were done (the same names in both folders)
@@ -121,10 +147,15 @@ def test_kill_9_at_every_point_then_resume_gives_the_same_results(
     _done_stages_complete(out)
     # scores.json holds its timing, which a rerun changes: compare the results
     differing = [k for k in _stage_outputs_differing(ref, out) if "scores.json" not in k]
-    assert _results(out) == _results(ref), f"stage outputs differing: {differing}"
-    assert not differing, differing
+    got, want = _results(out), _results(ref)
+    beyond = _mismatches(got, want)
+    assert not differing and not beyond, (differing, len(beyond), beyond[:10])
+    exact = got == want
+    print(f"kill chain: {kills} kills, results {'exact' if exact else 'within rounding'}")
     tally["kill -9 injected (sublearn run)"] += kills
     tally["kill -9 survived (sublearn run)"] += kills
+    tally["kill chains (sublearn run)"] += 1
+    tally["kill chains with results.json exactly equal"] += exact
 
 
 @pytest.mark.slow
