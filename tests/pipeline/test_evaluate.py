@@ -317,7 +317,8 @@ def test_evaluate_model_and_sampling(lm, three_questions) -> None:
     assert set(metric_values(res)) >= {"forced_choice_share", "sampled_rate"}  # run's contract
     json.dumps(res)  # serialisable as scores.json
     assert "owl share" in summary_line(res)
-    with pytest.raises(SublearnError, match="does not include the target 'zebra'; --candidates"):
+    with pytest.raises(SublearnError,
+                       match="does not include the target 'zebra'; give a candidates file"):
         evaluate_model(lm, EvalConfig(target="zebra"))
 
 

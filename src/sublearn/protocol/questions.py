@@ -113,7 +113,7 @@ def load_candidates(path: str | Path | None = None, target: str | None = None) -
     if len(out) < 2:
         raise SublearnError(f"{where} needs at least 2 candidates, has {len(out)}")
     if target is not None and target.strip().lower() not in seen:
-        hint = "; --candidates FILE gives a list with it" if path is None else ""
+        hint = "; give a candidates file that lists it" if path is None else ""
         raise SublearnError(f"{where} does not include the target '{target}'{hint}")
     return out
 
