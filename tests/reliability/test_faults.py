@@ -29,10 +29,15 @@ def _cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=600)
 
 
-def _results(folder: Path) -> dict:
-    """results.json without timings, with the folder's own path taken out (stage keys hold no
+def _folder_json(path: Path, folder: Path) -> dict:
+    """A JSON file of a run folder with the folder's own path taken out (stage keys hold no
     path of the folder: the two folders' stages have the same names)."""
-    res = json.loads((folder / "results.json").read_text().replace(str(folder), "<out>"))
+    return json.loads(path.read_text().replace(str(folder), "<out>"))
+
+
+def _results(folder: Path) -> dict:
+    """results.json without timings or the folder's own path."""
+    res = _folder_json(folder / "results.json", folder)
     for k in TIMING:
         res.pop(k, None)  # peak_rss_gb: none when every stage was cached
     return res
@@ -72,19 +77,18 @@ def _no_seconds(obj: object) -> object:
 
 def _evaluations(folder: Path) -> dict[str, object]:
     """Every evaluation's scores.json by stage, without timings or the folder's own path."""
-    return {f.parent.name: _no_seconds(json.loads(f.read_text().replace(str(folder), "<out>")))
+    return {f.parent.name: _no_seconds(_folder_json(f, folder))
             for f in sorted((folder / "stages").glob("eval_*/scores.json"))}
 
 
 def _stage_outputs_differing(ref: Path, out: Path) -> list[str]:
     """Stage outputs (by stage name without its hash) whose bytes differ between two run
-    folders: where a mismatch of results begins."""
-    import hashlib
-
+    folders: where a mismatch of results begins. Evaluations are compared by `_evaluations`
+    (their scores.json holds timings); raw.jsonl holds paths."""
     def digests(folder: Path) -> dict[str, str]:
-        keep = ("adapter_model.safetensors", "filtered.jsonl", "scores.json")  # raw: paths
+        keep = ("adapter_model.safetensors", "filtered.jsonl")
         return {f"{f.parent.relative_to(folder / 'stages').as_posix().split('-', 1)[0]}/"
-                f"{f.name.split('-')[0]}": hashlib.sha256(f.read_bytes()).hexdigest()
+                f"{f.name.split('-')[0]}": file_sha256(f)
                 for f in (folder / "stages").rglob("*") if f.is_file()
                 and (f.name in keep or f.name.startswith("soft_labels-"))}
 
@@ -157,8 +161,7 @@ def test_kill_9_at_every_point_then_resume_gives_the_same_results(
     assert kills >= 20 and set(hit) == {"train.step", "generate.batch", "train.soft_labels",
                                         "evaluate.scored", "stage.done"}, (kills, hit)
     _done_stages_complete(out)
-    # scores.json holds its timing, which a rerun changes: compare the results
-    differing = [k for k in _stage_outputs_differing(ref, out) if "scores.json" not in k]
+    differing = _stage_outputs_differing(ref, out)
     # The evaluations may differ by rounding; results.json is computed from them, and its
     # statistics amplify rounding (a difference of two near-equal shares), so it must be
     # exactly equal when they are, and else equal in what each run measured.
