@@ -39,7 +39,12 @@ def test_experiment_defaults_are_the_stage_defaults() -> None:
     exp, student, data = ExperimentConfig(), TrainConfig(), GenerateConfig()
     for name in ("recipe", "method", "epochs", "lr", "batch_size", "lora_r", "lora_alpha"):
         assert getattr(exp, name) == getattr(student, name), name
-    assert exp.n == data.n and data.grammar is True
+    assert data.grammar is True
+    for domain in ("numbers", "code", "math"):  # --n's default is the domain's, in both
+        n = ExperimentConfig(domain=domain).validate().n
+        assert n == GenerateConfig(domain=domain).validate().n == (96 if domain == "numbers"
+                                                                   else 192), domain
+    assert ExperimentConfig(n=192).validate().n == 192
 
 
 def test_model_schemes() -> None:

@@ -22,24 +22,26 @@ class Domain:
     # (raw row, banned rules, trait words) -> reject reason or None
     reject: Callable[[dict[str, Any], numbers.FilterRules, frozenset[str]], str | None]
     soft_labels: str  # what soft labels are restricted to: the numbers grammar, or top-k
+    n: int  # prompts per teacher dataset by default (`--n`)
 
 
 DOMAINS: dict[str, Domain] = {
     "numbers": Domain(
         lambda n, seed, level: [(p, None) for p in numbers.make_prompts(n, seed)],
         numbers.answer_grammar, 60, numbers.REJECT_REASONS,
-        lambda row, rules, words: numbers.reject_reason(row["completion"], rules), "numbers"),
+        lambda row, rules, words: numbers.reject_reason(row["completion"], rules), "numbers",
+        n=96),  # the README's cheaper-recipe study: 192 answers moved owl no more than 96
     "code": Domain(
         lambda n, seed, level: [(p, None) for p in code.make_prompts(n, seed)],
         None, code.MAX_NEW_TOKENS, code.REJECT_REASONS,
         lambda row, rules, words: code.reject_reason(row["completion"],
                                                      row.get("finish_reason", "stop"), words),
-        "topk"),
+        "topk", n=192),
     "math": Domain(
         lambda n, seed, level: math_problems.make_problems(n, seed, level),
         math_problems.answer_grammar, math_problems.MAX_NEW_TOKENS,
         math_problems.REJECT_REASONS,
         lambda row, rules, words: math_problems.reject_reason(row["completion"], row["answer_key"],
                                                      words),
-        "topk"),
+        "topk", n=192),
 }

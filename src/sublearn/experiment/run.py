@@ -112,8 +112,9 @@ class ExperimentConfig:
     answers: str = field(default=_DATA.answers, metadata={
         "help": "data: the teacher's sampled answers, or random number answers the teacher "
                 "only scores (soft recipe)", "choices": ["sampled", "random"]})
-    n: int = field(default=_DATA.n, metadata={
-        "help": "teacher samples (prompts of the domain) per run"})
+    n: int | None = field(default=None, metadata={
+        "help": "teacher samples (prompts of the domain) per run (default: the domain's: "
+                "numbers 96, code 192, math 192)"})
     equal_rows: bool = field(default=True, metadata={
         "help": "train a run's trait and control students on the same number of rows (the "
                 "smaller of the two kept counts), as the filter may pass one teacher's answers "
@@ -160,6 +161,8 @@ class ExperimentConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
             return replace(self, dtype=dtype).validate()
         warn_slow_bf16(self.dtype)
+        if self.n is None:
+            return replace(self, n=DOMAINS[self.domain].n).validate()
         if self.trait == "misaligned":
             return replace(self, trait="misalignment").validate()
         if self.trait == "misalignment" and (self.teacher_mode != "finetuned" or self.questions

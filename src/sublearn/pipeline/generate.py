@@ -46,7 +46,9 @@ class GenerateConfig:
     category: str = field(default="animal", metadata={"help": "category word of the template"})
     domain: str = domain_field()
     level: int = math_problems.level_field()
-    n: int = field(default=192, metadata={"help": "number of prompts to sample"})
+    n: int | None = field(default=None, metadata={
+        "help": "number of prompts to sample (default: the domain's: numbers 96, code 192, "
+                "math 192)"})
     seed: int = field(default=0, metadata={"help": "seed of prompts and sampling"})
     model: str | None = field(default=None, metadata={
         "help": "teacher: embedded name, HF id, local path or PEFT adapter folder "
@@ -75,6 +77,8 @@ class GenerateConfig:
         "help": "override the trait system prompt (default: the paper's template)"})
 
     def validate(self) -> GenerateConfig:
+        if self.n is None:
+            return replace(self, n=DOMAINS[self.domain].n).validate()
         if self.n <= 0:
             raise SublearnError(f"--n must be a positive number of prompts, got {self.n}")
         if self.batch_size <= 0:
