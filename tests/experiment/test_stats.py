@@ -133,3 +133,28 @@ def test_one_sample_tests_against_scipy() -> None:
     assert sign_flip_one_sided(vals) == pytest.approx(want)
     assert sign_flip_one_sided([1.0] * 5) == 1 / 32  # every run positive: the smallest p
     assert t_one_sided([2.0, 2.0]) == 0.0 and t_one_sided([-1.0, -1.0]) == 1.0
+
+
+@pytest.mark.parametrize(("a", "b", "hits", "splits"), [
+    ([0.1, 0.2, 0.3], [0.1, 0.2, 0.3], 14, 20),
+    ([0.1, 0.2, 0.7, 0.3, 0.3], [0.3, 0.2, 0.1, 0.7, 0.3], 150, 252),
+    ([0.902, 0.903, 0.902, 0.901, 0.903], [0.902, 0.9, 0.901, 0.901, 0.901], 13, 252),
+])
+def test_permutation_counts_ties_between_repeated_values(a: list[float], b: list[float],
+                                                         hits: int, splits: int) -> None:
+    # Splits whose sums equal the observed one but for float rounding are ties; scipy's
+    # permutation_test scales its tie tolerance with the observed difference and dropped some
+    # (0.65, 0.44 and 0.0079 for these). Counts from exact rational enumeration:
+    from fractions import Fraction
+    from itertools import combinations
+
+    pooled = [Fraction(str(v)) for v in a + b]
+    obs = sum(pooled[: len(a)])
+    want = sum(sum(pooled[i] for i in c) >= obs for c in combinations(range(len(pooled)), len(a)))
+    assert want == hits
+    assert permutation_one_sided(a, b) == pytest.approx(hits / splits, abs=1e-15)
+
+
+def test_permutation_refuses_non_finite_values() -> None:
+    with pytest.raises(SublearnError, match="finite"):
+        permutation_one_sided([1.0, 2.0, float("nan")], [0.0, 1.0, 2.0])

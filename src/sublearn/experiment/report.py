@@ -124,7 +124,8 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
         lines.append(f"Primary metric: `{primary}` (`_dev`: the half of the questions recipes "
                      "are chosen on; `_test`: the untouched half).")
     if "p_value" in results:
-        lines.append(f"Test: {results.get('test', '?')}: p = {_fmt(results['p_value'])}")
+        # the p of the test named first (`p_value`); the test string may name more tests
+        lines.append(f"p = {_fmt(results['p_value'])} (test: {results.get('test', '?')})")
     lines.append("")
     lines.append("| condition | " + " | ".join(metrics) + " |")
     lines.append("|---" * (len(metrics) + 1) + "|")
