@@ -156,7 +156,7 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
                          f"{remaining_cell(e['remaining'])} | "
                          f"{_fmt(d['seconds_per_dataset'], 3)} |")
         lines += ["", "Effect remaining: (defended trait - defended control) / (trait - "
-                  "control), primary metric; percentile bootstrap over runs."]
+                  "control), primary metric; Fieller interval over runs."]
     runs = results.get("runs") or []
     if runs and primary:
         lines += ["", f"## Each run ({primary})", "",

@@ -179,36 +179,46 @@ def effect(trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
     }
 
 
-BOOTSTRAP = 10_000
-
-
 def remaining_share(trait_d: Sequence[float], control_d: Sequence[float],
-                    trait: Sequence[float], control: Sequence[float],
-                    n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+                    trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
     """The share of an effect that a defence leaves: (mean trait_d - mean control_d) /
-    (mean trait - mean control), with a 95% percentile bootstrap interval over runs. Runs are
-    resampled with replacement within each condition, a run's defended and undefended values
-    together (the same teacher and data). Null when the undefended effect is not positive."""
-    import numpy as np
+    (mean trait - mean control), with Fieller's 95% interval for the ratio. A run's defended
+    and undefended values come from the same teacher and data, so the two effects covary:
+    their covariance is the runs' paired covariance within each condition. Degrees of
+    freedom: Welch's, of the undefended effect. The interval is null (unbounded) when the
+    undefended effect is not clearly above 0 (its own 95% interval reaches 0), the estimate
+    when it is not positive. (A percentile bootstrap, used before, dropped the resamples
+    whose undefended effect vanished and covered 86-88% at 5 + 5 runs in simulation.)"""
+    import statistics
 
-    td, cd, t, c = (np.asarray(x, dtype=float) for x in (trait_d, control_d, trait, control))
+    td, cd, t, c = ([float(v) for v in x] for x in (trait_d, control_d, trait, control))
     if len(td) != len(t) or len(cd) != len(c):
         raise SublearnError("defended and undefended values must come from the same runs")
-    base = t.mean() - c.mean()
-    if base <= 0:
-        return {"estimate": None, "ci95": [None, None], "method": "undefended effect <= 0"}
-    rng = np.random.default_rng(seed)
-    it = rng.integers(0, len(t), (n_boot, len(t)))
-    ic = rng.integers(0, len(c), (n_boot, len(c)))
-    num = td[it].mean(1) - cd[ic].mean(1)
-    den = t[it].mean(1) - c[ic].mean(1)
-    ok = den > 0  # resamples where the undefended effect vanished have no share
-    shares = num[ok] / den[ok]
-    lo, hi = np.percentile(shares, [2.5, 97.5]) if ok.any() else (None, None)
-    return {"estimate": float((td.mean() - cd.mean()) / base),
-            "ci95": [None if lo is None else float(lo), None if hi is None else float(hi)],
-            "method": f"percentile bootstrap over runs ({n_boot} resamples, seed {seed}; "
-                      f"{int((~ok).sum())} without an undefended effect left out)"}
+    t, c = _two_samples(t, c, "the share that remains")
+    td, cd = _two_samples(td, cd, "the share that remains")
+    a = statistics.fmean(td) - statistics.fmean(cd)
+    b, se_b, df = _welch_parts(t, c)
+    nt, nc = len(t), len(c)
+    vaa = statistics.variance(td) / nt + statistics.variance(cd) / nc
+    vab = statistics.covariance(td, t) / nt + statistics.covariance(cd, c) / nc
+    return {"estimate": a / b if b > 0 else None,
+            "ci95": fieller(a, b, vaa, se_b**2, vab, df),
+            "method": "Fieller interval, covariance from the runs' paired values, Welch df"}
+
+
+def fieller(a: float, b: float, vaa: float, vbb: float, vab: float,
+            df: float) -> list[float | None]:
+    """Fieller's 95% interval for a / b from estimates a, b with variances vaa, vbb and
+    covariance vab on df degrees of freedom: the ratios r for which a - r b is not
+    significantly different from 0. [None, None] (unbounded) unless b is clearly above 0."""
+    from scipy import stats
+
+    q = float(stats.t.ppf(0.975, df)) ** 2 if math.isfinite(df) else 1.959963984540054**2
+    qa, qb, qc = b * b - q * vbb, a * b - q * vab, a * a - q * vaa
+    if not (b > 0 and qa > 0):
+        return [None, None]
+    root = math.sqrt(max(qb * qb - qa * qc, 0.0))  # >= 0: the quadratic is <= 0 at a / b
+    return [(qb - root) / qa, (qb + root) / qa]
 
 
 def diagonal_effect(y: Sequence[Sequence[float]], labels: Sequence[int],
@@ -317,12 +327,5 @@ def diagonal_remaining(y_defended: Sequence[Sequence[float]], y: Sequence[Sequen
         "estimate": a / b if b > 0 else None, "ci95": [None, None],
         "method": "Fieller interval, covariance from paired residuals",
         "difference": {"estimate": a - b, "ci95": [a - b - diff_half, a - b + diff_half]}}
-    from scipy import stats
-
-    q = float(stats.t.ppf(0.975, df)) ** 2
-    qa, qb, qc = b * b - q * vbb, a * b - q * vab, a * a - q * vaa
-    disc = qb * qb - qa * qc
-    if b > 0 and qa > 0:  # lam clearly > 0: a bounded interval
-        root = math.sqrt(max(disc, 0.0))  # disc >= 0 then (the quadratic is <= 0 at a / b)
-        out["ci95"] = [(qb - root) / qa, (qb + root) / qa]
+    out["ci95"] = fieller(a, b, vaa, vbb, vab, df)
     return out
