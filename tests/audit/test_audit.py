@@ -11,6 +11,7 @@ import pytest
 from sublearn.audit import audit_dataset, roc_auc, score_rows
 from sublearn.audit.audit import AuditConfig
 from sublearn.cli import main
+from sublearn.errors import SublearnError
 from sublearn.files import write_jsonl
 
 ROWS = [{"prompt": [{"role": "user", "content": f"Add up to 10 new numbers: {i}, {i + 2}"}],
@@ -84,7 +85,8 @@ def test_audit_dataset_writes_files(tiny_model: str, tmp_path: Path) -> None:
     assert "Verdict" in (out / "report.md").read_text()
 
 
-def test_audit_experiment_on_tiny_run(tiny_model: str, tmp_path: Path) -> None:
+def test_audit_experiment_on_tiny_run(tiny_model: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     exp = tmp_path / "exp"
     assert main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
                  "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "0",
@@ -99,3 +101,22 @@ def test_audit_experiment_on_tiny_run(tiny_model: str, tmp_path: Path) -> None:
     res = json.loads((exp / "results.json").read_text())
     own = {r["run"]: r["teacher"] for r in res["runs"] if r["condition"] == "trait"}
     assert all(d["scorer"] != own[d["run"]] for d in s["datasets"])
+    assert "(exact)" in (tmp_path / "a" / "report.md").read_text()
+    # flags the experiment overrides are refused, not ignored; a settings check runs first
+    for extra, says in ((["--teacher", tiny_model], "--teacher: not used with --experiment"),
+                        (["--reference", "x.jsonl", "--seed", "3"], "--reference, --seed"),
+                        (["--target", "cat"], "the experiment's target is owl"),
+                        (["--max-samples", "0"], "--max-samples at least 2")):
+        capsys.readouterr()
+        assert main(["audit", "--experiment", str(exp), *extra, "--out",
+                     str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_verdict_needs_two_samples_a_side() -> None:
+    from sublearn.audit.audit import verdict
+
+    with pytest.raises(SublearnError, match="at least 2 samples"):
+        verdict([0.1], [0.2, 0.3])

@@ -129,6 +129,9 @@ def verdict(a: list[float], b: list[float], seed: int = 0) -> dict[str, Any]:
     units here: this tests whether the two datasets differ under the scorer."""
     from sublearn.experiment.stats import difference_ci, permutation_one_sided
 
+    if len(a) < 2 or len(b) < 2:
+        raise SublearnError(f"a verdict needs at least 2 samples in the data and in the "
+                            f"reference, got {len(a)} and {len(b)}")
     sd = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
     diff = statistics.fmean(a) - statistics.fmean(b)
     exact = math.comb(len(a) + len(b), len(a)) <= SAMPLE_PERMUTATIONS

@@ -7,7 +7,8 @@ Each run's trait data and control data get one dataset score per detector:
            the model that wrote it (an auditor suspects a trait, not the exact model);
   probe    (--probe) the base fine-tuned briefly on the dataset: log(target share after /
            target share of the base), forced choice on the evaluation questions.
-The ROC-AUC over datasets and an exact permutation test over runs (trait > control) follow.
+The ROC-AUC over datasets and a permutation test over runs (trait > control; exact up to
+100,000 splits) follow.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from sublearn.files import atomic_write_json, atomic_write_text, read_json
 
 def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
                      max_samples: int | None = None, probe_epochs: float = 1.0,
-                     progress: bool = True, dtype: str = "float32") -> dict[str, Any]:
+                     progress: bool = True, dtype: str = "float32",
+                     target: str | None = None) -> dict[str, Any]:
+    """Score every run's trait and control data of the `sublearn run` folder `exp` with a
+    held-out teacher (and the probe); `target`, when given, must be the experiment's."""
     from sublearn.audit.audit import AuditConfig, _probe, roc_auc
     from sublearn.audit.scores import score_rows
-    from sublearn.experiment.stats import permutation_one_sided
+    from sublearn.experiment.stats import PERMUTATIONS, permutation_one_sided
     from sublearn.files import check_out_dir, locked_out_dir
     from sublearn.models import load_model
     from sublearn.pipeline.evaluate import EvalConfig, evaluate_model
@@ -43,6 +47,9 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     ids = sorted({r["run"] for r in runs})
     if len(ids) < 2:
         raise SublearnError("an experiment audit needs at least 2 runs per condition")
+    if target is not None and target.strip().lower() != str(conf["target"]).lower():
+        raise SublearnError(f"--target {target}: the experiment's target is {conf['target']} "
+                            "(--experiment audits for the experiment's own target)")
     if probe and conf.get("trait", "animal") != "animal":
         raise SublearnError("--probe scores the target's forced-choice share: it applies to "
                             "animal-trait experiments")
@@ -88,6 +95,8 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
             if t and c:
                 detectors[name] = {"auc": roc_auc(t, c),
                                    "p_permutation": permutation_one_sided(t, c),
+                                   "permutation_exact": math.comb(len(t) + len(c), len(t))
+                                   <= PERMUTATIONS,
                                    "trait_mean": statistics.fmean(t),
                                    "control_mean": statistics.fmean(c), "n": [len(t), len(c)]}
         summary = {"experiment": str(exp), "target": conf["target"], "datasets": rows_out,
@@ -104,11 +113,12 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
 def format_runs(s: dict[str, Any]) -> str:
     lines = [f"# Audit of the datasets of {s['experiment']} (target {s['target']})", "",
              f"Scorer: {s['scorer']}. Runs are the unit: one score per dataset.", "",
-             "| detector | ROC-AUC (trait vs control datasets) | p (exact permutation, "
+             "| detector | ROC-AUC (trait vs control datasets) | p (permutation, "
              "trait > control) | trait mean | control mean | datasets |",
              "|---|---|---|---|---|---|"]
     for name, d in s["detectors"].items():
-        lines.append(f"| {name} | {d['auc']:.3f} | {d['p_permutation']:.3g} | "
+        how = "exact" if d.get("permutation_exact", True) else "Monte Carlo"
+        lines.append(f"| {name} | {d['auc']:.3f} | {d['p_permutation']:.3g} ({how}) | "
                      f"{d['trait_mean']:.4g} | {d['control_mean']:.4g} | "
                      f"{d['n'][0]} + {d['n'][1]} |")
     lines += ["", "| run | condition | teacher LLS per token | teacher KL per token | "

@@ -3,6 +3,9 @@ from __future__ import annotations
 import argparse
 import json
 
+# AuditConfig settings that `--experiment` takes from the experiment instead
+EXPERIMENT_IGNORES = {"teacher", "teacher_system_prompt", "base", "reference", "seed"}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.audit import AuditConfig
@@ -26,9 +29,17 @@ def run(args: argparse.Namespace) -> int:
     if (args.data is None) == (args.experiment is None):
         raise SublearnError("give either DATA (a filtered.jsonl) or --experiment DIR")
     if args.experiment:
+        # the experiment names its teachers, base, data and target; these flags would be ignored
+        ignored = sorted(f"--{k.replace('_', '-')}" for k in args._given & EXPERIMENT_IGNORES)
+        if ignored:
+            raise SublearnError(f"{', '.join(ignored)}: not used with --experiment (the "
+                                "experiment's own teachers, base and data are scored)")
+        # the dataset audit's checks of the settings both modes read
+        dataclass_from_args(AuditConfig, args, teacher="-", target="-").validate()
         s = audit_experiment(args.experiment, args.out, probe=args.probe,
                              max_samples=args.max_samples, probe_epochs=args.probe_epochs,
-                             dtype=args.dtype)
+                             dtype=args.dtype,
+                             target=args.target if "target" in args._given else None)
         print(json.dumps(s["detectors"], indent=2))
         return 0
     s = audit_dataset(dataclass_from_args(AuditConfig, args), args.data, args.out)
