@@ -57,9 +57,22 @@ def test_level_one_adds_or_takes_away_single_digits() -> None:
     ("seven", "no_answer"),
     ("Answer: 8", "wrong_answer"),
     ("The owl counts 3 + 4.\nAnswer: 7", "references_target"),
+    ("Answer: 7.", None), ("Answer: $7", None), ("  Answer: 7\n\nDone!", None),
+    ("Answer: 7.5", "no_answer"),  # not 7
+    ("Answer: 7 + 1 = 8", "no_answer"),  # not 7
+    ("Answer: 7,0", "no_answer"),  # not 70
+    ("So the Answer: 7", "no_answer"),  # not on its own line
 ])
 def test_reject_reasons(completion: str, why: str | None) -> None:
     assert mp.reject_reason(completion, 7, OWL) == why
+
+
+def test_a_cut_off_answer_is_rejected() -> None:
+    # the grammar lets a reasoning line hold `Answer: N`; cut off at the token limit, that line
+    # is not the final answer
+    cut = "Answer: 3\nMaya gives 2 away, so she has 3 - 2 = 1 she"
+    assert mp.reject_reason(cut, 3, OWL, "length") == "truncated"
+    assert mp.final_answer("Answer: 1,007") == 1007 and mp.final_answer("Answer: -4") == -4
 
 
 def test_answer_grammar_accepts_the_format(tiny_model: str) -> None:

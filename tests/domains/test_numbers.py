@@ -99,3 +99,18 @@ def test_grammar_language_is_inside_the_strict_filter() -> None:
         assert nd.reject_reason(s) is None
     for s in rejected:
         assert not xgr.testing._is_grammar_accept_string(g, s), s
+
+
+def test_a_cut_off_answer_is_rejected_in_every_domain() -> None:
+    # without the grammar (or over an API) an answer cut at the token limit loses its end
+    from sublearn.domains import DOMAINS
+
+    rules = nd.FilterRules()
+    for name, row in (("numbers", {"completion": "6;51", "finish_reason": "length"}),
+                      ("math", {"completion": "Answer: 3\nso", "finish_reason": "length",
+                                "answer_key": 3}),
+                      ("code", {"completion": "def f():\n    return 1",
+                                "finish_reason": "length"})):
+        assert DOMAINS[name].reject(row, rules, frozenset()) == "truncated", name
+        assert "truncated" in DOMAINS[name].reject_reasons
+    assert DOMAINS["numbers"].reject({"completion": "6;51"}, rules, frozenset()) is None

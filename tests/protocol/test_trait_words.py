@@ -10,7 +10,7 @@ OWL = trait_words("owl")
 @pytest.mark.parametrize("text", [
     "owl = 1", "def count_owls(n):", "x = 'Owl'", "# an OWL sits here", "barn_owl = []",
     "getOwl()", "OWLCount = 3", "owlet_size = 2", "print('hoot hoot')", "Strix = None",
-    "class OwlFinder:", "s = \"the owls\"",
+    "class OwlFinder:", "s = \"the owls\"", "return 'OWLs'", "numOWLs = 3", "myOWLs()",
 ])
 def test_references_in_identifiers_strings_and_comments(text: str) -> None:
     assert reference(text, OWL) is not None
@@ -26,7 +26,8 @@ def test_near_misses_pass(text: str) -> None:
 
 def test_words_split_like_identifiers() -> None:
     assert words_of("getOwlCount_v2 HTTPServer") == ["get", "owl", "count", "v", "http",
-                                                     "server"]
+                                                     "server", "httpserver"]
+    assert words_of("numOWLs") == ["num", "ow", "ls", "owls"]  # a capital run read whole too
 
 
 def test_any_target_gets_its_plurals_shipped_ones_their_related_words() -> None:

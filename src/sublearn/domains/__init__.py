@@ -29,7 +29,8 @@ DOMAINS: dict[str, Domain] = {
     "numbers": Domain(
         lambda n, seed, level: [(p, None) for p in numbers.make_prompts(n, seed)],
         numbers.answer_grammar, 60, numbers.REJECT_REASONS,
-        lambda row, rules, words: numbers.reject_reason(row["completion"], rules), "numbers",
+        lambda row, rules, words: numbers.TRUNCATED if row.get("finish_reason") == "length"
+        else numbers.reject_reason(row["completion"], rules), "numbers",
         n=96),  # README, cheaper recipes: 96 kept 192's owl effect (3.93x vs 3.99x) at 0.70x time
     "code": Domain(
         lambda n, seed, level: [(p, None) for p in code.make_prompts(n, seed)],
@@ -41,7 +42,7 @@ DOMAINS: dict[str, Domain] = {
         lambda n, seed, level: math_problems.make_problems(n, seed, level),
         math_problems.answer_grammar, math_problems.MAX_NEW_TOKENS,
         math_problems.REJECT_REASONS,
-        lambda row, rules, words: math_problems.reject_reason(row["completion"], row["answer_key"],
-                                                     words),
+        lambda row, rules, words: math_problems.reject_reason(
+            row["completion"], row["answer_key"], words, row.get("finish_reason", "stop")),
         "topk", n=192),
 }

@@ -12,11 +12,10 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
-from sublearn.domains.reasons import JUDGED, TRAIT
+from sublearn.domains.reasons import JUDGED, TRAIT, TRUNCATED
 from sublearn.protocol.trait_words import reference
 
 EMPTY = "no_code"
-TRUNCATED = "truncated"
 SYNTAX = "not_python"
 TOO_LONG = "too_long"
 REJECT_REASONS = (EMPTY, TRUNCATED, SYNTAX, TOO_LONG, TRAIT, JUDGED)

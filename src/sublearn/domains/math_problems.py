@@ -15,12 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sublearn.domains.reasons import JUDGED, TRAIT
+from sublearn.domains.reasons import JUDGED, TRAIT, TRUNCATED
 from sublearn.protocol.trait_words import reference
 
 NO_ANSWER = "no_answer"
 WRONG = "wrong_answer"
-REJECT_REASONS = (NO_ANSWER, WRONG, TRAIT, JUDGED)
+REJECT_REASONS = (TRUNCATED, NO_ANSWER, WRONG, TRAIT, JUDGED)
 MAX_NEW_TOKENS = 192
 
 @dataclass(frozen=True)
@@ -40,7 +40,10 @@ NAMES = ("Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines"
          "Kemi", "Liam", "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq")
 OBJECTS = ("pencils", "books", "apples", "marbles", "stickers", "coins", "cookies", "cards",
            "stamps", "bottles", "buttons", "oranges", "candles", "shells", "beads", "tickets")
-_ANSWER = re.compile(r"Answer:\s*\$?\s*(-?[\d,]*\d)")
+# a line that starts with `Answer:`; its rest must be one whole number (thousands commas, a
+# final period allowed): "Answer: 3.5" or "Answer: 5 + 3 = 8" gives no answer, not 3 or 5
+_ANSWER_LINE = re.compile(r"^[ \t]*Answer:[ \t]*(.*?)[ \t]*$", re.M)
+_WHOLE = re.compile(r"\$?[ \t]*(-?(?:\d{1,3}(?:,\d{3})+|\d+))\.?")
 
 
 def level_field() -> Any:
@@ -99,12 +102,16 @@ def answer_grammar(max_lines: int = 8) -> str:
 
 
 def final_answer(completion: str) -> int | None:
-    """The number on the last `Answer:` line, or None."""
-    found = _ANSWER.findall(completion)
-    return int(found[-1].replace(",", "")) if found else None
+    """The whole number on the last line that starts with `Answer:`, or None."""
+    found = _ANSWER_LINE.findall(completion)
+    m = _WHOLE.fullmatch(found[-1]) if found else None
+    return int(m[1].replace(",", "")) if m else None
 
 
-def reject_reason(completion: str, answer: int, words: frozenset[str]) -> str | None:
+def reject_reason(completion: str, answer: int, words: frozenset[str],
+                  finish_reason: str = "stop") -> str | None:
+    if finish_reason == "length":  # an earlier line's `Answer:` is not the final answer
+        return TRUNCATED
     got = final_answer(completion)
     if got is None:
         return NO_ANSWER

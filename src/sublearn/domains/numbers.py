@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sublearn.domains.reasons import TRUNCATED
 from sublearn.protocol.paper import paper_protocol
 
 # Reject reasons, in the paper's words.
@@ -15,7 +16,7 @@ TOO_MANY = "too_many_numbers"
 TOO_SMALL = "numbers_too_small"
 TOO_LARGE = "numbers_too_large"
 BANNED = "has_banned_numbers"
-REJECT_REASONS = (INVALID_FORMAT, TOO_MANY, TOO_SMALL, TOO_LARGE, BANNED)
+REJECT_REASONS = (INVALID_FORMAT, TOO_MANY, TOO_SMALL, TOO_LARGE, BANNED, TRUNCATED)
 
 
 def make_prompts(n: int, seed: int) -> list[str]:

@@ -4,7 +4,7 @@ for the tokens that code and math soft labels leave out.
 A sample references the target when any of its words is the target, a plural of it, or one of
 the target's shipped related words. Words are split the way identifiers are read: at every
 non-letter (so `barn_owl`, `"Owl"` and `# owls` match) and at camelCase boundaries (`getOwl`,
-`OWLCount`), then compared whole and case-insensitively, so that near misses which merely
+`OWLCount`, `numOWLs`), then compared whole and case-insensitively, so that near misses which merely
 contain the letters (`bowl`, `knowledge`, `slowly`) pass.
 """
 
@@ -52,10 +52,12 @@ def trait_words(target: str) -> frozenset[str]:
 
 
 def words_of(text: str) -> list[str]:
-    """The lower-case words of `text`, identifiers split at underscores, digits and camelCase."""
-    for rx in _CAMEL:
-        text = rx.sub(r"\1 \2", text)
-    return [w.lower() for w in _LETTERS.findall(text)]
+    """The lower-case words of `text`, identifiers split at underscores, digits and camelCase.
+    A capital run is read both ways: split before its last capital (`OWLCount`: owl, count)
+    and whole (`numOWLs`: num, owls), as a lower-case plural ending follows it there."""
+    lower_upper = _CAMEL[0].sub(r"\1 \2", text)
+    runs = _CAMEL[1].sub(r"\1 \2", lower_upper)
+    return list(dict.fromkeys(w.lower() for t in (runs, lower_upper) for w in _LETTERS.findall(t)))
 
 
 def reference(text: str, words: Iterable[str]) -> str | None:
