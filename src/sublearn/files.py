@@ -125,6 +125,45 @@ def check_out_dir(path: str | Path) -> Path:
     return path
 
 
+# a folder's manifest -> the command that made it and the files that command writes there: a
+# command may add files to another's folder (scores.json beside a student's adapter) but not
+# overwrite that command's own
+OWNERS = {
+    "experiment_config.json": ("sublearn run", ("results.json", "report.md", "results.png")),
+    "matrix_config.json": ("sublearn matrix", ("results.json", "report.md", "results.png")),
+    "cross_config.json": ("sublearn cross", ("results.json", "report.md", "results.png")),
+    "generate_config.json": ("sublearn generate", ("raw.jsonl", "filtered.jsonl",
+                                                   "filter_report.json", "judged.jsonl")),
+    "train_config.json": ("sublearn train", ("adapter", "model", "train_log.jsonl",
+                                             "train_summary.json")),
+    "defence_report.json": ("sublearn defend", ("filtered.jsonl",)),
+    "summary.json": ("sublearn audit", ("scores.jsonl", "histogram.png", "report.md")),
+}
+STAGE_FILES = ("DONE.json", "stage_config.json")
+
+
+def check_no_overwrite(path: str | Path, writes: tuple[str, ...], own: tuple[str, ...] = (),
+                       reads: str | Path | None = None) -> None:
+    """Refuse an output folder where a command would overwrite another's work: a stage of an
+    experiment (its cache would then describe other files), a file that another command (a
+    manifest not in `own`) wrote there, or the command's own input file `reads`."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    if stage := next((f for f in STAGE_FILES if (path / f).exists()), None):
+        raise SublearnError(f"{path} is a stage folder of an experiment (it holds {stage}); "
+                            "writing there would corrupt its cache: use another --out")
+    if reads is not None and any(Path(reads).resolve() == (path / w).resolve() for w in writes):
+        raise SublearnError(f"--out {path} would overwrite the input {reads}: use another --out")
+    for manifest, (command, files) in OWNERS.items():
+        if manifest in own or not (path / manifest).exists():
+            continue
+        if clash := next((w for w in writes if w in (manifest, *files)
+                          and (path / w).exists()), None):
+            raise SublearnError(f"{path} holds {command}'s {clash}, which this command would "
+                                "overwrite: use another --out")
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     path = Path(path)
     try:

@@ -106,7 +106,7 @@ def test_audit_experiment_on_tiny_run(tiny_model: str, tmp_path: Path,
     for extra, says in ((["--teacher", tiny_model], "--teacher: not used with --experiment"),
                         (["--reference", "x.jsonl", "--seed", "3"], "--reference, --seed"),
                         (["--target", "cat"], "the experiment's target is owl"),
-                        (["--max-samples", "0"], "--max-samples at least 2")):
+                        (["--max-samples", "0"], "and --max-samples at least 2")):
         capsys.readouterr()
         assert main(["audit", "--experiment", str(exp), *extra, "--out",
                      str(tmp_path / "b")]) == 2

@@ -187,3 +187,10 @@ def test_api_student_reads_a_resolved_config_but_refuses_its_changes(
     cfg.write_text(yaml.safe_dump({**resolved, "model": "openai:gpt-4.1-nano", "lr": 0.5}))
     assert main(["train", "--config", str(cfg)]) == 2
     assert "--lr" in capsys.readouterr().err
+
+
+def test_every_verb_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    # `mnist --help` once raised: a bare % in a help text is an argparse format error
+    for verb in VERBS:
+        assert main([verb, "--help"]) == 0, verb
+        assert f"sublearn {verb}" in capsys.readouterr().out

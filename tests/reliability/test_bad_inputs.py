@@ -254,6 +254,33 @@ CASES: list[Case] = [
     ("matrix unknown defence",
      lambda d, m: ["matrix", "--model", m, "--defence", "nope", "--out", str(d / "o")],
      "--defence"),
+    # numbers the experiment verbs once took until the first student (the folder then kept
+    # them), and NaN, which `x <= 0` let through
+    ("run zero student epochs", lambda d, m: ["run", "--model", m, "--epochs", "0"],
+     "--epochs"),
+    ("run NaN learning rate", lambda d, m: ["run", "--model", m, "--lr", "nan"], "--lr"),
+    ("run zero teacher epochs", lambda d, m: ["run", "--model", m, "--teacher-epochs", "0"],
+     "--teacher-epochs"),
+    ("run zero LoRA rank", lambda d, m: ["run", "--model", m, "--lora-r", "0"], "--lora-r"),
+    ("run negative samples", lambda d, m: ["run", "--model", m, "--samples", "-1"],
+     "--samples"),
+    ("matrix NaN temperature", lambda d, m: ["matrix", "--model", m, "--temperature", "nan"],
+     "--temperature"),
+    ("train infinite epochs",
+     lambda d, m: ["train", "--model", m, "--data", _filtered(d), "--epochs", "inf"],
+     "--epochs"),
+    ("train message without content",
+     lambda d, m: ["train", "--model", m, "--data", _filtered(d, [
+         {"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "1"}]}
+     ])], "string role and content"),
+    ("defend message content not a string",
+     lambda d, m: ["defend", _filtered(d, [{"prompt": [{"role": "user", "content": 3}],
+                                             "completion": [{"role": "assistant",
+                                                             "content": "1, 2"}]}]),
+                   "--method", "sort"], "string role and content"),
+    ("serve port out of range", lambda d, m: ["serve", "--model", m, "--port", "99999"],
+     "--port"),
+    ("mnist negative threads", lambda d, m: ["mnist", "--threads", "-1"], "--threads"),
 ]
 
 

@@ -57,8 +57,10 @@ class AuditConfig:
         if self.teacher is None and self.teacher_system_prompt is None and not self.probe:
             raise SublearnError("give a suspected --teacher (or --teacher-system-prompt), "
                                 "--probe, or both")
-        if self.probe_epochs <= 0 or (self.max_samples is not None and self.max_samples < 2):
-            raise SublearnError("--probe-epochs must be positive and --max-samples at least 2")
+        if not 0 < self.probe_epochs < math.inf or (self.max_samples is not None
+                                                    and self.max_samples < 2):
+            raise SublearnError("--probe-epochs must be positive and finite and --max-samples "
+                                "at least 2")
         return self
 
 

@@ -51,6 +51,21 @@ VERBS: dict[str, tuple[str, str]] = {
                          "replace-divergent, ...) that keeps every answer valid"),
 }
 
+# verb -> (files it writes in --out, manifests that are its own, the flag naming its input):
+# what `files.check_no_overwrite` needs to refuse an --out where it would overwrite another
+# command's work (the experiment verbs keep their own manifests and stage caches)
+OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
+    "generate": (("raw.jsonl", "filtered.jsonl", "filter_report.json", "generate_config.json"),
+                 ("generate_config.json",), None),
+    "filter": (("filtered.jsonl", "filter_report.json", "judged.jsonl"), (), "raw"),
+    "train": (("train_config.json", "train_log.jsonl", "train_summary.json", "adapter",
+               "model"), ("train_config.json",), None),
+    "evaluate": (("scores.json",), (), None),
+    "audit": (("summary.json", "scores.jsonl", "histogram.png", "report.md"), ("summary.json",),
+              "data"),
+    "defend": (("filtered.jsonl", "defence_report.json"), ("defence_report.json",), "data"),
+}
+
 _UNSET = object()  # marks flags the user did not give (see `given`)
 
 
@@ -120,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             args, module = parse(verb, argv[1:])
         except SystemExit as e:  # --help (0) or a bad flag (2), already printed
             return e.code if isinstance(e.code, int) else 2
+        if verb in OUTPUTS and getattr(args, "out", None):
+            from sublearn.files import check_no_overwrite
+
+            writes, own, reads = OUTPUTS[verb]
+            check_no_overwrite(args.out, writes, own, reads and getattr(args, reads, None))
         rc = module.run(args)
         out = getattr(args, "out", None)
         if not rc and out and Path(out).is_dir():

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.fail_every < 0 or args.batch_size <= 0:
         raise SublearnError("--fail-every must be >= 0 and --batch-size positive")
+    if not 0 <= args.port <= 65535:  # checked before the model loads
+        raise SublearnError(f"--port must be 0-65535 (0: a free one), got {args.port}")
     try:
         server = make_server(args.model, args.host, args.port, args.fail_every,
                              args.served_model_name, args.dtype, args.batch_size)

@@ -226,6 +226,18 @@ class ExperimentConfig:
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
         self.generate_config(0, None, None)  # the data settings, checked before any training
+        # the teachers', students' and evaluations' settings too: a bad --epochs or --lr failed
+        # only at the first student, after the folder's manifest had recorded it
+        from sublearn.pipeline.evaluate import EvalConfig
+
+        if not (0 < self.teacher_epochs < math.inf and 0 < self.teacher_lr < math.inf):
+            raise SublearnError("--teacher-epochs and --teacher-lr must be positive and finite, "
+                                f"got {self.teacher_epochs} and {self.teacher_lr}")
+        TrainConfig(recipe=self.recipe, method=self.method, epochs=self.epochs, lr=self.lr,
+                    batch_size=self.batch_size, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                    dtype=self.dtype).validate()
+        EvalConfig(target=self.target, trait=self.trait, samples=self.samples,
+                   dtype=self.dtype).validate()
         return self
 
     def banned_list(self) -> str:

@@ -70,7 +70,7 @@ class MnistConfig:
         default=0.2, metadata={"help": "held-out share of the 8x8 digits (stratified, fixed)"}
     )
     eval_split: str = field(default="test", metadata={
-        "help": "test: score on the test set; validation: hold out 20% of the training images "
+        "help": "test: score on the test set; validation: hold out 20%% of the training images "
                 "(stratified, fixed) and score on them, to choose settings without the test set",
         "choices": ["test", "validation"]})
     hidden: int = field(default=256, metadata={"help": "width of both hidden layers"})
@@ -102,10 +102,12 @@ class MnistConfig:
         for name in positive + ("student_steps",):
             if getattr(self, name) < (1 if name in positive else 0):
                 raise SublearnError(f"--{name.replace('_', '-')} must be positive")
+        if self.threads < 0:
+            raise SublearnError(f"--threads must be >= 0 (0: the free cores), got {self.threads}")
         if not 0 < self.test_fraction < 1:
             raise SublearnError("--test-fraction must be between 0 and 1")
-        if self.lr <= 0 or self.theorem_eps <= 0:
-            raise SublearnError("--lr and --theorem-eps must be positive")
+        if not (0 < self.lr < float("inf") and 0 < self.theorem_eps < float("inf")):
+            raise SublearnError("--lr and --theorem-eps must be positive and finite")
 
 
 # ---------------------------------------------------------------------------------------

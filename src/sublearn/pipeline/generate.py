@@ -83,8 +83,8 @@ class GenerateConfig:
             raise SublearnError(f"--n must be a positive number of prompts, got {self.n}")
         if self.batch_size <= 0:
             raise SublearnError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.temperature < 0:
-            raise SublearnError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too
+            raise SublearnError(f"--temperature must be >= 0 and finite, got {self.temperature}")
         if self.target is not None:
             teacher_system_prompt(self.target, self.category)  # raises on unsafe words
         if self.answers == "random" and self.domain != "numbers":

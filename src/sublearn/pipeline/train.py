@@ -65,8 +65,12 @@ def load_rows(path: str | Path) -> list[dict]:
         raise SublearnError(f"{path} has no training rows")
     for i, r in enumerate(rows, 1):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), list)
-                and isinstance(r.get("completion"), list) and r["completion"]):
-            raise SublearnError(f"{path} row {i} is not a prompt/completion chat record")
+                and isinstance(r.get("completion"), list) and r["completion"]
+                and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)
+                        for m in r["prompt"] + r["completion"])):
+            raise SublearnError(f"{path} row {i} is not a prompt/completion chat record (lists "
+                                "of messages with a string role and content)")
         if any(isinstance(m, dict) and m.get("role") == "system" for m in r["prompt"]):
             # the student must never see the teacher's system prompt: it would name the trait
             raise SublearnError(f"{path} row {i} has a system prompt; students train on the "

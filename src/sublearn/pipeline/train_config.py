@@ -4,6 +4,7 @@ students of `sublearn run`, so a stage run by hand reproduces the stage of an ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -67,13 +68,15 @@ class TrainConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
             return replace(self, dtype=dtype).validate()
         warn_slow_bf16(self.dtype)
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_size <= 0:
-            raise SublearnError("--epochs, --lr and --batch-size must be positive")
+        # `not x > 0` also refuses NaN; infinities are refused where a count is made of them
+        if not (0 < self.epochs < math.inf and 0 < self.lr < math.inf and self.batch_size > 0):
+            raise SublearnError("--epochs, --lr and --batch-size must be positive and finite, "
+                                f"got {self.epochs}, {self.lr}, {self.batch_size}")
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise SublearnError("--lora-r and --lora-alpha must be positive")
         if self.max_examples is not None and self.max_examples <= 0:
             raise SublearnError("--max-examples must be positive (or unset for all rows)")
-        if self.warmup_steps < 0 or self.max_grad_norm <= 0 or self.checkpoint_every <= 0:
+        if self.warmup_steps < 0 or not self.max_grad_norm > 0 or self.checkpoint_every <= 0:
             raise SublearnError("--warmup-steps must be >= 0; --max-grad-norm and "
                                 "--checkpoint-every positive")
         if self.recipe == "hard" and (self.teacher or self.teacher_system_prompt):
