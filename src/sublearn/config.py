@@ -167,7 +167,12 @@ def _yaml_scalar(action: argparse.Action, value: Any, where: str) -> Any:
     if isinstance(value, bool) or value is None:
         ok = False
     elif tp is float:
-        ok, value = isinstance(value, int | float), value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; the flag takes it
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, int | float)
     elif tp is int or tp is str:
         ok = isinstance(value, tp)
     else:  # a converter (e.g. Path): it takes the text

@@ -194,3 +194,19 @@ def test_every_verb_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
     for verb in VERBS:
         assert main([verb, "--help"]) == 0, verb
         assert f"sublearn {verb}" in capsys.readouterr().out
+
+
+def test_config_yaml_takes_exponent_floats(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads `1e-3` as text; the flag `--lr 1e-3` takes it, so the file does
+    import argparse
+
+    from sublearn.config import apply_yaml_defaults
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\nepochs: 2\n")
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    apply_yaml_defaults(p, cfg)
+    args = p.parse_args([])
+    assert args.lr == 0.001 and args.epochs == 2.0

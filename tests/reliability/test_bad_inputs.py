@@ -281,6 +281,16 @@ CASES: list[Case] = [
     ("serve port out of range", lambda d, m: ["serve", "--model", m, "--port", "99999"],
      "--port"),
     ("mnist negative threads", lambda d, m: ["mnist", "--threads", "-1"], "--threads"),
+    # flags this invocation would ignore are refused, not dropped
+    ("defend sort with a teacher",
+     lambda d, m: ["defend", _filtered(d), "--method", "sort", "--teacher", m], "--teacher"),
+    ("generate level for numbers", lambda d, m: ["generate", "--model", m, "--level", "3"],
+     "--level"),
+    ("train top-k with the numbers grammar",
+     lambda d, m: ["train", "--model", m, "--data", _filtered(d), "--top-k", "5"], "--top-k"),
+    ("train LoRA rank for a full fine-tune",
+     lambda d, m: ["train", "--model", m, "--data", _filtered(d), "--method", "full",
+                   "--lora-r", "16"], "--lora-r"),
 ]
 
 

@@ -124,6 +124,16 @@ def parse(verb: str, argv: list[str]) -> tuple[argparse.Namespace, Any]:
     return args, module
 
 
+def asked_for(args: argparse.Namespace, names: set[str] | frozenset[str],
+              defaults: Any) -> list[str]:
+    """Of the settings `names`, those the user asked for, as flags (`--top-k`): given on the
+    command line, or set by a --config file to other than `defaults`' value (a resolved config
+    file holds every setting, so its mere presence asks for nothing). A verb refuses these where
+    it would ignore them."""
+    return ["--" + k.replace("_", "-") for k in sorted(names & args._given)
+            if k not in args._from_config or getattr(args, k) != getattr(defaults, k, None)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv else ""

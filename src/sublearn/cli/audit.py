@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.audit import AuditConfig, audit_dataset, audit_experiment
+    from sublearn.cli import asked_for
     from sublearn.config import dataclass_from_args
     from sublearn.errors import SublearnError
 
@@ -30,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise SublearnError("give either DATA (a filtered.jsonl) or --experiment DIR")
     if args.experiment:
         # the experiment names its teachers, base, data and target; these flags would be ignored
-        ignored = sorted(f"--{k.replace('_', '-')}" for k in args._given & EXPERIMENT_IGNORES)
-        if ignored:
+        if ignored := asked_for(args, EXPERIMENT_IGNORES, AuditConfig()):
             raise SublearnError(f"{', '.join(ignored)}: not used with --experiment (the "
                                 "experiment's own teachers, base and data are scored)")
         # the dataset audit's checks of the settings both modes read
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         s = audit_experiment(args.experiment, args.out, probe=args.probe,
                              max_samples=args.max_samples, probe_epochs=args.probe_epochs,
                              dtype=args.dtype,
-                             target=args.target if "target" in args._given else None)
+                             target=args.target if asked_for(args, {"target"}, AuditConfig())
+                             else None)
         print(json.dumps(s["detectors"], indent=2))
         return 0
     s = audit_dataset(dataclass_from_args(AuditConfig, args), args.data, args.out)

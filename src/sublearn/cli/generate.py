@@ -13,9 +13,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sublearn.cli import asked_for
     from sublearn.config import dataclass_from_args
+    from sublearn.errors import SublearnError
     from sublearn.pipeline.generate import GenerateConfig, generate
 
+    if args.domain != "math" and (ignored := asked_for(args, {"level"}, GenerateConfig())):
+        raise SublearnError(f"{ignored[0]}: sets the difficulty of --domain math problems")
     report = generate(dataclass_from_args(GenerateConfig, args), args.out)
     print(json.dumps(report, indent=2))
     return 0

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sublearn.cli import asked_for
     from sublearn.config import dataclass_from_args
     from sublearn.errors import SublearnError
     from sublearn.models.load import parse_model_spec
@@ -31,14 +32,11 @@ def run(args: argparse.Namespace) -> int:
         # A flag typed for an API student is refused; a config file (a resolved one holds every
         # setting) is refused only where it asks for something other than the default. Its
         # dtype is never refused: files written before "auto" hold the then default, bfloat16.
-        defaults = TrainConfig()
-        ignored = sorted(k for k in args._given - API_SETTINGS
-                         if k not in args._from_config
-                         or (k != "dtype" and getattr(args, k) != getattr(defaults, k, None)))
+        ignored = [f for f in asked_for(args, args._given - API_SETTINGS, TrainConfig())
+                   if f != "--dtype" or "dtype" not in args._from_config]
         if ignored:
-            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-            raise SublearnError(f"{flags}: not used by an API fine-tuning job (openai: students "
-                                "take only --epochs and --seed)")
+            raise SublearnError(f"{', '.join(ignored)}: not used by an API fine-tuning job "
+                                "(openai: students take only --epochs and --seed)")
         api = APITrainConfig(model=name, epochs=max(1, round(args.epochs)), seed=args.seed)
         summary = finetune_api(api, args.data, args.out)
     elif scheme == "vllm":
@@ -47,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         from sublearn.pipeline.train import train
 
+        unused = ({"top_k"} if args.grammar != "topk" else set()) | \
+            ({"lora_r", "lora_alpha"} if args.method == "full" else set())
+        if ignored := asked_for(args, unused, TrainConfig()):
+            raise SublearnError(f"{', '.join(ignored)}: not used here (--top-k: --grammar topk "
+                                "soft labels; --lora-r, --lora-alpha: --method lora)")
         summary = train(dataclass_from_args(TrainConfig, args), args.data, args.out)
     print(json.dumps(summary, indent=2))
     return 0
