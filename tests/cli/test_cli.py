@@ -210,3 +210,11 @@ def test_config_yaml_takes_exponent_floats(tmp_path: Path) -> None:
     apply_yaml_defaults(p, cfg)
     args = p.parse_args([])
     assert args.lr == 0.001 and args.epochs == 2.0
+
+
+def test_an_unreadable_input_gets_no_resume_advice(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # resuming helps work that was interrupted, not an input that cannot be read
+    assert main(["sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and "resume" not in err and err.count("\n") == 1

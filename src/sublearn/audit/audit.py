@@ -73,6 +73,10 @@ def audit_dataset(cfg: AuditConfig, data: str | Path, out: str | Path,
     sets = {"data": load_rows(data)[: cfg.max_samples]}
     if cfg.reference:
         sets["reference"] = load_rows(cfg.reference)[: cfg.max_samples]
+    from sublearn.models.load import check_model
+
+    for m in (cfg.teacher, cfg.base):  # before the folder is made
+        check_model(m)
     with locked_out_dir(out) as folder:
         return _audit(cfg, sets, str(data), folder, progress)
 

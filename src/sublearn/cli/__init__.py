@@ -11,6 +11,7 @@ reads back.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -124,6 +125,16 @@ def parse(verb: str, argv: list[str]) -> tuple[argparse.Namespace, Any]:
     return args, module
 
 
+_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
 def asked_for(args: argparse.Namespace, names: set[str] | frozenset[str],
               defaults: Any) -> list[str]:
     """Of the settings `names`, those the user asked for, as flags (`--top-k`): given on the
@@ -137,6 +148,7 @@ def asked_for(args: argparse.Namespace, names: set[str] | frozenset[str],
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv else ""
+    args: argparse.Namespace | None = None
     try:
         try:
             if verb not in VERBS:
@@ -160,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sublearn {verb}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a vanished file: the system's words, one line
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"sublearn {verb}: error: {e.strerror or e}{where}; finished work is kept, rerun "
-              "the same command to resume", file=sys.stderr)
+        name = getattr(e, "filename", None)
+        where = f": {name}" if name else ""
+        # a write that failed (the disk, say) interrupted work that a rerun resumes; an input
+        # that cannot be read (a folder given for a file, a missing file) is not such work
+        out = getattr(args, "out", None)
+        interrupted = e.errno in _WRITE_FAULTS or not name or \
+            bool(out and _inside(Path(str(name)), Path(str(out))))
+        advice = "; finished work is kept, rerun the same command to resume" if interrupted \
+            else ""
+        print(f"sublearn {verb}: error: {e.strerror or e}{where}{advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sublearn {verb}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -67,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
         raise SublearnError("--prompts, --steps and --questions must be positive")
     command = shlex.join(["sublearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else \
         "sublearn bench " + ("--quick " if args.quick else "") + f"--out {args.out}"
+    if args.threads is not None and args.threads < 1:
+        raise SublearnError(f"--threads must be at least 1, got {args.threads}")
+    from sublearn.files import check_out_dir
+    from sublearn.models.load import check_model
+
+    check_out_dir(args.out)
+    check_model(args.model)  # before the folder is made
     out = ensure_writable_dir(args.out) / "bench.json"
     res = run_bench(args.model, sizes, stages=stages, dtype=args.dtype, threads=args.threads,
                     cpu=args.device != "cuda",

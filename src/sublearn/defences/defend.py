@@ -79,10 +79,16 @@ def defend_data(cfg: DefendConfig, data: str | Path, out: str | Path,
         if bad:
             raise SublearnError(f"{source} row {bad} fails the strict filter: defend filtered "
                                 "number data (filtered.jsonl)")
+    from sublearn.models.load import check_model
+
+    need = DEFENCES[cfg.method].needs
+    models = {"scores": () if scores is not None else (cfg.teacher, cfg.base),
+              "writer": (cfg.writer or cfg.base,)}.get(need or "", ())
+    for m in models:  # a model that cannot load is refused before the folder is made
+        check_model(m)
     with locked_out_dir(out) as folder:
         t0 = time.time()
         ctx = Context(rng=random.Random(cfg.seed), q=cfg.q, rules=rules, mix=mix)
-        need = DEFENCES[cfg.method].needs
         if need == "scores":
             if scores is not None and len(scores) != len(rows):
                 raise SublearnError(f"{len(scores)} scores for {len(rows)} rows of {data}")

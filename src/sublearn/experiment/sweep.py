@@ -227,8 +227,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
     """Run every unfinished run (each up to 1 + retries times); returns the summary rows."""
     if retries < 0:
         raise SublearnError("--retries must be >= 0")
+    runs = spec.expand()  # a bad grid is refused before the folder is made
     out = ensure_writable_dir(out)
-    runs = spec.expand()
     atomic_write_json(out / "sweep.json", {"base": spec.base, "grid": spec.grid,
                                            "runs": [r.name for r in runs]})
     dirs = {r.name: out / "runs" / r.name for r in runs}
