@@ -35,6 +35,12 @@ def _file(d: Path, name: str, data: bytes) -> str:
     return str(d / name)
 
 
+def _exp(d: Path, name: str, results: object) -> str:
+    (d / name).mkdir()
+    (d / name / "results.json").write_text(json.dumps(results))
+    return str(d / name)
+
+
 def _folder_with(d: Path, config: dict) -> str:
     (d / "m").mkdir()
     (d / "m" / "config.json").write_text(json.dumps(config))
@@ -202,7 +208,8 @@ CASES: list[Case] = [
      "results.json"),
     ("align on prompted teachers",
      lambda d, m: ["align", _file(d, "results.json", json.dumps(
-         {"target": "owl", "runs": [], "config": {"teacher_mode": "prompted"}}).encode())
+         {"target": "owl", "runs": [{"run": 0, "condition": "trait", "students": []}],
+          "config": {"teacher_mode": "prompted"}}).encode())
          .removesuffix("/results.json"), "--out", str(d / "o")], "prompted"),
     ("sweep missing spec", lambda d, m: ["sweep", str(d / "none.yaml")], "not found"),
     ("sweep spec of unknown settings",
@@ -288,6 +295,15 @@ CASES: list[Case] = [
      "--level"),
     ("train top-k with the numbers grammar",
      lambda d, m: ["train", "--model", m, "--data", _filtered(d), "--top-k", "5"], "--top-k"),
+    # a results.json that is not one of `sublearn run` (these raised tracebacks)
+    ("contrast results not a mapping",
+     lambda d, m: ["contrast", _exp(d, "a", []), _exp(d, "b", [])], "not the results"),
+    ("align runs not a list", lambda d, m: ["align", _exp(d, "a", {"target": "owl",
+                                                                "runs": "abc"})],
+     "not the results"),
+    ("audit experiment without config",
+     lambda d, m: ["audit", "--experiment", _exp(d, "a", {"target": "owl", "runs": []})],
+     "not the results"),
     # refused before the output folder is made (these left an empty one)
     ("defend scored with a missing teacher",
      lambda d, m: ["defend", _filtered(d), "--method", "drop-top-lls", "--teacher",

@@ -20,7 +20,7 @@ from typing import Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stages import find_recorded
-from sublearn.files import atomic_write_json, atomic_write_text, read_json
+from sublearn.files import atomic_write_json, atomic_write_text
 
 
 def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
@@ -31,6 +31,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     held-out teacher (and the probe); `target`, when given, must be the experiment's."""
     from sublearn.audit.audit import AuditConfig, _probe, roc_auc
     from sublearn.audit.scores import score_rows
+    from sublearn.experiment.report import read_run_results
     from sublearn.experiment.stats import PERMUTATIONS, permutation_one_sided
     from sublearn.files import check_out_dir, locked_out_dir
     from sublearn.models import load_model
@@ -39,9 +40,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     from sublearn.protocol.paper import teacher_system_prompt
 
     exp = Path(exp)
-    if not (exp / "results.json").is_file():
-        raise SublearnError(f"{exp} holds no results.json of `sublearn run`")
-    res = read_json(exp / "results.json")
+    res = read_run_results(exp, config_keys=("target", "category"), run_keys=("data",))
     conf = res["config"]
     runs = sorted(res["runs"], key=lambda r: (r["run"], r["condition"]))
     ids = sorted({r["run"] for r in runs})

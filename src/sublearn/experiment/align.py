@@ -130,12 +130,11 @@ class _Experiment(NamedTuple):
 def _experiment(exp: Path) -> _Experiment:
     """An experiment folder's runs as adapter paths found under `exp`, read from its
     results.json; refused when teachers have no weights or students another base."""
+    from sublearn.experiment.report import read_run_results
     from sublearn.models.load import DEFAULT_MODEL
 
-    if not (exp / "results.json").is_file():
-        raise SublearnError(f"{exp} holds no results.json of `sublearn run`")
-    res = read_json(exp / "results.json")
-    conf = res.get("config", {})
+    res = read_run_results(exp, run_keys=("students",))
+    conf = res["config"]
     if conf.get("teacher_mode") == "prompted":
         raise SublearnError(f"{exp}: prompted teachers have no weights of their own to compare "
                             "with (run it with fine-tuned teachers)")

@@ -10,16 +10,14 @@ from typing import Any
 
 from sublearn.errors import SublearnError
 from sublearn.experiment.stats import effect, summarize
-from sublearn.files import read_json
 
 
 def _student_shares(run: Path) -> tuple[str, list[dict[str, float]]]:
-    path = run / "results.json"
-    if not path.is_file():
-        raise SublearnError(f"{run} has no results.json: run `sublearn run` there first")
-    results = read_json(path)
-    shares = [r["shares"] for r in results.get("runs", []) if r.get("condition") == "trait"]
-    if not shares:
+    from sublearn.experiment.report import read_run_results
+
+    results, path = read_run_results(run), run / "results.json"
+    shares = [r.get("shares") for r in results["runs"] if r["condition"] == "trait"]
+    if not shares or not all(isinstance(s, dict) for s in shares):
         raise SublearnError(f"{path} holds no trait runs (made by an older sublearn? rerun it)")
     return results["target"], [{k.lower(): v for k, v in s.items()} for s in shares]
 

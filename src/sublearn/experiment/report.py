@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sublearn.files import atomic_savefig, atomic_write_text
+from sublearn.errors import SublearnError
+from sublearn.files import atomic_savefig, atomic_write_text, read_json
 
 # Known conditions first, in the paper's order; anything else follows in insertion order.
 CONDITION_ORDER = ("base", "teacher_base", "teacher", "control_teacher", "control", "trait")
@@ -26,6 +27,32 @@ LABELS = {"base": "Base\nmodel", "teacher_base": "Teachers'\nbase", "teacher": "
           "control_teacher": "Control\nteacher",
           "control": "Control\nstudents", "trait": "Trait\nstudents"}
 EXTRA_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def read_run_results(exp: str | Path, config_keys: tuple[str, ...] = (),
+                     run_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The results.json of a `sublearn run` folder, for the verbs that read one (contrast,
+    align, audit --experiment): a one-line error, not a traceback, for a folder without one
+    or a file of another shape. It needs target, config and runs (each with run and
+    condition), plus the config's `config_keys` (text) and each run's `run_keys`."""
+    exp = Path(exp)
+    path = exp / "results.json"
+    if not path.is_file():
+        raise SublearnError(f"{exp} holds no results.json of `sublearn run`: run it there first")
+    res = read_json(path)
+    runs = res.get("runs") if isinstance(res, dict) else None
+    conf = res.get("config") if isinstance(res, dict) else None
+    if not (isinstance(res.get("target") if isinstance(res, dict) else None, str)
+            and isinstance(conf, dict) and all(isinstance(conf.get(k), str) for k in config_keys)
+            and isinstance(runs, list) and runs
+            and all(isinstance(r, dict) and isinstance(r.get("run"), int)
+                    and isinstance(r.get("condition"), str)
+                    and all(r.get(k) is not None for k in run_keys) for r in runs)):
+        need = ", ".join([*config_keys]) or "its settings"
+        raise SublearnError(f"{path} is not the results of `sublearn run` (it needs target, "
+                            f"config with {need}, and runs with run, condition"
+                            + "".join(f", {k}" for k in run_keys) + ")")
+    return res
 
 
 def ordered_conditions(conditions: dict[str, Any]) -> list[str]:
