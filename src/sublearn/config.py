@@ -216,7 +216,10 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, path: str | Path) -> se
         if action is None:
             raise SublearnError(f"{path}: '{key}' is not a setting of `{parser.prog}` "
                                 f"(one of: {', '.join(sorted(actions))})")
-        values[dest] = check_setting(action, value, f"{path}: {key}")
+        setting = check_setting(action, value, f"{path}: {key}")
+        if setting is None and (action.required or not action.option_strings):
+            continue  # a required flag or a positional the file leaves unset is still missing
+        values[dest] = setting
         action.required = False
         if not action.option_strings:  # a positional given in the file becomes optional
             action.nargs = "?"

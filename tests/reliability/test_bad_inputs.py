@@ -304,6 +304,8 @@ CASES: list[Case] = [
     ("audit experiment without config",
      lambda d, m: ["audit", "--experiment", _exp(d, "a", {"target": "owl", "runs": []})],
      "not the results"),
+    ("config leaves the input unset",
+     lambda d, m: ["filter", "--config", _file(d, "c.yaml", b"raw: null\n")], "required: raw"),
     # refused before the output folder is made (these left an empty one)
     ("defend scored with a missing teacher",
      lambda d, m: ["defend", _filtered(d), "--method", "drop-top-lls", "--teacher",
