@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sublearn.errors import SublearnError
+from sublearn.errors import SublearnError, first_line
 from sublearn.experiment.stats import summarize
 from sublearn.files import atomic_savefig, atomic_write_json, check_out_dir, ensure_writable_dir
 
@@ -119,11 +119,16 @@ def read_idx(path: Path) -> np.ndarray:
     import numpy as np
 
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise SublearnError(f"{path}: {e}") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in dtypes:
         raise SublearnError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise SublearnError(f"{path} is cut short inside its IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
     if data.size != math.prod(dims):
@@ -136,11 +141,17 @@ def _load_mnist_arrays(data_dir: Path) -> dict[str, np.ndarray]:
 
     npz = data_dir if data_dir.suffix == ".npz" else data_dir / "mnist.npz"
     if npz.is_file():
-        with np.load(npz) as z:
-            missing = [k for k in IDX_FILES if k not in z]
-            if missing:
-                raise SublearnError(f"{npz} lacks arrays {', '.join(missing)}")
-            return {k: z[k] for k in IDX_FILES}
+        import zipfile
+
+        try:  # no pickles: allow_pickle stays off
+            with np.load(npz) as z:
+                missing = [k for k in IDX_FILES if k not in z]
+                if missing:
+                    raise SublearnError(f"{npz} lacks arrays {', '.join(missing)}")
+                return {k: z[k] for k in IDX_FILES}
+        except (ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise SublearnError(f"{npz} is not a readable .npz of arrays: "
+                                f"{first_line(e)}") from None
     arrays = {}
     for key, name in IDX_FILES.items():
         found = [p for p in (data_dir / name, data_dir / f"{name}.gz") if p.is_file()]
