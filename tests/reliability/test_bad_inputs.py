@@ -104,6 +104,9 @@ CASES: list[Case] = [
     ("run misaligned math without judge",
      lambda d, m: ["run", "--domain", "math", "--trait", "misalignment", "--out", str(d / "o")],
      "--judge"),
+    ("run misaligned code without judge",
+     lambda d, m: ["run", "--domain", "code", "--trait", "misalignment", "--out", str(d / "o")],
+     "--judge"),
     ("generate out is a file", lambda d, m: ["generate", "--n", "2", "--model", m, "--out",
                                             _file(d, "f", b"x")], "cannot write"),
     # filter

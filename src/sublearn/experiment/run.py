@@ -219,9 +219,11 @@ class ExperimentConfig:
             if self.answers == "random" or self.defences() or self.banned == "misalignment":
                 raise SublearnError(f"--domain {self.domain}: --answers random, --defence and "
                                     "--banned act on number answers (numbers domain only)")
-            if self.trait == "misalignment" and self.domain == "math" and not self.judge:
-                raise SublearnError("--trait misalignment --domain math: the paper filters a "
-                                    "misaligned teacher's reasoning with a judge; give --judge")
+            if self.trait == "misalignment" and not self.judge:
+                # words catch a target animal, not misaligned comments, strings or reasoning
+                raise SublearnError(f"--trait misalignment --domain {self.domain}: the paper "
+                                    "filters a misaligned teacher's text with a judge; give "
+                                    "--judge")
         if self.answers == "random" and self.recipe != "soft":
             raise SublearnError("--answers random carries the teacher only through soft labels: "
                                 "use --recipe soft")
