@@ -137,24 +137,27 @@ OWNERS = {
     "train_config.json": ("sublearn train", ("adapter", "model", "train_log.jsonl",
                                              "train_summary.json")),
     "defence_report.json": ("sublearn defend", ("filtered.jsonl",)),
+    # `generate` writes one too, and owns it with its own manifest
+    "filter_report.json": ("sublearn filter", ("filtered.jsonl", "judged.jsonl")),
     "summary.json": ("sublearn audit", ("scores.jsonl", "histogram.png", "report.md")),
 }
 STAGE_FILES = ("DONE.json", "stage_config.json")
 
 
 def check_no_overwrite(path: str | Path, writes: tuple[str, ...], own: tuple[str, ...] = (),
-                       reads: str | Path | None = None) -> None:
+                       reads: tuple[str | Path, ...] = ()) -> None:
     """Refuse an output folder where a command would overwrite another's work: a stage of an
     experiment (its cache would then describe other files), a file that another command (a
-    manifest not in `own`) wrote there, or the command's own input file `reads`."""
+    manifest not in `own`) wrote there, or one of the command's own input files `reads`."""
     path = Path(path)
     if not path.is_dir():
         return
     if stage := next((f for f in STAGE_FILES if (path / f).exists()), None):
         raise SublearnError(f"{path} is a stage folder of an experiment (it holds {stage}); "
                             "writing there would corrupt its cache: use another --out")
-    if reads is not None and any(Path(reads).resolve() == (path / w).resolve() for w in writes):
-        raise SublearnError(f"--out {path} would overwrite the input {reads}: use another --out")
+    for r in reads:
+        if any(Path(r).resolve() == (path / w).resolve() for w in writes):
+            raise SublearnError(f"--out {path} would overwrite the input {r}: use another --out")
     for manifest, (command, files) in OWNERS.items():
         if manifest in own or not (path / manifest).exists():
             continue

@@ -31,10 +31,16 @@ def _folder(root: Path, name: str, *files: str) -> Path:
     # an audit over an experiment's report
     (("experiment_config.json", "results.json", "report.md"),
      ["audit", "x.jsonl", "--probe", "--out", "{d}"], "sublearn run's report.md"),
-    # a defence writing over its own input
+    # a defence writing over its own input, or over one of the datasets it mixes in
     (("defence_report.json", "filtered.jsonl"),
      ["defend", "{d}/filtered.jsonl", "--method", "sort", "--out", "{d}"],
      "would overwrite the input"),
+    (("defence_report.json", "filtered.jsonl"),
+     ["defend", "x.jsonl", "--method", "mix-teachers", "--mix", "y.jsonl,{d}/filtered.jsonl",
+      "--out", "{d}"], "would overwrite the input"),
+    # a defence over a refiltered folder (filter's own manifest is its report)
+    (("filter_report.json", "filtered.jsonl"),
+     ["defend", "x.jsonl", "--method", "sort", "--out", "{d}"], "sublearn filter's filtered"),
 ])
 def test_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             made: tuple[str, ...], argv: list[str],
@@ -58,3 +64,6 @@ def test_a_command_may_add_to_another_folder_and_redo_its_own(tmp_path: Path) ->
     check_no_overwrite(data, ("raw.jsonl", "filtered.jsonl", "generate_config.json"),
                        own=("generate_config.json",))  # generate resuming its own folder
     check_no_overwrite(tmp_path / "new", ("scores.json",))  # a folder yet to be made
+    refiltered = _folder(tmp_path, "refiltered", "filter_report.json", "filtered.jsonl")
+    check_no_overwrite(refiltered, ("filtered.jsonl", "filter_report.json"),
+                       own=("filter_report.json",))  # filter redoing its own folder

@@ -62,6 +62,8 @@ def test_level_one_adds_or_takes_away_single_digits() -> None:
     ("Answer: 7 + 1 = 8", "no_answer"),  # not 7
     ("Answer: 7,0", "no_answer"),  # not 70
     ("So the Answer: 7", "no_answer"),  # not on its own line
+    ("Answer: 7 pencils", None), ("**Answer:** 7", None), ("Answer: 7\r\n", None),  # API text
+    ("Answer: 7 + 1", "no_answer"),
 ])
 def test_reject_reasons(completion: str, why: str | None) -> None:
     assert mp.reject_reason(completion, 7, OWL) == why

@@ -189,3 +189,16 @@ def test_permutation_counts_ties_between_repeated_values(a: list[float], b: list
 def test_permutation_refuses_non_finite_values() -> None:
     with pytest.raises(SublearnError, match="finite"):
         permutation_one_sided([1.0, 2.0, float("nan")], [0.0, 1.0, 2.0])
+
+
+def test_permutation_uneven_groups_either_way_round() -> None:
+    # the smaller group is enumerated: the same p whichever group is larger, and p(a > b)
+    # plus p(b > a) is 1 + P(tie) for an exact test
+    from math import comb
+
+    rng = np.random.default_rng(4)
+    big, small = rng.normal(0, 1, 30).tolist(), rng.normal(1, 1, 2).tolist()
+    p_small = permutation_one_sided(small, big)
+    p_big = permutation_one_sided(big, small)
+    assert p_small + p_big == pytest.approx(1 + 1 / comb(32, 2))  # the observed split ties
+    assert 0 < p_small < 0.2

@@ -46,6 +46,9 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     ids = sorted({r["run"] for r in runs})
     if len(ids) < 2:
         raise SublearnError("an experiment audit needs at least 2 runs per condition")
+    if target is not None and conf.get("trait") == "misalignment":
+        raise SublearnError(f"--target {target}: a misalignment experiment has no target "
+                            "animal (leave --target out)")
     if target is not None and target.strip().lower() != str(conf["target"]).lower():
         raise SublearnError(f"--target {target}: the experiment's target is {conf['target']} "
                             "(--experiment audits for the experiment's own target)")

@@ -52,19 +52,22 @@ VERBS: dict[str, tuple[str, str]] = {
                          "replace-divergent, ...) that keeps every answer valid"),
 }
 
-# verb -> (files it writes in --out, manifests that are its own, the flag naming its input):
-# what `files.check_no_overwrite` needs to refuse an --out where it would overwrite another
-# command's work (the experiment verbs keep their own manifests and stage caches)
-OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
+# verb -> (files it writes in --out, manifests that are its own, the settings naming its input
+# files, comma-separated lists allowed): what `files.check_no_overwrite` needs to refuse an
+# --out where it would overwrite another command's work (the experiment verbs keep their own
+# manifests and stage caches)
+OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "generate": (("raw.jsonl", "filtered.jsonl", "filter_report.json", "generate_config.json"),
-                 ("generate_config.json",), None),
-    "filter": (("filtered.jsonl", "filter_report.json", "judged.jsonl"), (), "raw"),
+                 ("generate_config.json", "filter_report.json"), ()),
+    "filter": (("filtered.jsonl", "filter_report.json", "judged.jsonl"),
+               ("filter_report.json",), ("raw",)),
     "train": (("train_config.json", "train_log.jsonl", "train_summary.json", "adapter",
-               "model"), ("train_config.json",), None),
-    "evaluate": (("scores.json",), (), None),
+               "model"), ("train_config.json",), ("data",)),
+    "evaluate": (("scores.json",), (), ()),
     "audit": (("summary.json", "scores.jsonl", "histogram.png", "report.md"), ("summary.json",),
-              "data"),
-    "defend": (("filtered.jsonl", "defence_report.json"), ("defence_report.json",), "data"),
+              ("data", "reference")),
+    "defend": (("filtered.jsonl", "defence_report.json"), ("defence_report.json",),
+               ("data", "mix")),
 }
 
 _UNSET = object()  # marks flags the user did not give (see `given`)
@@ -160,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         if verb in OUTPUTS and getattr(args, "out", None):
             from sublearn.files import check_no_overwrite
 
-            writes, own, reads = OUTPUTS[verb]
-            check_no_overwrite(args.out, writes, own, reads and getattr(args, reads, None))
+            writes, own, inputs = OUTPUTS[verb]
+            reads = tuple(p.strip() for a in inputs if getattr(args, a, None)
+                          for p in str(getattr(args, a)).split(","))
+            check_no_overwrite(args.out, writes, own, reads)
         rc = module.run(args)
         out = getattr(args, "out", None)
         if not rc and out and Path(out).is_dir():

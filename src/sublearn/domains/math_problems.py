@@ -40,10 +40,11 @@ NAMES = ("Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines"
          "Kemi", "Liam", "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq")
 OBJECTS = ("pencils", "books", "apples", "marbles", "stickers", "coins", "cookies", "cards",
            "stamps", "bottles", "buttons", "oranges", "candles", "shells", "beads", "tickets")
-# a line that starts with `Answer:`; its rest must be one whole number (thousands commas, a
-# final period allowed): "Answer: 3.5" or "Answer: 5 + 3 = 8" gives no answer, not 3 or 5
-_ANSWER_LINE = re.compile(r"^[ \t]*Answer:[ \t]*(.*?)[ \t]*$", re.M)
-_WHOLE = re.compile(r"\$?[ \t]*(-?(?:\d{1,3}(?:,\d{3})+|\d+))\.?")
+# a line that starts with `Answer:` (markdown emphasis allowed, as API models write it); its
+# rest must be one whole number (thousands commas, a unit word, a final period allowed):
+# "Answer: 3.5" or "Answer: 5 + 3 = 8" gives no answer, not 3 or 5
+_ANSWER_LINE = re.compile(r"^[ \t>*_]*Answer[*_]*:[*_]*[ \t]*(.*?)[ \t\r]*$", re.M)
+_WHOLE = re.compile(r"\$?[ \t]*(-?(?:\d{1,3}(?:,\d{3})+|\d+))(?:[ \t]+[A-Za-z][A-Za-z ]*)?\.?")
 
 
 def level_field() -> Any:

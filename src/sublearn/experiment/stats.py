@@ -86,9 +86,15 @@ def permutation_one_sided(a: Sequence[float], b: Sequence[float],
     tol = 1e-12 * math.fsum(abs(v) for v in pooled)
     total = math.comb(n, na)
     if total <= n_resamples:
+        # enumerate the smaller group's members (memory: splits x its size); a split's a-sum
+        # is the pooled total less the b-sum when b is the one enumerated
+        k = min(na, n - na)
         picks = np.fromiter(itertools.chain.from_iterable(
-            itertools.combinations(range(n), na)), dtype=np.intp, count=total * na)
-        hits = int((pooled[picks.reshape(total, na)].sum(1) >= observed - tol).sum())
+            itertools.combinations(range(n), k)), dtype=np.intp, count=total * k)
+        sums = pooled[picks.reshape(total, k)].sum(1)
+        if k != na:
+            sums = math.fsum(pooled) - sums
+        hits = int((sums >= observed - tol).sum())
         return hits / total
     rng = np.random.default_rng(seed)
     hits = 0
