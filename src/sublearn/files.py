@@ -125,46 +125,51 @@ def check_out_dir(path: str | Path) -> Path:
     return path
 
 
-# a folder's manifest -> the command that made it and the files that command writes there: a
-# command may add files to another's folder (scores.json beside a student's adapter) but not
-# overwrite that command's own
-OWNERS = {
-    "experiment_config.json": ("sublearn run", ("results.json", "report.md", "results.png")),
-    "matrix_config.json": ("sublearn matrix", ("results.json", "report.md", "results.png")),
-    "cross_config.json": ("sublearn cross", ("results.json", "report.md", "results.png")),
-    "generate_config.json": ("sublearn generate", ("raw.jsonl", "filtered.jsonl",
-                                                   "filter_report.json", "judged.jsonl")),
-    "train_config.json": ("sublearn train", ("adapter", "model", "train_log.jsonl",
-                                             "train_summary.json")),
-    "defence_report.json": ("sublearn defend", ("filtered.jsonl",)),
-    # `generate` writes one too, and owns it with its own manifest
-    "filter_report.json": ("sublearn filter", ("filtered.jsonl", "judged.jsonl")),
-    "summary.json": ("sublearn audit", ("scores.jsonl", "histogram.png", "report.md")),
+_RESULTS = ("results.json", "report.md", "results.png")
+# command -> (its manifests, the first saying it made a folder; the other files it writes
+# there). A command may add files to another's folder (scores.json beside a student's adapter)
+# but not overwrite that command's own. `filter_report.json` says filter made a folder;
+# generate writes one too, and owns it.
+OUTPUTS = {
+    "run": (("experiment_config.json",), _RESULTS),
+    "matrix": (("matrix_config.json",), _RESULTS),
+    "cross": (("cross_config.json",), _RESULTS),
+    "generate": (("generate_config.json", "filter_report.json"),
+                 ("raw.jsonl", "filtered.jsonl", "judged.jsonl")),
+    "filter": (("filter_report.json",), ("filtered.jsonl", "judged.jsonl")),
+    "train": (("train_config.json",), ("adapter", "model", "train_log.jsonl",
+                                       "train_summary.json")),
+    "evaluate": ((), ("scores.json",)),
+    "audit": (("summary.json",), ("scores.jsonl", "histogram.png", "report.md")),
+    "defend": (("defence_report.json",), ("filtered.jsonl",)),
 }
 STAGE_FILES = ("DONE.json", "stage_config.json")
 
 
-def check_no_overwrite(path: str | Path, writes: tuple[str, ...], own: tuple[str, ...] = (),
+def check_no_overwrite(path: str | Path, command: str,
                        reads: tuple[str | Path, ...] = ()) -> None:
-    """Refuse an output folder where a command would overwrite another's work: a stage of an
-    experiment (its cache would then describe other files), a file that another command (a
-    manifest not in `own`) wrote there, or one of the command's own input files `reads`."""
+    """Refuse an output folder where `command` (a key of OUTPUTS) would overwrite another's
+    work: a stage of an experiment (its cache would then describe other files), a file that
+    another command (a manifest not `command`'s) wrote there, or one of its own input files
+    `reads`."""
     path = Path(path)
     if not path.is_dir():
         return
     if stage := next((f for f in STAGE_FILES if (path / f).exists()), None):
         raise SublearnError(f"{path} is a stage folder of an experiment (it holds {stage}); "
                             "writing there would corrupt its cache: use another --out")
+    own, files = OUTPUTS[command]
+    writes = files + own
     for r in reads:
         if any(Path(r).resolve() == (path / w).resolve() for w in writes):
             raise SublearnError(f"--out {path} would overwrite the input {r}: use another --out")
-    for manifest, (command, files) in OWNERS.items():
-        if manifest in own or not (path / manifest).exists():
+    for other, (manifests, theirs) in OUTPUTS.items():
+        if not manifests or manifests[0] in own or not (path / manifests[0]).exists():
             continue
-        if clash := next((w for w in writes if w in (manifest, *files)
+        if clash := next((w for w in writes if w in manifests + theirs
                           and (path / w).exists()), None):
-            raise SublearnError(f"{path} holds {command}'s {clash}, which this command would "
-                                "overwrite: use another --out")
+            raise SublearnError(f"{path} holds sublearn {other}'s {clash}, which this command "
+                                "would overwrite: use another --out")
 
 
 def ensure_writable_dir(path: str | Path) -> Path:

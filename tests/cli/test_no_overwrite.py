@@ -57,13 +57,11 @@ def test_a_command_may_add_to_another_folder_and_redo_its_own(tmp_path: Path) ->
     from sublearn.files import check_no_overwrite
 
     student = _folder(tmp_path, "s0", "train_config.json", "train_summary.json")
-    check_no_overwrite(student, ("scores.json",))  # scores beside the adapter (README)
+    check_no_overwrite(student, "evaluate")  # scores beside the adapter (README)
     (student / "scores.json").write_text("{}")
-    check_no_overwrite(student, ("scores.json",))  # and again: its own file
+    check_no_overwrite(student, "evaluate")  # and again: its own file
     data = _folder(tmp_path, "data", "generate_config.json", "raw.jsonl", "filtered.jsonl")
-    check_no_overwrite(data, ("raw.jsonl", "filtered.jsonl", "generate_config.json"),
-                       own=("generate_config.json",))  # generate resuming its own folder
-    check_no_overwrite(tmp_path / "new", ("scores.json",))  # a folder yet to be made
+    check_no_overwrite(data, "generate")  # generate resuming its own folder
+    check_no_overwrite(tmp_path / "new", "evaluate")  # a folder yet to be made
     refiltered = _folder(tmp_path, "refiltered", "filter_report.json", "filtered.jsonl")
-    check_no_overwrite(refiltered, ("filtered.jsonl", "filter_report.json"),
-                       own=("filter_report.json",))  # filter redoing its own folder
+    check_no_overwrite(refiltered, "filter")  # filter redoing its own folder

@@ -52,22 +52,12 @@ VERBS: dict[str, tuple[str, str]] = {
                          "replace-divergent, ...) that keeps every answer valid"),
 }
 
-# verb -> (files it writes in --out, manifests that are its own, the settings naming its input
-# files, comma-separated lists allowed): what `files.check_no_overwrite` needs to refuse an
-# --out where it would overwrite another command's work (the experiment verbs keep their own
-# manifests and stage caches)
-OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "generate": (("raw.jsonl", "filtered.jsonl", "filter_report.json", "generate_config.json"),
-                 ("generate_config.json", "filter_report.json"), ()),
-    "filter": (("filtered.jsonl", "filter_report.json", "judged.jsonl"),
-               ("filter_report.json",), ("raw",)),
-    "train": (("train_config.json", "train_log.jsonl", "train_summary.json", "adapter",
-               "model"), ("train_config.json",), ("data",)),
-    "evaluate": (("scores.json",), (), ()),
-    "audit": (("summary.json", "scores.jsonl", "histogram.png", "report.md"), ("summary.json",),
-              ("data", "reference")),
-    "defend": (("filtered.jsonl", "defence_report.json"), ("defence_report.json",),
-               ("data", "mix")),
+# verbs that refuse an --out where they would overwrite another command's work
+# (`files.check_no_overwrite`; the experiment verbs keep their own manifests and stage caches)
+# -> the settings naming their input files, comma-separated lists allowed
+INPUTS: dict[str, tuple[str, ...]] = {
+    "generate": (), "filter": ("raw",), "train": ("data",), "evaluate": (),
+    "audit": ("data", "reference"), "defend": ("data", "mix"),
 }
 
 _UNSET = object()  # marks flags the user did not give (see `given`)
@@ -160,13 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             args, module = parse(verb, argv[1:])
         except SystemExit as e:  # --help (0) or a bad flag (2), already printed
             return e.code if isinstance(e.code, int) else 2
-        if verb in OUTPUTS and getattr(args, "out", None):
+        if verb in INPUTS and getattr(args, "out", None):
             from sublearn.files import check_no_overwrite
 
-            writes, own, inputs = OUTPUTS[verb]
-            reads = tuple(p.strip() for a in inputs if getattr(args, a, None)
+            reads = tuple(p.strip() for a in INPUTS[verb] if getattr(args, a, None)
                           for p in str(getattr(args, a)).split(","))
-            check_no_overwrite(args.out, writes, own, reads)
+            check_no_overwrite(args.out, verb, reads)
         rc = module.run(args)
         out = getattr(args, "out", None)
         if not rc and out and Path(out).is_dir():
