@@ -133,14 +133,18 @@ def _detector(scores: dict[str, list[Any]], seed: int) -> dict[str, Any]:
 def verdict(a: list[float], b: list[float], seed: int = 0) -> dict[str, Any]:
     """Does `a` (per-sample scores of the data) exceed `b` (the reference)? Samples are the
     units here: this tests whether the two datasets differ under the scorer."""
-    from sublearn.experiment.stats import difference_ci, permutation_one_sided
+    from sublearn.experiment.stats import (
+        difference_ci,
+        permutation_exact,
+        permutation_one_sided,
+    )
 
     if len(a) < 2 or len(b) < 2:
         raise SublearnError(f"a verdict needs at least 2 samples in the data and in the "
                             f"reference, got {len(a)} and {len(b)}")
     sd = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
     diff = statistics.fmean(a) - statistics.fmean(b)
-    exact = math.comb(len(a) + len(b), len(a)) <= SAMPLE_PERMUTATIONS
+    exact = permutation_exact(len(a), len(b), SAMPLE_PERMUTATIONS)
     how = "exact" if exact else f"{SAMPLE_PERMUTATIONS} Monte Carlo resamples"
     return {"metric": "lls_mean", "difference": difference_ci(a, b),
             "cohens_d": diff / sd if sd > 0 else None, "auc": roc_auc(a, b),

@@ -32,7 +32,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
     from sublearn.audit.audit import AuditConfig, _probe, roc_auc
     from sublearn.audit.scores import score_rows
     from sublearn.experiment.report import read_run_results
-    from sublearn.experiment.stats import PERMUTATIONS, permutation_one_sided
+    from sublearn.experiment.stats import permutation_exact, permutation_one_sided
     from sublearn.files import check_out_dir, locked_out_dir
     from sublearn.models import load_model
     from sublearn.pipeline.evaluate import EvalConfig, evaluate_model
@@ -97,8 +97,7 @@ def audit_experiment(exp: str | Path, out: str | Path, probe: bool = False,
             if t and c:
                 detectors[name] = {"auc": roc_auc(t, c),
                                    "p_permutation": permutation_one_sided(t, c),
-                                   "permutation_exact": math.comb(len(t) + len(c), len(t))
-                                   <= PERMUTATIONS,
+                                   "permutation_exact": permutation_exact(len(t), len(c)),
                                    "trait_mean": statistics.fmean(t),
                                    "control_mean": statistics.fmean(c), "n": [len(t), len(c)]}
         summary = {"experiment": str(exp), "target": conf["target"], "datasets": rows_out,

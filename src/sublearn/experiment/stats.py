@@ -63,6 +63,11 @@ def welch_one_sided(a: Sequence[float], b: Sequence[float]) -> float:
 PERMUTATIONS = 100_000  # exact test up to this many splits, Monte Carlo beyond
 
 
+def permutation_exact(na: int, nb: int, n_resamples: int = PERMUTATIONS) -> bool:
+    """Whether `permutation_one_sided` on groups of na and nb values enumerates every split."""
+    return math.comb(na + nb, na) <= n_resamples
+
+
 def permutation_one_sided(a: Sequence[float], b: Sequence[float],
                           n_resamples: int = PERMUTATIONS,
                           seed: int = 0) -> float:
@@ -85,7 +90,7 @@ def permutation_one_sided(a: Sequence[float], b: Sequence[float],
     observed = math.fsum(a)
     tol = 1e-12 * math.fsum(abs(v) for v in pooled)
     total = math.comb(n, na)
-    if total <= n_resamples:
+    if permutation_exact(na, n - na, n_resamples):
         # enumerate the smaller group's members (memory: splits x its size); a split's a-sum
         # is the pooled total less the b-sum when b is the one enumerated
         k = min(na, n - na)
@@ -180,7 +185,7 @@ def effect(trait: Sequence[float], control: Sequence[float]) -> dict[str, Any]:
         "ratio": ratio_ci(trait, control),
         "p_welch": welch_one_sided(trait, control),
         "p_permutation": permutation_one_sided(trait, control),
-        "permutation_exact": math.comb(len(trait) + len(control), len(trait)) <= PERMUTATIONS,
+        "permutation_exact": permutation_exact(len(trait), len(control)),
         "n": [len(trait), len(control)],
     }
 
