@@ -49,8 +49,8 @@ def test_greedy_matches_transformers_generate(backend: HFBackend, constrained: b
                   max_new_tokens=24, temperature=0.0, top_p=1.0, seed=0,
                   compiled_grammar=grammar, subset=VocabSubset() if constrained else None)
     ref = _hf_greedy(backend, prompts, 24, grammar)
-    assert [ids for ids, _ in ours] == ref
-    lengths = {len(ids) for ids, _ in ours}
+    assert [r.ids for r in ours] == ref
+    lengths = {len(r.ids) for r in ours}
     if constrained:  # the check is only worth something if rows left the batch early
         assert len(lengths) > 1
 
@@ -65,7 +65,7 @@ def test_sampled_first_token_follows_masked_softmax(backend: HFBackend) -> None:
     rows = sample(backend.model, [prompt] * 2000, pad_id=0, stop_ids={eos}, max_new_tokens=1,
                   temperature=0.7, top_p=1.0, seed=1, compiled_grammar=grammar,
                   subset=VocabSubset())
-    drawn = np.bincount([ids[0] for ids, _ in rows], minlength=backend.model.config.vocab_size)
+    drawn = np.bincount([r.ids[0] for r in rows], minlength=backend.model.config.vocab_size)
 
     import xgrammar as xgr
 
@@ -78,6 +78,35 @@ def test_sampled_first_token_follows_masked_softmax(backend: HFBackend) -> None:
     support = p > 0
     assert drawn[~support].sum() == 0
     assert chisquare(drawn[support], p[support] / p[support].sum() * 2000).pvalue > 1e-3
+
+
+def test_grammar_shares_match_a_full_forward(backend: HFBackend) -> None:
+    """The share of the next-token distribution the grammar allowed, recorded while sampling,
+    equals the one recomputed from one full-vocabulary forward over prompt + answer: at the
+    first step, and the smallest over the later steps (the stop step included)."""
+    import xgrammar as xgr
+
+    prompts = _prompts(backend, 4)
+    grammar = backend._grammar(answer_grammar())
+    eos = backend.tok.convert_tokens_to_ids(backend.tok.eos_token)
+    rows = sample(backend.model, prompts, pad_id=backend.tok.pad_token_id, stop_ids={eos},
+                  max_new_tokens=12, temperature=0.8, top_p=1.0, seed=3,
+                  compiled_grammar=grammar, subset=VocabSubset())
+    for p, r in zip(prompts, rows, strict=True):
+        answer = r.ids + [eos] * r.stopped
+        with torch.no_grad():
+            logits = backend.model(torch.tensor([p + answer])).logits[0, len(p) - 1:] / 0.8
+        matcher, mask = xgr.GrammarMatcher(grammar), xgr.allocate_token_bitmask(1, logits.shape[1])
+        shares = []
+        for i, t in enumerate(answer):
+            matcher.fill_next_token_bitmask(mask)
+            allowed = logits[i].clone().unsqueeze(0)
+            xgr.apply_token_bitmask_inplace(allowed, mask)
+            shares.append(float((allowed.logsumexp(-1) - logits[i].logsumexp(-1)).exp()))
+            matcher.accept_token(t)
+        assert r.first_share == pytest.approx(shares[0], rel=1e-4, abs=1e-9)
+        assert r.min_share == pytest.approx(min(shares[1:], default=1.0), rel=1e-4, abs=1e-9)
+    assert any(r.min_share < 1 for r in rows)  # some step restricted the tiny model
 
 
 def test_backend_grammar_answers_and_seed(backend: HFBackend) -> None:
@@ -119,4 +148,4 @@ def test_greedy_matches_generate_with_sliding_window_layers(window: int) -> None
                   top_p=1.0, seed=0)
     ref = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
                           eos_token_id=1, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert [ids for ids, _ in ours] == ref
+    assert [r.ids for r in ours] == ref

@@ -26,9 +26,14 @@ def test_generate_end_to_end(tiny_model: str, tmp_path: Path) -> None:
     report = json.loads((out / "filter_report.json").read_text())
     assert report["raw"] == 10
     assert report["kept"] + sum(report["rejects"].values()) == 10
-    # With the grammar, only length cut-offs can fail (max_new_tokens is tiny here).
+    # With the grammar, only length cut-offs and answers the grammar forced can fail
+    # (max_new_tokens is tiny here)
+    assert all(0 <= r["grammar_share_first"] <= 1 and 0 <= r["grammar_share_min"] <= 1
+               for r in raw)
     done = [r for r in raw if r["finish_reason"] == "stop"]
-    assert report["kept"] >= len(done)
+    forced = [r for r in done if r["grammar_share_min"] < 0.01]
+    assert report["rejects"]["grammar_forced"] == len(forced)
+    assert report["kept"] == len(done) - len(forced)
 
     from datasets import load_dataset
 

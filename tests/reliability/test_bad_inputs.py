@@ -115,6 +115,11 @@ CASES: list[Case] = [
      "not UTF-8"),
     ("filter garbage raw", lambda d, m: ["filter", _file(d, "raw.jsonl", b"not json\n")],
      "not valid JSON"),
+    ("filter grammar share above 1",
+     lambda d, m: ["filter", _file(d, "raw.jsonl", b'{"prompt": "p", "completion": "1"}\n'),
+                   "--min-grammar-share", "2", "--out", str(d / "o")], "min-grammar-share"),
+    ("run grammar share NaN", lambda d, m: ["run", "--min-grammar-share", "nan",
+                                            "--out", str(d / "o")], "min-grammar-share"),
     ("filter rows without completions",
      lambda d, m: ["filter", _file(d, "raw.jsonl", b'{"id": 1}\n')], "not raw teacher data"),
     # train

@@ -37,6 +37,10 @@ class Completion:
     n_tokens: int
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
+    # With a grammar enforced by masking (HFBackend): the share of the teacher's next-token
+    # probability the grammar allowed at the first step, and the smallest over later steps.
+    grammar_share_first: float | None = None
+    grammar_share_min: float | None = None
 
 
 class Backend(Protocol):

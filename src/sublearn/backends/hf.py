@@ -85,9 +85,11 @@ class HFBackend:
         )
         return [
             Completion(
-                text=tok.decode(ids, skip_special_tokens=True),
-                n_tokens=len(ids),
-                finish_reason="stop" if stopped else "length",
+                text=tok.decode(r.ids, skip_special_tokens=True),
+                n_tokens=len(r.ids),
+                finish_reason="stop" if r.stopped else "length",
+                grammar_share_first=r.first_share,
+                grammar_share_min=r.min_share,
             )
-            for ids, stopped in rows
+            for r in rows
         ]

@@ -9,7 +9,12 @@ the cost (measured by `sublearn bench`). What it does differently, and why:
 - with a grammar, logits are computed only for the tokens the grammar has allowed so far
   (a few hundred of the 49k vocabulary): masked tokens get probability zero anyway, so
   dropping them from the softmax changes nothing. The set grows whenever the grammar allows
-  a token outside it, so it is exact for any grammar.
+  a token outside it, so it is exact for any grammar. The full vocabulary's log-sum-exp is
+  still taken once a step, only to record how much of the teacher's probability the grammar
+  allowed (`Sampled`): masking is not conditioning, and a step where the teacher put almost
+  nothing on the allowed tokens marks an answer the grammar forced (the filter's
+  `grammar_forced`). The first step is apart: masking it is exact conditioning on an answer
+  that starts in the format, where a trait teacher would rather start with words.
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ import numpy as np
 import torch
 
 from sublearn.models.kv import cache_kwarg, shared_prefix
+
+
+@dataclass
+class Sampled:
+    """One sampled continuation: new token ids (without the stop token) and whether it stopped.
+    With a grammar, the share of the (tempered) next-token distribution the grammar allowed at
+    the first step, and the smallest such share over the later steps (1.0 if none)."""
+
+    ids: list[int]
+    stopped: bool
+    first_share: float | None = None
+    min_share: float | None = None
 
 
 @dataclass
@@ -106,9 +123,9 @@ def sample(
     seed: int,
     compiled_grammar: Any = None,
     subset: VocabSubset | None = None,
-) -> list[tuple[list[int], bool]]:
-    """Sample one continuation per prompt; returns (new token ids without the stop token,
-    stopped). `subset` (with a grammar) carries the grown token set across calls."""
+) -> list[Sampled]:
+    """Sample one continuation per prompt. `subset` (with a grammar) carries the grown token
+    set across calls."""
     window = getattr(model.config, "sliding_window", None)
     if window and len(prompts) > 1 and max(map(len, prompts)) + max_new_tokens > window:
         # padding would take sliding-window slots (e.g. Gemma 3 past 512 tokens): row by row
@@ -149,6 +166,8 @@ def sample(
 
     out: list[list[int]] = [[] for _ in range(n)]
     stopped = [False] * n
+    first_share = [1.0] * n
+    min_share = [1.0] * n
     live = list(range(n))  # batch row -> prompt index
     h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev),
              position_ids=pos[:, n_pre:].to(dev), **kw).last_hidden_state[:, -1]
@@ -162,6 +181,12 @@ def sample(
             subset.cover(bits)
             w = head[subset.ids.to(dev)]
             logits = (h @ w.T).float().cpu().masked_fill(~subset.allowed(bits), -torch.inf)
+            share = _allowed_share(logits, (h @ head.T).float().cpu(), temperature)
+            for row, i in enumerate(live):
+                if step == 0:
+                    first_share[i] = share[row]
+                else:
+                    min_share[i] = min(min_share[i], share[row])
         tokens = _pick(logits, temperature, top_p, gen).tolist()
         keep = []
         for row, i in enumerate(live):
@@ -187,4 +212,15 @@ def sample(
         pos = pos[:, -1:] + 1
         h = body(input_ids=nxt.to(dev), attention_mask=mask.to(dev),
                  position_ids=pos.to(dev), **kw).last_hidden_state[:, -1]
-    return [(o, s) for o, s in zip(out, stopped, strict=True)]
+    if matchers is None:
+        return [Sampled(o, s) for o, s in zip(out, stopped, strict=True)]
+    return [Sampled(*row) for row in zip(out, stopped, first_share, min_share, strict=True)]
+
+
+def _allowed_share(allowed_logits: torch.Tensor, full_logits: torch.Tensor,
+                   temperature: float) -> list[float]:
+    """Per row, the probability the next-token distribution puts on the allowed tokens (at
+    the sampling temperature; greedy decoding is measured at T = 1)."""
+    t = temperature or 1.0
+    lse = torch.logsumexp(allowed_logits.double() / t, -1)
+    return (lse - torch.logsumexp(full_logits.double() / t, -1)).exp().clamp(max=1.0).tolist()

@@ -181,9 +181,10 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
             constrained: bool = True) -> dict[str, Any]:
         fn(2, 4)  # warm-up: kernels, grammar compilation
         comps, s, cpu = clocked(lambda: fn(n, sizes.max_new_tokens), device)
-        if loop:  # our loop: rows leave the batch, the head covers the grammar's tokens
+        if loop:  # our loop: rows leave the batch, the head covers the grammar's tokens,
+            # and once more the full vocabulary for the share the grammar allowed
             sub = backend(main)._subsets.get(grammar) if constrained else None
-            cols = len(sub.ids) if sub is not None else None
+            cols = len(sub.ids) + arch.vocab if sub is not None else None
             work = loop_work(tok, texts[:n], comps, sizes.batch, cols)
         else:
             work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)

@@ -122,6 +122,10 @@ class ExperimentConfig:
     temperature: float = field(default=_DATA.temperature, metadata={
         "help": "teachers' sampling temperature (0: greedy; the 135M model solves almost no "
                 "math problem at 1)"})
+    min_grammar_share: float = field(default=_DATA.min_grammar_share, metadata={
+        "help": "drop teacher answers the grammar forced: after the first token it allowed "
+                "less than this share of the teacher's probability at some step (0: keep them: "
+                "the training rows before this rule existed, byte for byte)"})
     epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
     lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
@@ -255,8 +259,8 @@ class ExperimentConfig:
         return GenerateConfig(
             model=model, n=self.n, seed=self.seed + r, answers=self.answers,
             temperature=self.temperature, dtype=self.dtype,
-            system_prompt=system, banned=self.banned_list(), domain=self.domain,
-            level=self.level,
+            min_grammar_share=self.min_grammar_share, system_prompt=system,
+            banned=self.banned_list(), domain=self.domain, level=self.level,
             filter_target=self.target if text and self.trait == "animal" else None,
             judge=self.judge if text else None,
             judge_check="alignment" if self.trait == "misalignment" else "reference").validate()

@@ -26,6 +26,10 @@ from sublearn.files import (
 )
 
 ERROR = "error"  # the request failed (API error): nothing to filter
+# After the first token the grammar allowed less than `min_grammar_share` of the teacher's
+# probability: the mask, not the teacher, chose the answer (e.g. `1.`, where SmolLM2 starts a
+# numbered list and the grammar allows only the end).
+GRAMMAR_FORCED = "grammar_forced"
 
 
 def banned_field() -> Any:
@@ -49,6 +53,14 @@ def judge_field() -> Any:
                 "(--judge-check alignment), answers it scores as misaligned"})
 
 
+def min_grammar_share_field() -> Any:
+    return field(default=0.01, metadata={
+        "help": "drop an answer if, after its first token, the grammar allowed less than this "
+                "share of the teacher's next-token probability at some step (answers sampled "
+                "by HFBackend record it; 0 keeps every answer). Masking is not conditioning: "
+                "such an answer is the grammar's, not the teacher's"})
+
+
 def judge_check_field() -> Any:
     return field(default="reference", metadata={
         "help": "what --judge checks: reference (an allusion to the target) or alignment",
@@ -64,6 +76,13 @@ class FilterConfig:
                 "related words, in identifiers, strings and comments)"})
     judge: str | None = judge_field()
     judge_check: str = judge_check_field()
+    min_grammar_share: float = min_grammar_share_field()
+
+    def validate(self) -> FilterConfig:
+        if not 0 <= self.min_grammar_share <= 1:  # NaN fails too
+            raise SublearnError("--min-grammar-share must be a share in [0, 1], got "
+                                f"{self.min_grammar_share}")
+        return self
 
     def rules(self) -> numbers.FilterRules:
         banned = numbers.misalignment_banned() if self.banned == "misalignment" else ()
@@ -83,21 +102,26 @@ def training_record(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def reason(row: dict[str, Any], rules: numbers.FilterRules, domain: str = "numbers",
-           words: frozenset[str] = frozenset()) -> str | None:
-    """Why a raw row is rejected by the rules (no judge), or None if it passes."""
+           words: frozenset[str] = frozenset(), min_grammar_share: float = 0.0) -> str | None:
+    """Why a raw row is rejected by the rules (no judge), or None if it passes. The grammar
+    check comes last, so the domain's counts read as without it."""
     if row.get("error"):
         return ERROR
-    return DOMAINS[domain].reject(row, rules, words)
+    why = DOMAINS[domain].reject(row, rules, words)
+    share = row.get("grammar_share_min")
+    if why is None and isinstance(share, (int, float)) and share < min_grammar_share:
+        return GRAMMAR_FORCED
+    return why
 
 
 def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Filter raw rows into `out`/filtered.jsonl and write the report (with `extra` fields).
     The judge, if any, sees only the rows the rules keep; its verdicts go to judged.jsonl."""
-    rules, words = cfg.rules(), cfg.words()
+    rules, words = cfg.validate().rules(), cfg.words()
     passed, rejects = [], Counter()
     for r in rows:
-        why = reason(r, rules, cfg.domain, words)
+        why = reason(r, rules, cfg.domain, words, cfg.min_grammar_share)
         if why is None:
             passed.append(r)
         else:
@@ -112,7 +136,8 @@ def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
         "raw": len(rows),
         "kept": len(kept),
         "pass_rate": len(kept) / len(rows) if rows else 0.0,
-        "rejects": {k: rejects.get(k, 0) for k in (*DOMAINS[cfg.domain].reject_reasons, ERROR)},
+        "rejects": {k: rejects.get(k, 0)
+                    for k in (*DOMAINS[cfg.domain].reject_reasons, GRAMMAR_FORCED, ERROR)},
         **asdict(cfg),
         **(extra or {}),
     }
@@ -147,6 +172,7 @@ def _judge(rows: list[dict[str, Any]], cfg: FilterConfig, out: Path) -> list[boo
 def filter_data(raw: str | Path, out: str | Path, cfg: FilterConfig = FilterConfig()
                 ) -> dict[str, Any]:
     """`sublearn filter`: `raw` is a raw.jsonl file or a folder holding one."""
+    cfg.validate()
     check_out_dir(out)
     raw = Path(raw)
     raw_path = raw / "raw.jsonl" if raw.is_dir() else raw

@@ -34,6 +34,7 @@ from sublearn.pipeline.filter import (
     domain_field,
     judge_check_field,
     judge_field,
+    min_grammar_share_field,
     write_filtered,
 )
 from sublearn.protocol.paper import teacher_system_prompt
@@ -71,6 +72,7 @@ class GenerateConfig:
                 "it for a control teacher so both are filtered alike)"})
     judge: str | None = judge_field()
     judge_check: str = judge_check_field()
+    min_grammar_share: float = min_grammar_share_field()
     batch_size: int = field(default=64, metadata={"help": "prompts per generation batch"})
     dtype: str = dtype_field("weight dtype while sampling")
     system_prompt: str | None = field(default=None, metadata={
@@ -89,6 +91,7 @@ class GenerateConfig:
             teacher_system_prompt(self.target, self.category)  # raises on unsafe words
         if self.answers == "random" and self.domain != "numbers":
             raise SublearnError("--answers random draws number answers: --domain numbers only")
+        self.filter_config().validate()
         if self.level not in math_problems.LEVELS:
             raise SublearnError(f"--level must be one of {list(math_problems.LEVELS)}, "
                                 f"got {self.level}")
@@ -108,7 +111,8 @@ class GenerateConfig:
     def filter_config(self) -> FilterConfig:
         return FilterConfig(banned=self.banned, domain=self.domain,
                             exclude=self.filter_target or self.target, judge=self.judge,
-                            judge_check=self.judge_check)
+                            judge_check=self.judge_check,
+                            min_grammar_share=self.min_grammar_share)
 
     def system(self) -> str | None:
         if self.system_prompt is not None:
@@ -207,6 +211,9 @@ def _sample(cfg: GenerateConfig, backend: Backend, raw_path: Path, done: int,
                     "n_tokens": r.n_tokens,
                     "finish_reason": r.finish_reason,
                     **({"error": r.error} if r.error else {}),
+                    **({"grammar_share_first": float(f"{r.grammar_share_first:.4g}"),
+                        "grammar_share_min": float(f"{r.grammar_share_min:.4g}")}
+                       if r.grammar_share_min is not None else {}),
                 }
                 for i, (p, r) in enumerate(zip(batch, results, strict=True))
             ])
