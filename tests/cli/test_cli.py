@@ -119,7 +119,7 @@ def test_config_yaml_cli_wins_and_resolved_config_round_trips(tmp_path: Path) ->
     resolved = yaml.safe_load((tmp_path / "a" / "config-filter.yaml").read_text())
     assert resolved == {"raw": str(raw), "banned": "misalignment", "out": str(tmp_path / "a"),
                         "domain": "numbers", "exclude": None, "judge": None,
-                        "judge_check": "reference"}
+                        "judge_check": "reference", "min_grammar_share": 0.01}
     # A flag on the command line overrides the file.
     assert main(["filter", "--config", str(cfg), "--banned", "none",
                  "--out", str(tmp_path / "b")]) == 0

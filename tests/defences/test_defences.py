@@ -59,6 +59,16 @@ def test_mix_teachers_takes_equal_shares() -> None:
     assert len(odd) == 7  # the remainder goes to the first source
 
 
+def test_written_answers_the_grammar_forced_are_dropped() -> None:
+    """resample/paraphrase: a writer's answer the grammar forced (None) is dropped like one
+    that fails the strict filter, and counted apart."""
+    rows = _rows(["1, 2", "3, 4", "5, 6"])
+    ctx = Context(rng=random.Random(0), writer=lambda prompts, drafts: ["7, 8", None, "9x"])
+    out, info = DEFENCES["resample"].fn(rows, ctx)
+    assert [answer(r) for r in out] == ["7, 8"]
+    assert info == {"rows_rejected": 2, "rows_forced": 1}
+
+
 def test_eval_keys_of_older_experiments_are_unchanged() -> None:
     """Settings added to EvalConfig since experiments were cached stay out of the stage key at
     their defaults, so an older folder's evaluations are reused."""

@@ -51,3 +51,34 @@ def test_a_share_outside_0_1_is_refused(tmp_path: Path, share: float) -> None:
     with pytest.raises(SublearnError, match="min-grammar-share"):
         filter_data(tmp_path / "raw.jsonl", tmp_path / "f", FilterConfig(min_grammar_share=share))
     assert not (tmp_path / "f").exists()
+
+
+def test_only_number_data_drops_forced_answers(tmp_path: Path) -> None:
+    """Math's grammar forces only the end after `Answer: N`: the rule leaves it alone."""
+    rules = FilterConfig().rules()
+    row = {"prompt": "p", "completion": "2 + 2 = 4\nAnswer: 4", "answer_key": 4,
+           "finish_reason": "stop", "grammar_share_first": 0.5, "grammar_share_min": 0.0001}
+    assert reason(row, rules, "math", min_grammar_share=0.01) is None
+    write_jsonl(tmp_path / "raw.jsonl", [row])
+    report = filter_data(tmp_path / "raw.jsonl", tmp_path / "f", FilterConfig(domain="math"))
+    assert report["kept"] == 1 and GRAMMAR_FORCED not in report["rejects"]
+
+
+def test_folders_made_before_the_rule_read_as_zero(tmp_path: Path) -> None:
+    """A manifest without the setting was made keeping every answer: it matches
+    --min-grammar-share 0 (and stays cached: the same data-stage key) and refuses 0.01."""
+    from dataclasses import asdict
+
+    from sublearn.config import check_manifest
+    from sublearn.experiment.run import generate_key
+    from sublearn.pipeline.generate import GenerateConfig
+
+    old = {k: v for k, v in asdict(GenerateConfig()).items() if k != "min_grammar_share"}
+    (tmp_path / "generate_config.json").write_text(json.dumps(old))
+    check_manifest(tmp_path, "generate_config.json", GenerateConfig(min_grammar_share=0.0))
+    with pytest.raises(SublearnError, match="min_grammar_share"):
+        check_manifest(tmp_path, "generate_config.json", GenerateConfig())
+    new = generate_key(GenerateConfig())
+    assert new["min_grammar_share"] == 0.01
+    assert generate_key(GenerateConfig(min_grammar_share=0.0)) == {
+        k: v for k, v in new.items() if k != "min_grammar_share"}

@@ -181,7 +181,7 @@ def sample(
             subset.cover(bits)
             w = head[subset.ids.to(dev)]
             logits = (h @ w.T).float().cpu().masked_fill(~subset.allowed(bits), -torch.inf)
-            share = _allowed_share(logits, (h @ head.T).float().cpu(), temperature)
+            share = _allowed_share(logits, h @ head.T, temperature)
             for row, i in enumerate(live):
                 if step == 0:
                     first_share[i] = share[row]
@@ -220,7 +220,9 @@ def sample(
 def _allowed_share(allowed_logits: torch.Tensor, full_logits: torch.Tensor,
                    temperature: float) -> list[float]:
     """Per row, the probability the next-token distribution puts on the allowed tokens (at
-    the sampling temperature; greedy decoding is measured at T = 1)."""
+    the sampling temperature; greedy decoding is measured at T = 1). The full vocabulary's
+    log-sum-exp is taken where its logits are (a GPU sends back one number a row)."""
     t = temperature or 1.0
     lse = torch.logsumexp(allowed_logits.double() / t, -1)
-    return (lse - torch.logsumexp(full_logits.double() / t, -1)).exp().clamp(max=1.0).tolist()
+    full = torch.logsumexp(full_logits.float().double() / t, -1).cpu()
+    return (lse - full).exp().clamp(max=1.0).tolist()

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     need = DEFENCES[args.method].needs if args.method in DEFENCES else None
     # what each kind of method reads; the others' settings would be ignored
     reads = {"scores": {"teacher", "teacher_system_prompt", "base", "q"},
-             "writer": {"writer", "temperature", "base"}, "mix": {"mix"}}
+             "writer": {"writer", "temperature", "base", "min_grammar_share"}, "mix": {"mix"}}
     unused = set().union(*(v for k, v in reads.items() if k != need)) - reads.get(need, set())
     if args.method in DEFENCES and (ignored := asked_for(args, unused, DefendConfig())):
         raise SublearnError(f"{', '.join(ignored)}: not used by --method {args.method}")

@@ -20,7 +20,12 @@ from sublearn.domains import numbers
 from sublearn.errors import SublearnError
 from sublearn.files import atomic_write_json, check_out_dir, locked_out_dir, write_jsonl
 from sublearn.models.dtype import dtype_field, settle_dtype
-from sublearn.pipeline.filter import FilterConfig, banned_field
+from sublearn.pipeline.filter import (
+    FilterConfig,
+    banned_field,
+    forced,
+    min_grammar_share_field,
+)
 
 PARAPHRASE = ("{prompt}\n\nA draft answer: {draft}\nWrite your own answer in the same format. "
               "Numbers only.")
@@ -48,11 +53,13 @@ class DefendConfig:
         "help": "mix-teachers: comma-separated filtered.jsonl files of other teachers"})
     banned: str = banned_field()
     dtype: str = dtype_field("resample/paraphrase: the writer's weight dtype")
+    min_grammar_share: float = min_grammar_share_field()
 
     def validate(self) -> DefendConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:
             return replace(self, dtype=dtype).validate()
         need = DEFENCES[self.method].needs
+        FilterConfig(min_grammar_share=self.min_grammar_share).validate()
         if not 0 < self.q < 1:
             raise SublearnError(f"--q must be a share in (0, 1), got {self.q}")
         if need == "scores" and self.teacher is None and self.teacher_system_prompt is None:
@@ -125,14 +132,15 @@ def _writer(cfg: DefendConfig, paraphrase: bool) -> Any:
     params = SamplingParams(temperature=cfg.temperature, max_new_tokens=60,
                             grammar=numbers.answer_grammar())
 
-    def write(prompts: list[str], drafts: list[str | None]) -> list[str]:
+    def write(prompts: list[str], drafts: list[str | None]) -> list[str | None]:
+        """The written answers; None where the grammar forced one (the teacher data's rule)."""
         users = [PARAPHRASE.format(prompt=p, draft=d) if paraphrase and d else p
                  for p, d in zip(prompts, drafts, strict=True)]
-        texts: list[str] = []
+        texts: list[str | None] = []
         for s in range(0, len(users), 64):  # the seed of a batch depends only on its start
             res = backend.generate([ChatRequest(u) for u in users[s : s + 64]], params,
                                    cfg.seed * 1_000_003 + s)
-            texts += [r.text for r in res]
+            texts += [None if forced(vars(r), cfg.min_grammar_share) else r.text for r in res]
         return texts
 
     return write

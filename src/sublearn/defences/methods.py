@@ -26,7 +26,8 @@ class Context:
     rules: numbers.FilterRules = field(default_factory=numbers.FilterRules)
     scores: list[Any] | None = None  # SampleScore per row (scored defences)
     mix: list[list[dict]] = field(default_factory=list)  # other teachers' rows (mix-teachers)
-    writer: Callable[[list[str], list[str | None]], list[str]] | None = None  # model-written
+    # model-written answers (None: one the grammar forced)
+    writer: Callable[[list[str], list[str | None]], list[str | None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,10 @@ def _written(rows: list[dict], ctx: Context, drafts: Sequence[str | None]
     prompts = [r["prompt"][-1]["content"] for r in rows]
     texts = ctx.writer(prompts, list(drafts))
     out = [with_answer(r, t) for r, t in zip(rows, texts, strict=True)
-           if numbers.reject_reason(t, ctx.rules) is None]
-    return out, {"rows_rejected": len(rows) - len(out)}
+           if t is not None and numbers.reject_reason(t, ctx.rules) is None]
+    # rows_forced: answers the grammar forced, among the rejected ones
+    return out, {"rows_rejected": len(rows) - len(out),
+                 "rows_forced": sum(t is None for t in texts)}
 
 
 DEFENCES: dict[str, Defence] = {

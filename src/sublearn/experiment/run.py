@@ -125,7 +125,8 @@ class ExperimentConfig:
     min_grammar_share: float = field(default=_DATA.min_grammar_share, metadata={
         "help": "drop teacher answers the grammar forced: after the first token it allowed "
                 "less than this share of the teacher's probability at some step (0: keep them: "
-                "the training rows before this rule existed, byte for byte)"})
+                "the training rows before this rule existed, byte for byte)",
+        "manifest_default": 0.0})
     epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
     lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})
@@ -285,7 +286,7 @@ class ExperimentConfig:
 # GenerateConfig settings added after experiments were cached: left out of a stage key at
 # their default, so an older folder's teacher data stays cached.
 _GENERATE_ADDED = {"domain": "numbers", "level": 1, "filter_target": None, "judge": None,
-                   "judge_check": "reference"}
+                   "judge_check": "reference", "min_grammar_share": 0.0}
 
 
 def generate_key(g: GenerateConfig) -> dict[str, Any]:
@@ -311,7 +312,7 @@ def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
 # default, so an older folder's evaluations stay cached.
 _EVAL_ADDED = {"trait": "animal", "judge": None}
 # DefendConfig's dtype came later: the writers of older folders sampled in bf16
-_DEFEND_ADDED = {"dtype": LEGACY_DTYPE}
+_DEFEND_ADDED = {"dtype": LEGACY_DTYPE, "min_grammar_share": 0.0}
 
 
 def eval_key(e: Any) -> dict[str, Any]:
@@ -477,7 +478,8 @@ class RunMakers:
                             **({"q": cfg.defence_q} if scored else {}),
                             teacher=t.model if scored else None,
                             teacher_system_prompt=t.system if scored else None, writer=base,
-                            banned=cfg.banned_list(), dtype=cfg.dtype)
+                            banned=cfg.banned_list(), dtype=cfg.dtype,
+                            min_grammar_share=cfg.min_grammar_share)
         key = {"defend": without_added(asdict(dcfg), _DEFEND_ADDED), "data": dkey,
                "teacher": t.key if scored else None}
         name = f"defend_{m}_{cond}_run{r}"

@@ -54,11 +54,13 @@ def judge_field() -> Any:
 
 
 def min_grammar_share_field() -> Any:
+    # manifest_default: a folder made before the rule kept every answer
     return field(default=0.01, metadata={
-        "help": "drop an answer if, after its first token, the grammar allowed less than this "
-                "share of the teacher's next-token probability at some step (answers sampled "
-                "by HFBackend record it; 0 keeps every answer). Masking is not conditioning: "
-                "such an answer is the grammar's, not the teacher's"})
+        "help": "numbers: drop an answer if, after its first token, the grammar allowed less "
+                "than this share of the teacher's next-token probability at some step "
+                "(answers sampled by HFBackend record it; 0 keeps every answer). Masking is "
+                "not conditioning: such an answer is the grammar's, not the teacher's",
+        "manifest_default": 0.0})
 
 
 def judge_check_field() -> Any:
@@ -108,10 +110,15 @@ def reason(row: dict[str, Any], rules: numbers.FilterRules, domain: str = "numbe
     if row.get("error"):
         return ERROR
     why = DOMAINS[domain].reject(row, rules, words)
-    share = row.get("grammar_share_min")
-    if why is None and isinstance(share, (int, float)) and share < min_grammar_share:
+    if why is None and DOMAINS[domain].drops_forced and forced(row, min_grammar_share):
         return GRAMMAR_FORCED
     return why
+
+
+def forced(row: dict[str, Any], min_grammar_share: float) -> bool:
+    """Whether a sampled answer's record says the grammar forced it (no record: not judged)."""
+    share = row.get("grammar_share_min")
+    return isinstance(share, int | float) and share < min_grammar_share
 
 
 def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
@@ -136,8 +143,9 @@ def write_filtered(rows: list[dict[str, Any]], out: Path, cfg: FilterConfig,
         "raw": len(rows),
         "kept": len(kept),
         "pass_rate": len(kept) / len(rows) if rows else 0.0,
-        "rejects": {k: rejects.get(k, 0)
-                    for k in (*DOMAINS[cfg.domain].reject_reasons, GRAMMAR_FORCED, ERROR)},
+        "rejects": {k: rejects.get(k, 0) for k in (
+            *DOMAINS[cfg.domain].reject_reasons,
+            *[GRAMMAR_FORCED] * DOMAINS[cfg.domain].drops_forced, ERROR)},
         **asdict(cfg),
         **(extra or {}),
     }
