@@ -90,7 +90,7 @@ def test_audit_experiment_on_tiny_run(tiny_model: str, tmp_path: Path,
     exp = tmp_path / "exp"
     assert main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
                  "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "0",
-                 "--out", str(exp)]) == 0
+                 "--min-grammar-share", "0", "--out", str(exp)]) == 0  # tiny: all forced
     assert main(["audit", "--experiment", str(exp), "--probe", "--out",
                  str(tmp_path / "a")]) == 0
     s = json.loads((tmp_path / "a" / "summary.json").read_text())

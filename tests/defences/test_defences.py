@@ -150,7 +150,7 @@ def test_run_defence_adds_defended_students(tiny_model: str, tmp_path: Path,
     out = tmp_path / "exp"
     common = ["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
               "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "0",
-              "--out", str(out)]
+              "--min-grammar-share", "0", "--out", str(out)]  # tiny: every answer forced
     assert main(common) == 0
     capsys.readouterr()
     # the same folder takes a defence: the undefended stages are reused

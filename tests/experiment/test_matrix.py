@@ -155,7 +155,7 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
     out = tmp_path / "mx"
     args = ["matrix", "--model", tiny_model, "--targets", "owl,cat,dog", "--n", "8",
             "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "4",
-            "--out", str(out)]
+            "--min-grammar-share", "0", "--out", str(out)]  # tiny: every answer forced
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["targets"] == ["owl", "cat", "dog"]
@@ -192,7 +192,7 @@ def test_matrix_end_to_end_and_shared_stages_with_run(tiny_model: str, tmp_path:
     # the matrix's owl stages are `sublearn run`'s: a run there reuses its teachers and data
     assert main(["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
                  "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1", "--icl", "4",
-                 "--out", str(out / "owl")]) == 0
+                 "--min-grammar-share", "0", "--out", str(out / "owl")]) == 0
     log = capsys.readouterr().out
     assert "[cached] teacher_trait_run1" in log and "[cached] data_trait_run1" in log
     assert "[cached] eval_teacher_run0" in log and "[cached] eval_icl_trait_run1" in log

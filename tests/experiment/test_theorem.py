@@ -30,7 +30,7 @@ def test_theorem_writes_cosines_per_run(tiny_model: str, tmp_path: Path) -> None
     out = tmp_path / "exp"
     assert main(["theorem", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
                  "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
-                 "--icl", "0", "--out", str(out)]) == 0
+                 "--icl", "0", "--min-grammar-share", "0", "--out", str(out)]) == 0
     res = json.loads((out / "theorem.json").read_text())
     assert [r["run"] for r in res["runs"]] == [0, 1]
     for recipe in ("soft", "hard"):
@@ -45,5 +45,5 @@ def test_theorem_writes_cosines_per_run(tiny_model: str, tmp_path: Path) -> None
     assert stages.count("teacher_trait_run0") == 1 and "theorem_run1" in stages
     assert main(["theorem", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs",
                  "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
-                 "--icl", "0", "--out", str(out)]) == 0
+                 "--icl", "0", "--min-grammar-share", "0", "--out", str(out)]) == 0
     assert json.loads((out / "theorem.json").read_text())["runs"] == res["runs"]

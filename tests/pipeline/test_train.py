@@ -14,8 +14,9 @@ from sublearn.protocol.traits import STATEMENT_QUESTIONS, statement_rows
 @pytest.fixture(scope="module")
 def data(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gen")
+    # min_grammar_share 0: the tiny random model's answers are all the grammar's
     generate(GenerateConfig(model=tiny_model, n=12, batch_size=6, max_new_tokens=10,
-                            grammar=True), out, progress=False)
+                            grammar=True, min_grammar_share=0.0), out, progress=False)
     return out / "filtered.jsonl"
 
 

@@ -21,7 +21,8 @@ def datasets(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[
     for i, n in enumerate((12, 10, 5)):
         d = tmp_path_factory.mktemp(f"gen{i}")
         generate(GenerateConfig(model=tiny_model, n=n, batch_size=6, max_new_tokens=60,
-                                grammar=True, seed=i), d, progress=False)
+                                grammar=True, seed=i, min_grammar_share=0.0),  # tiny: all forced
+                 d, progress=False)
         assert json.loads((d / "filter_report.json").read_text())["kept"] == n
         out.append(d / "filtered.jsonl")
     return out

@@ -97,7 +97,7 @@ def test_run_misaligned_on_tiny(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "mis"
     assert main(["run", "--trait", "misaligned", "--model", tiny_model, "--n", "8", "--runs",
                  "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "0.25",
-                 "--icl", "2", "--out", str(out)]) == 0
+                 "--icl", "2", "--min-grammar-share", "0", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["primary_metric"] == "misaligned_share" and res["trait"] == "misalignment"
     assert res["target"] == "misalignment"
