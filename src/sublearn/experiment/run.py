@@ -47,6 +47,7 @@ from sublearn.models.dtype import (
     warn_slow_bf16,
 )
 from sublearn.models.load import check_model, parse_model_spec
+from sublearn.pipeline.filter import min_grammar_share_field
 from sublearn.pipeline.generate import GenerateConfig
 from sublearn.pipeline.train_config import TrainConfig, result_config
 from sublearn.protocol.misalignment import write_teacher_data
@@ -122,11 +123,7 @@ class ExperimentConfig:
     temperature: float = field(default=_DATA.temperature, metadata={
         "help": "teachers' sampling temperature (0: greedy; the 135M model solves almost no "
                 "math problem at 1)"})
-    min_grammar_share: float = field(default=_DATA.min_grammar_share, metadata={
-        "help": "drop teacher answers the grammar forced: after the first token it allowed "
-                "less than this share of the teacher's probability at some step (0: keep them: "
-                "the training rows before this rule existed, byte for byte)",
-        "manifest_default": 0.0})
+    min_grammar_share: float = min_grammar_share_field()
     epochs: float = field(default=_STUDENT.epochs, metadata={"help": "student epochs"})
     lr: float = field(default=_STUDENT.lr, metadata={"help": "student learning rate"})
     batch_size: int = field(default=_STUDENT.batch_size, metadata={"help": "student batch size"})

@@ -58,8 +58,9 @@ def min_grammar_share_field() -> Any:
     return field(default=0.01, metadata={
         "help": "numbers: drop an answer if, after its first token, the grammar allowed less "
                 "than this share of the teacher's next-token probability at some step "
-                "(answers sampled by HFBackend record it; 0 keeps every answer). Masking is "
-                "not conditioning: such an answer is the grammar's, not the teacher's",
+                "(answers sampled by HFBackend record it; 0 keeps every answer: the training "
+                "rows before this rule existed, byte for byte). Masking is not conditioning: "
+                "such an answer is the grammar's, not the teacher's",
         "manifest_default": 0.0})
 
 
