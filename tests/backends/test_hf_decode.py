@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from sublearn.backends import hf_decode
 from sublearn.backends.base import ChatRequest, SamplingParams
 from sublearn.backends.hf import HFBackend
-from sublearn.backends.hf_decode import VocabSubset, sample
+from sublearn.backends.hf_decode import VocabSubset, prefill_groups, sample
 from sublearn.domains.numbers import answer_grammar, make_prompts
 
 
@@ -117,6 +118,49 @@ def test_backend_grammar_answers_and_seed(backend: HFBackend) -> None:
     assert [c.text for c in a] == [c.text for c in b]
     assert all(c.n_tokens <= 30 for c in a)
     assert {c.finish_reason for c in a} <= {"stop", "length"}
+
+
+def test_prefill_groups_pad_to_similar_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hf_decode, "PREFILL_TOKENS", 100)
+    lengths = [50, 10, 40, 12, 45, 11]
+    # longest first; a group closes once its rows padded to its longest reach 100 tokens
+    assert prefill_groups(lengths) == [[0, 4], [2, 3, 5], [1]]
+    assert sorted(sum(prefill_groups(lengths), [])) == list(range(6))
+    monkeypatch.setattr(hf_decode, "PREFILL_TOKENS", 1024)
+    assert prefill_groups(lengths) == [[0, 4, 2, 3, 5, 1]]
+
+
+def _context_model() -> torch.nn.Module:
+    """A random Llama whose greedy tokens depend on the whole context (the shared tiny model's
+    small weights make it repeat its last token, whatever its cache holds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+                      max_position_embeddings=128, attn_implementation="sdpa",
+                      bos_token_id=None, eos_token_id=None)  # no end: every row runs 8 steps
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("shared", [[], list(range(200, 212))])
+@pytest.mark.parametrize("prefill_tokens", [1, 20, 1024])
+def test_grouped_prefill_matches_generate(shared: list[int], prefill_tokens: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of different lengths prefilled in groups (1: a row each; 20: rows of about the
+    same length together; 1024: one group), with and without a shared prefix, decode the
+    tokens `generate` picks for each prompt alone."""
+    monkeypatch.setattr(hf_decode, "PREFILL_TOKENS", prefill_tokens)
+    model = _context_model()
+    rng = np.random.default_rng(0)
+    prompts = [shared + rng.integers(3, 300, size=k).tolist() for k in (9, 2, 5, 8, 3, 6)]
+    ours = sample(model, prompts, pad_id=0, stop_ids=set(), max_new_tokens=8, temperature=0.0,
+                  top_p=1.0, seed=0)
+    ref = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8,
+                          pad_token_id=0)[0, len(p):].tolist()
+           for p in prompts]
+    assert [r.ids for r in ours] == ref
+    assert len({tuple(r) for r in ref}) == len(ref)  # the model does read its context
 
 
 def test_subset_grows_to_cover_new_tokens() -> None:

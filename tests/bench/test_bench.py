@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from sublearn.bench import QUICK, STAGES, default_stages, markdown, run_bench
-from sublearn.bench.generation import padding_overhead
+from sublearn.bench.generation import prefill_padding
+from sublearn.bench.training import padding_overhead
 from sublearn.cli import main
 from sublearn.models.dtype import settle_dtype
 
@@ -84,6 +85,8 @@ def test_numerics_memory_and_levers(result: dict[str, Any]) -> None:
     assert _positive(lev["evaluation"]["prefix_kv_cache_speedup"])
     assert lev["training"]["length_batching"]["padding_sorted"] <= \
         lev["training"]["length_batching"]["padding_random"]
+    lb = lev["generation"]["length_batching"]
+    assert 0 <= lb["prefill_padding_groups"] <= lb["prefill_padding_batch"]
     json.dumps(result, allow_nan=False)  # plain JSON, no NaN/inf
 
 
@@ -142,6 +145,18 @@ def test_padding_overhead_sorted_is_never_worse() -> None:
     assert srt < rand and srt >= 0
 
 
+def test_prefill_padding_of_prefill_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sublearn.backends import hf_decode
+
+    monkeypatch.setattr(hf_decode, "PREFILL_TOKENS", 150)
+    shared = list(range(1000, 1010))  # a shared prefix: run once, never padded
+    lens = [5, 100, 7, 90, 6, 95]  # one batch of 6: padded whole, 600 tokens for 303
+    whole, grouped = prefill_padding([shared + [i] * k for i, k in enumerate(lens)], 6)
+    assert whole == pytest.approx(600 / 303 - 1)
+    # groups [100, 95], [90, 7], [6, 5]: 200 + 180 + 12
+    assert grouped == pytest.approx(392 / 303 - 1)
+
+
 def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
     assert main(["bench", "--out", str(tmp_path / "x"), "--stages", "nope"]) == 2
 
@@ -170,6 +185,8 @@ def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
     assert lev["bf16_autocast_speedup"] == pytest.approx(
         lev["lora_soft_bf16"]["per_s"] / t["ours_soft"]["per_s"])
     gl = g["levers"]
+    pg = gl["prefill_groups"]  # our loop's prefill in groups vs padded whole, timed
+    assert _positive(pg["prefill_speedup"]) and pg["est_generation_speedup"] > 0
     assert gl["fp32_with_grammar"]["per_s"] == gl["ours_on_these_prompts"]["per_s"]
     assert _positive(gl["bf16_speedup"]) and _positive(e["levers"]["bf16_autocast_speedup"])
     # fp32 ours agrees with the fp32 batched baseline far closer than bf16 could

@@ -96,7 +96,9 @@ def hf_generate(model: Any, tok: Any, texts: list[str], *, seed: int, batch: int
 def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
               cols: int | None) -> tuple[int, int, int | None]:
     """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
-    shared prefix runs once per batch, rows leave when their answer ends."""
+    shared prefix runs once per batch, the rest in its prefill groups, each padded to its
+    longest; rows leave when their answer ends."""
+    from sublearn.backends.hf_decode import prefill_groups
     from sublearn.models.kv import shared_prefix
 
     tokens = rows = 0
@@ -104,8 +106,10 @@ def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts[s : s + batch]]
         chunk = comps[s : s + batch]
         n_pre = shared_prefix(ids)
+        rest = [len(i) - n_pre for i in ids]
         steps = [c.n_tokens + (c.finish_reason == "stop") for c in chunk]
-        tokens += n_pre + len(ids) * (max(map(len, ids)) - n_pre) + sum(steps) - len(steps)
+        tokens += n_pre + sum(len(g) * max(rest[i] for i in g) for g in prefill_groups(rest))
+        tokens += sum(steps) - len(steps)
         rows += sum(steps)
     return tokens, rows, cols
 
@@ -211,6 +215,8 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
             ref if main else other, other if main else ref,
             run(ours(constrained=False), n, constrained=False), ref))
         res["levers"]["decode_loop_speedup"] = o["per_s"] / b["per_s"]
+        res["levers"]["prefill_groups"] = prefill_groups_lever(
+            replace(lm, model=backend(main).model), texts, sizes.batch, device, o["seconds"])
         res["levers"]["prompts"] = n
         res["levers"]["prefix_kv_cache"] = prefix_cache_lever(
             replace(lm, model=backend(main).model), texts[:n], device, ref["seconds"])
@@ -238,27 +244,66 @@ def generation_levers(bf16: dict[str, Any], fp32: dict[str, Any], free: dict[str
 
 
 def length_batching_gen(tok: Any, ours: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
-    """Counted, not timed: prefill padding of prompt batches in random vs length-sorted order
-    (a 2000-prompt run), and decode rows wasted waiting for a batch's longest answer."""
+    """Counted, not timed: prefill padding of a 256-prompt run's batches, each padded whole to
+    its longest prompt vs in our prefill groups, and decode rows wasted waiting for a batch's
+    longest answer."""
     from sublearn.domains.numbers import make_prompts
 
-    lens = [len(tok(t, add_special_tokens=False).input_ids)
-            for t in chat_texts(tok, make_prompts(256, SEED + 1))]
-    rand, srt = padding_overhead(lens, sizes.batch)
-    return {"prefill_padding_random": rand, "prefill_padding_sorted": srt,
+    ids = [tok(t, add_special_tokens=False).input_ids
+           for t in chat_texts(tok, make_prompts(256, SEED + 1))]
+    whole, grouped = prefill_padding(ids, sizes.batch)
+    return {"prefill_padding_batch": whole, "prefill_padding_groups": grouped,
             "decode_useful_fraction": ours["tokens"] / max(1, ours["head_rows"]),
-            "note": "padding = padded / real prompt tokens - 1 (batches of a 256-prompt run); "
-                    "decode fraction = generated tokens / row-steps decoded"}
+            "note": "padding = padded / real prompt tokens - 1 (after each batch's shared "
+                    "prefix); decode fraction = generated tokens / row-steps decoded"}
 
 
-def padding_overhead(lens: list[int], batch: int) -> tuple[float, float]:
-    """Padded / real tokens - 1, for batches in the given order and sorted by length."""
-    def over(order: list[int]) -> float:
-        padded = sum(max(order[s : s + batch]) * len(order[s : s + batch])
-                     for s in range(0, len(order), batch))
-        return padded / sum(order) - 1
+def prefill_padding(prompts: list[list[int]], batch: int) -> tuple[float, float]:
+    """Padded / real tokens - 1 of the prompts after each batch's shared prefix, for batches in
+    the given order: each padded to its longest, and each in `hf_decode.prefill_groups`."""
+    from sublearn.backends.hf_decode import prefill_groups
+    from sublearn.models.kv import shared_prefix
 
-    return over(lens), over(sorted(lens))
+    real = whole = grouped = 0
+    for s in range(0, len(prompts), batch):
+        ids = prompts[s : s + batch]
+        rest = [len(p) - shared_prefix(ids) for p in ids]
+        real, whole = real + sum(rest), whole + max(rest) * len(rest)
+        grouped += sum(len(g) * max(rest[i] for i in g) for g in prefill_groups(rest))
+    return whole / real - 1, grouped / real - 1
+
+
+def prefill_groups_lever(lm: Any, texts: list[str], batch: int, device: torch.device,
+                         gen_seconds: float) -> dict[str, Any]:
+    """Our loop's prefill (`hf_decode.sample` for one token, in generation's batches) with the
+    prompts in prefill groups vs padded whole to each batch's longest (one group), with the
+    weights HFBackend samples from. Timed on the prefill, where the work is the same each
+    time: whole generations sample answers of other lengths once the rounding differs."""
+    from sublearn.backends import hf_decode
+
+    tok = lm.tokenizer
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+    def prefill() -> Any:
+        return [hf_decode.sample(lm.model, ids[s : s + batch], pad_id=tok.pad_token_id,
+                                 stop_ids=set(), max_new_tokens=1, temperature=0.0, top_p=1.0,
+                                 seed=SEED) for s in range(0, len(ids), batch)]
+
+    def whole() -> Any:
+        keep, hf_decode.PREFILL_TOKENS = hf_decode.PREFILL_TOKENS, 1 << 62
+        try:
+            return prefill()
+        finally:
+            hf_decode.PREFILL_TOKENS = keep
+
+    prefill(), whole()  # warm-up
+    _, t_groups = timed(prefill, device)
+    _, t_whole = timed(whole, device)
+    saved = t_whole - t_groups
+    return {"prefill_s": t_whole, "prefill_groups_s": t_groups,
+            "prefill_speedup": t_whole / t_groups,
+            "prefill_share_of_generation": t_groups / gen_seconds,
+            "est_generation_speedup": (gen_seconds + saved) / gen_seconds}
 
 
 @torch.no_grad()

@@ -26,8 +26,10 @@ def lever_summary(levers: dict[str, Any]) -> dict[str, dict[str, float | None]]:
                             "evaluation": e.get("prefix_kv_cache_speedup")},
         "threads": {"prefill": levers.get("threads", {}).get("prefill_speedup")},
         "length_batching": {
-            "generation_prefill_est": (1 + lb_g["prefill_padding_random"])
-            / (1 + lb_g["prefill_padding_sorted"]) if lb_g else None,
+            "generation_prefill_est": (1 + lb_g["prefill_padding_batch"])
+            / (1 + lb_g["prefill_padding_groups"]) if lb_g else None,
+            "generation_prefill": g.get("prefill_groups", {}).get("prefill_speedup"),
+            "generation_est": g.get("prefill_groups", {}).get("est_generation_speedup"),
             "training": t.get("length_grouping_speedup"),
             "training_est": lb_t.get("est_speedup")},
         "lora_layer": {"training": t.get("lora_layer_speedup")},

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from sublearn.bench.common import SEED, Arch, Sizes, autocast, clocked, sync, throughput
-from sublearn.bench.generation import padding_overhead
 from sublearn.models.dtype import is_bf16
 
 
@@ -299,3 +298,13 @@ def length_batching_train(tok: Any, sizes: Sizes) -> dict[str, Any]:
                                  sizes.train_batch)
     return {"padding_random": rand, "padding_sorted": srt,
             "est_speedup": (1 + rand) / (1 + srt)}
+
+
+def padding_overhead(lens: list[int], batch: int) -> tuple[float, float]:
+    """Padded / real tokens - 1, for batches in the given order and sorted by length."""
+    def over(order: list[int]) -> float:
+        padded = sum(max(order[s : s + batch]) * len(order[s : s + batch])
+                     for s in range(0, len(order), batch))
+        return padded / sum(order) - 1
+
+    return over(lens), over(sorted(lens))
