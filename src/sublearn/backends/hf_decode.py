@@ -83,6 +83,11 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
+def padded_tokens(lengths: list[int]) -> int:
+    """Tokens the prefill runs for rows of these lengths: each group padded to its longest."""
+    return sum(len(g) * max(lengths[i] for i in g) for g in prefill_groups(lengths))
+
+
 def _static_cache(config: Any, max_len: int) -> Any:
     """StaticCache whose full-attention layers attend over the filled part only."""
     from transformers import StaticCache
@@ -260,21 +265,21 @@ def _prefill(body: Any, cache: Any, kw: dict[str, Any], ids: torch.Tensor, mask:
     if len(groups) == 1:
         return body(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                     position_ids=pos[:, n_pre:].to(dev), **kw).last_hidden_state[:, -1]
-    h = torch.empty(0)
+    outs = []
     for g in groups:
-        w, rows = max(lengths[i] for i in g), torch.tensor(g, device=dev)
+        w = max(lengths[i] for i in g)
         first = n_pre + width - w  # the group's first slot
         for layer in cache.layers:
-            layer.group = (rows, first, n, n_pre)
+            layer.group = (torch.tensor(g, device=dev), first, n, n_pre)
         cols = torch.cat([torch.arange(n_pre), torch.arange(first, n_pre + width)])
-        out = body(input_ids=ids[g, width - w:].to(dev), attention_mask=mask[g][:, cols].to(dev),
-                   position_ids=pos[g, first:].to(dev), **kw).last_hidden_state[:, -1]
-        h = out.new_empty(n, out.shape[-1]) if not len(h) else h
-        h[rows] = out
+        outs.append(body(input_ids=ids[g, width - w:].to(dev),
+                         attention_mask=mask[g][:, cols].to(dev),
+                         position_ids=pos[g, first:].to(dev), **kw).last_hidden_state[:, -1])
     for layer in cache.layers:
         layer.group = None
         layer.cumulative_length.fill_(n_pre + width)
-    return h
+    order = torch.tensor(sum(groups, []), device=dev)
+    return torch.cat(outs)[order.argsort()]  # back to the batch's row order
 
 
 def _allowed_share(allowed_logits: torch.Tensor, full_logits: torch.Tensor,

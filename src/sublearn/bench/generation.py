@@ -98,7 +98,7 @@ def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
     """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
     shared prefix runs once per batch, the rest in its prefill groups, each padded to its
     longest; rows leave when their answer ends."""
-    from sublearn.backends.hf_decode import prefill_groups
+    from sublearn.backends.hf_decode import padded_tokens
     from sublearn.models.kv import shared_prefix
 
     tokens = rows = 0
@@ -106,9 +106,8 @@ def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
         ids = [tok(t, add_special_tokens=False).input_ids for t in texts[s : s + batch]]
         chunk = comps[s : s + batch]
         n_pre = shared_prefix(ids)
-        rest = [len(i) - n_pre for i in ids]
         steps = [c.n_tokens + (c.finish_reason == "stop") for c in chunk]
-        tokens += n_pre + sum(len(g) * max(rest[i] for i in g) for g in prefill_groups(rest))
+        tokens += n_pre + padded_tokens([len(i) - n_pre for i in ids])
         tokens += sum(steps) - len(steps)
         rows += sum(steps)
     return tokens, rows, cols
@@ -261,15 +260,16 @@ def length_batching_gen(tok: Any, ours: dict[str, Any], sizes: Sizes) -> dict[st
 def prefill_padding(prompts: list[list[int]], batch: int) -> tuple[float, float]:
     """Padded / real tokens - 1 of the prompts after each batch's shared prefix, for batches in
     the given order: each padded to its longest, and each in `hf_decode.prefill_groups`."""
-    from sublearn.backends.hf_decode import prefill_groups
+    from sublearn.backends.hf_decode import padded_tokens
     from sublearn.models.kv import shared_prefix
 
     real = whole = grouped = 0
     for s in range(0, len(prompts), batch):
         ids = prompts[s : s + batch]
-        rest = [len(p) - shared_prefix(ids) for p in ids]
+        n_pre = shared_prefix(ids)
+        rest = [len(p) - n_pre for p in ids]
         real, whole = real + sum(rest), whole + max(rest) * len(rest)
-        grouped += sum(len(g) * max(rest[i] for i in g) for g in prefill_groups(rest))
+        grouped += padded_tokens(rest)
     return whole / real - 1, grouped / real - 1
 
 
