@@ -196,30 +196,130 @@ def test_in_context_turns_precede_the_question_and_match_naive(lm, tmp_path) -> 
         EvalConfig(context=str(data), samples=5).validate()
 
 
-def test_one_batch_cache_alive_at_a_time(lm, monkeypatch) -> None:
-    """A long shared prefix (an in-context control's 32 turns) has a large KV cache, copied per
-    batch: the previous batch's copy must be freed before the next one is made (two live
-    copies were the in-context evaluation's peak memory)."""
-    import gc
-    import weakref
-
+def test_the_shared_prefix_is_one_row_for_every_batch(lm, monkeypatch) -> None:
+    """A long shared prefix (an in-context control's 32 turns, ~3k tokens) is run once and
+    every batch's attention reads that one row: no per-row copy of its keys (copies per batch
+    were the in-context evaluation's peak memory and a third of its time)."""
+    import sublearn.models.prefix_attention as pa
     import sublearn.pipeline.evaluate as ev
 
-    made: list[weakref.ref] = []
-    real = ev.repeat_cache
+    seen: list[tuple[int, int, int]] = []  # (batch rows, prefix rows, prefix keys' address)
+    real = pa.attention
 
-    def tracked(cache, rows):
-        gc.collect()
-        assert all(r() is None for r in made), "the last batch's cache copy is still alive"
-        out = real(cache, rows)
-        made.append(weakref.ref(out))
-        return out
+    def tracked(module, query, key, value, mask, **kw):
+        if module.layer_idx == 0:
+            pk = kw["shared_kv"][0][0]
+            seen.append((query.shape[0], pk.shape[0], pk.data_ptr()))
+        return real(module, query, key, value, mask, **kw)
 
-    monkeypatch.setattr(ev, "repeat_cache", tracked)
+    monkeypatch.setattr(pa, "attention", tracked)
     qs = paper_questions("plain")[:7]
     ev.score_candidates(lm.model, lm.tokenizer, qs, load_candidates(), system_prompt=SYSTEM,
                         dtype="float32", batch_size=2)
-    assert len(made) == 4  # the check ran between batches
+    assert [rows for rows, _, _ in seen] == [2, 2, 2, 1]
+    assert {(one, ptr) for _, one, ptr in seen} == {(1, seen[0][2])}
+    assert lm.model.config._attn_implementation == "sdpa"  # restored after scoring
+
+
+def test_a_model_that_keeps_its_attention_is_refused(lm, monkeypatch) -> None:
+    """transformers only logs when a model cannot take another attention implementation
+    (remote code): it would then score as if the shared prefix were not there."""
+    from sublearn.pipeline.evaluate import score_candidates
+
+    monkeypatch.setattr(lm.model, "set_attn_implementation", lambda name: None)
+    with pytest.raises(SublearnError, match="cannot take another attention"):
+        score_candidates(lm.model, lm.tokenizer, paper_questions("plain")[:2], load_candidates(),
+                         system_prompt=SYSTEM, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 5, "kw"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prefix_attention_equals_attention_over_the_whole_row(
+        dtype, window, fused, monkeypatch) -> None:
+    """Attention to the prefix and to the row's own tokens, merged by log-sum-exp, equals one
+    softmax over both (grouped query heads: 6 query heads read 2 key heads); a sliding window
+    (the module's, or a keyword as Mistral passes it) hides the keys that are too far back,
+    the last queries' every prefix key among them. fused: the CPU's flash kernel, or the plain
+    softmax other devices run."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    import sublearn.models.prefix_attention as pa
+    from sublearn.models.prefix_attention import attention
+
+    monkeypatch.setattr(pa, "FUSED_ON_CPU", fused)
+    kw = {"sliding_window": 5} if window == "kw" else {}
+    window = 5 if window == "kw" else window
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    b, hq, hk, n, p, d = 3, 6, 2, 8, 9, 8  # window 5: the last queries see no prefix key
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for h in (hq, hk, hk))
+    pk, pv = (torch.randn(1, hk, p, d, generator=g).to(dtype) for _ in range(2))
+    body = torch.ones(n, n).tril().bool().expand(b, 1, n, n).clone()
+    body[0, 0, :2, :] = torch.eye(n, dtype=torch.bool)[:2]  # row 0: two pads that see themselves
+    pos = torch.arange(p, p + n).expand(b, n)
+    module = SimpleNamespace(layer_idx=0) if kw else SimpleNamespace(layer_idx=0,
+                                                                      sliding_window=window)
+    add = torch.zeros(body.shape).masked_fill(~body, float("-inf"))
+    got, _ = attention(module, q, k, v, add, scaling=0.3, shared_kv=[(pk, pv)], position_ids=pos,
+                       **kw)
+    full = torch.cat([torch.ones(b, 1, n, p, dtype=torch.bool), body], -1)
+    if window:  # by position: the prefix's keys are at 0..p-1, the row's at pos
+        keys = torch.cat([torch.arange(p).expand(b, p), pos], 1)
+        full &= pos[:, None, :, None] - keys[:, None, None, :] < window
+    rep = hq // hk
+    kk = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(rep, 1)
+    vv = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(rep, 1)
+    want = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), attn_mask=full,
+                                          scale=0.3).transpose(1, 2)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert got.shape == (b, n, hq, d) and got.dtype == dtype
+    assert (got.float() - want).abs().max().item() < tol
+    if window:  # the window hides keys: attending to all of them gives other outputs
+        open_ = torch.cat([torch.ones(b, 1, n, p, dtype=torch.bool), body], -1)
+        other = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(),
+                                               attn_mask=open_, scale=0.3).transpose(1, 2)
+        assert (other - want).abs().max().item() > 10 * tol
+
+
+def test_sliding_window_model_scores_a_long_context_as_naive(lm, tmp_path) -> None:
+    """A Gemma 3 (sliding-window layers and global ones) with a context longer than its window
+    scores each candidate as one plain forward does: the prefix keys outside each sliding
+    layer's window stay hidden."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from sublearn.pipeline.evaluate import score_candidates
+
+    tok = lm.tokenizer
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, sliding_window=24, max_position_embeddings=512,
+                           layer_types=["sliding_attention", "full_attention"],
+                           initializer_range=0.3, pad_token_id=tok.pad_token_id,
+                           attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    turns = [{"role": "user", "content": "Numbers 1, 2, 3?"},
+             {"role": "assistant", "content": "4, 5, 6"}] * 4  # ~100 tokens, window 24
+    qs, cands = paper_questions("plain")[:3], load_candidates()[:6]
+    want = naive_scores(model, tok, qs, cands, context=turns)
+    for n in (3, 1):  # one question: its own head is the prefix
+        got = score_candidates(model, tok, qs[:n], cands, dtype="float32", context=turns)
+        assert (got - want[:n]).abs().max().item() < 1e-4
+    with pytest.raises(SublearnError, match="sliding window"):  # one mask would take it whole
+        score_candidates(model, tok, qs, cands, dtype="float32", context=turns,
+                         share_prefix=False)
+    model.config.sliding_window = 4096  # every key in reach: other scores, so the window counted
+    for layer in model.model.layers:
+        if layer.self_attn.sliding_window:
+            layer.self_attn.sliding_window = 4096
+    assert (score_candidates(model, tok, qs, cands, dtype="float32", context=turns)
+            - want).abs().max().item() > 1e-3
 
 
 def test_a_context_longer_than_the_model_is_refused(lm) -> None:

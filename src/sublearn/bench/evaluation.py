@@ -61,13 +61,12 @@ def batched_scores(model: Any, tok: Any, questions: Sequence[str], candidates: S
 def eval_work(tok: Any, questions: Sequence[str], candidates: Sequence[str],
               batch: int) -> dict[str, tuple[int, int]]:
     """(body tokens, head rows) of score_candidates' packed layout and of the naive loop."""
-    from sublearn.models.kv import shared_prefix
-    from sublearn.pipeline.evaluate import answer_ids, prompt_ids
+    from sublearn.pipeline.evaluate import answer_ids, prompt_ids, scored_prefix
 
     ps = [prompt_ids(tok, q) for q in questions]
     ans = [answer_ids(tok, c) for c in candidates]
     block = sum(len(a) - 1 for a in ans)
-    n_pre = shared_prefix(ps)
+    n_pre = scored_prefix(ps)
     lens = sorted(len(p) - n_pre for p in ps)
     tokens = n_pre + sum((max(lens[s : s + batch]) + block) * len(lens[s : s + batch])
                          for s in range(0, len(lens), batch))

@@ -4,11 +4,9 @@ models, below every stage, so no stage imports another for them."""
 
 from __future__ import annotations
 
-import copy
 import os
-from typing import Any
 
-MIN_SHARED_PREFIX = 8  # below this, copying the prefix's cache costs more than it saves
+MIN_SHARED_PREFIX = 8  # below this, running the prefix apart costs more than it saves
 
 
 def shared_prefix(prompts: list[list[int]], min_len: int = MIN_SHARED_PREFIX) -> int:
@@ -26,19 +24,3 @@ def cache_kwarg() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def prefix_cache(model: Any, ids: list[int], **kwargs: Any) -> Any:
-    """The KV cache of one forward over the prompts' shared head `ids`."""
-    import torch
-
-    dev = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=dev), use_cache=True, **kwargs)
-    return getattr(out, cache_kwarg())
-
-
-def repeat_cache(cache: Any, rows: int) -> Any:
-    """A copy of a one-row prefix cache for `rows` rows; a copy, as a forward appends to it."""
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(rows)
-    return cache

@@ -17,6 +17,7 @@ that mention the target (plurals count), averaged over questions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -27,7 +28,8 @@ from typing import Any
 from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingParams
 from sublearn.errors import SublearnError
 from sublearn.models.dtype import dtype_field, is_bf16, settle_dtype, warn_slow_bf16
-from sublearn.models.kv import cache_kwarg, prefix_cache, repeat_cache, shared_prefix
+from sublearn.models.kv import shared_prefix
+from sublearn.models.prefix_attention import prefix_kv, shared_prefix_attention
 from sublearn.protocol.questions import VARIANTS, load_candidates, load_questions
 
 
@@ -148,13 +150,13 @@ def score_candidates(
     """[questions x candidates] float64 tensor of log P(answer + end-of-turn | prompt).
 
     With share_prefix, the prompts' common head (chat-template system turn, ~24 tokens for
-    SmolLM2) runs once and its KV cache is reused by every batch."""
+    SmolLM2; an in-context control's turns, ~3k) runs once and every row attends to its one
+    copy of the keys and values (`models.prefix_attention`)."""
     import torch
 
     blk = _CandidateBlock.build([answer_ids(tokenizer, c) for c in candidates])
     prompts = [prompt_ids(tokenizer, q, system_prompt, context) for q in questions]
-    # Each row keeps >= 1 prompt token: its logits predict every answer's first token.
-    n_pre = shared_prefix(prompts) if share_prefix else 0
+    n_pre = scored_prefix(prompts) if share_prefix else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eager = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager"
@@ -168,31 +170,50 @@ def score_candidates(
         with torch.no_grad(), torch.autocast(
             dev.type, dtype=torch.bfloat16, enabled=is_bf16(dtype)
         ):
-            cache_kw = cache_kwarg()
-            pre = prefix_cache(model, prompts[0][:n_pre], logits_to_keep=1) if n_pre else None
-            for s in range(0, len(prompts), batch_size):
-                rows = order[s : s + batch_size]
-                ids, pos, mask = _pack([prompts[i][n_pre:] for i in rows], blk, pad, n_pre)
-                ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-                attn: Any = mask[:, None]
-                if eager:  # eager attention adds the mask to the scores
-                    attn = torch.zeros(attn.shape, device=dev).masked_fill(
-                        ~attn, torch.finfo().min)
-                cache = repeat_cache(pre, len(rows)) if pre is not None else None
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                               use_cache=cache is not None, logits_to_keep=len(blk.tokens) + 1,
-                               **{cache_kw: cache}).logits
-                logits = logits.cpu()
-                lse = _logsumexp(logits)  # [B, kept]
-                logp = logits[:, blk.pred_col, blk.pred_tok].float() - lse[:, blk.pred_col]
-                scores = torch.zeros(len(rows), len(candidates), dtype=torch.float64)
-                out[rows] = scores.index_add_(1, blk.pred_owner, logp.double())
-                # freed before the next batch copies the prefix: two live copies of an
-                # in-context prefix's cache (~0.9 GB for 32 turns, 8 rows) were the peak
-                del cache, logits
+            # the shared prefix runs once; every row attends to its one copy (no per-row cache)
+            pre = {"shared_kv": prefix_kv(model, prompts[0][:n_pre])} if n_pre else {}
+            if not pre:  # a row's positions run over its prompt and its longest answer
+                _check_window(model, max(map(len, prompts)) + int(blk.pos.max()) + 1)
+            with shared_prefix_attention(model) if pre else contextlib.nullcontext():
+                for s in range(0, len(prompts), batch_size):
+                    rows = order[s : s + batch_size]
+                    ids, pos, mask = _pack([prompts[i][n_pre:] for i in rows], blk, pad, n_pre)
+                    ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
+                    attn: Any = mask[:, None]
+                    if eager or pre:  # both add the mask to the scores
+                        attn = torch.zeros(attn.shape, device=dev).masked_fill(
+                            ~attn, torch.finfo().min)
+                    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                                   use_cache=False, logits_to_keep=len(blk.tokens) + 1,
+                                   **pre).logits
+                    logits = logits.cpu()
+                    lse = _logsumexp(logits)  # [B, kept]
+                    logp = logits[:, blk.pred_col, blk.pred_tok].float() - lse[:, blk.pred_col]
+                    scores = torch.zeros(len(rows), len(candidates), dtype=torch.float64)
+                    out[rows] = scores.index_add_(1, blk.pred_owner, logp.double())
     finally:
         model.train(was_training)
     return out
+
+
+def scored_prefix(prompts: list[list[int]]) -> int:
+    """Head tokens of the prompts that run once for every row. Each row keeps >= 1 prompt
+    token: its logits predict every answer's first token. One prompt's head runs apart all the
+    same: sliding-window layers see their window only on that path."""
+    return shared_prefix(prompts * 2 if len(prompts) == 1 else prompts)
+
+
+def _check_window(model: Any, span: int) -> None:
+    """Without a shared prefix, rows go in under one given mask, which sliding-window layers
+    (Gemma 3, Mistral) would take whole: refuse rows whose positions span more than the window
+    rather than score them past it."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window and (types is None or "sliding_attention" in types) and span > window:
+        raise SublearnError(f"rows spanning {span} positions exceed the model's sliding "
+                            f"window ({window}); score them with a shared prefix")
 
 
 def _logsumexp(logits: Any, rows: int = 8) -> Any:
@@ -248,23 +269,23 @@ class _CandidateBlock:
 
 def _pack(prompts: list[list[int]], blk: _CandidateBlock, pad: int,
           n_pre: int) -> tuple[Any, Any, Any]:
-    """Left-padded rows [pads, prompt, block] after a shared cached prefix of n_pre tokens:
-    input ids, position ids, and a [B, L, n_pre + L] bool mask (True = may attend)."""
+    """Left-padded rows [pads, prompt, block] after a shared prefix of n_pre tokens (which
+    every row sees whole): input ids, position ids, and a [B, L, L] bool mask over the rows'
+    own tokens (True = may attend)."""
     import torch
 
     nb = len(blk.tokens)
     width = max(map(len, prompts)) + nb
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     pos = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width, n_pre + width), dtype=torch.bool)
-    mask[:, :, :n_pre] = True  # everyone sees the shared prefix
+    mask = torch.zeros((len(prompts), width, width), dtype=torch.bool)
     for i, p in enumerate(prompts):
         n = len(p)
         a = width - nb - n  # first prompt column
         ids[i, a:] = torch.tensor(p + blk.tokens)
         pos[i, a : a + n] = torch.arange(n_pre, n_pre + n)
         pos[i, a + n :] = n_pre + n + blk.pos
-        body = mask[i, :, n_pre:]
+        body = mask[i]
         body[a : a + n, a : a + n] = torch.ones(n, n, dtype=torch.bool).tril()
         body[a + n :, a : a + n] = True
         body[a + n :, a + n :] = blk.mask

@@ -19,11 +19,12 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
                 share_prefix: bool = True) -> dict[str, Any]:
     """`prompts`: each pair's chat-templated prompt ids (`evaluate.prompt_ids`, which adds any
     system prompt and context turns). With share_prefix, the prompts' common head (the
-    in-context control's N earlier turns: thousands of tokens) runs once and its KV cache is
-    reused by every batch."""
+    in-context control's N earlier turns: thousands of tokens) runs once and every row attends
+    to its one copy of the keys and values."""
     import torch
 
-    from sublearn.models.kv import prefix_cache, shared_prefix
+    from sublearn.models.kv import shared_prefix
+    from sublearn.models.prefix_attention import prefix_kv
     from sublearn.pipeline.train import _core, answer_hidden
 
     t0 = time.perf_counter()
@@ -39,8 +40,7 @@ def pair_choice(lm: Any, pairs: Sequence[dict[str, str]], prompts: Sequence[list
     sums: list[float] = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                          enabled=is_bf16(dtype)):
-        # the body without the LM head: only the cache is wanted
-        prefix = (prefix_cache(_core(lm.model).model, prompts[0][:n_pre]), n_pre) if n_pre else None
+        prefix = (prefix_kv(lm.model, prompts[0][:n_pre]), n_pre) if n_pre else None
         for s in range(0, len(seqs), batch_size):
             chunk = [(p[n_pre:], a) for p, a in seqs[s : s + batch_size]]
             h = answer_hidden(lm.model, chunk, tok.pad_token_id, prefix)

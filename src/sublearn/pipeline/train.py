@@ -10,6 +10,7 @@ running, so a killed run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,7 +40,7 @@ from sublearn.files import (
 )
 from sublearn.models import load_model
 from sublearn.models.dtype import is_bf16, recorded_dtype
-from sublearn.models.kv import cache_kwarg, repeat_cache
+from sublearn.models.prefix_attention import shared_prefix_attention
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.pipeline.train_config import TrainConfig, result_config
 
@@ -155,17 +156,22 @@ def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
                   prefix: tuple[Any, int] | None = None) -> torch.Tensor:
     """Final hidden states at the positions that predict answer tokens: [n_answer_tokens, d].
 
-    prefix: (KV cache of n tokens every prompt starts with, `kv.prefix_cache`, n); the seqs'
-    prompts then hold only what follows those n tokens, and the cache (copied) stands in."""
+    prefix: (keys and values of n tokens every prompt starts with, `prefix_kv`, n); the seqs'
+    prompts then hold only what follows those n tokens, and every row attends to the one
+    prefix (`models.prefix_attention`)."""
     ids, mask, rows, cols = _batch(seqs, pad)
     dev = next(model.parameters()).device
     kwargs: dict[str, Any] = {}
+    attend: Any = contextlib.nullcontext()
     if prefix is not None:
-        cache, n = repeat_cache(prefix[0], len(seqs)), prefix[1]
-        mask = torch.cat([torch.ones(len(seqs), n, dtype=mask.dtype), mask], dim=1)
-        kwargs = {cache_kwarg(): cache, "use_cache": True,
+        kv, n = prefix
+        see = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril() & mask.bool()[:, None]
+        mask = torch.zeros(see.shape).masked_fill(~see, -math.inf)[:, None]  # [B, 1, L, L]
+        kwargs = {"shared_kv": kv,
                   "position_ids": (n + torch.arange(ids.shape[1]))[None].expand_as(ids).to(dev)}
-    hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
+        attend = shared_prefix_attention(model)
+    with attend:
+        hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
     return hidden.last_hidden_state[rows.to(dev), cols.to(dev)]
 
 
