@@ -157,6 +157,26 @@ def test_prefill_padding_of_prefill_groups(monkeypatch: pytest.MonkeyPatch) -> N
     assert grouped == pytest.approx(392 / 303 - 1)
 
 
+def test_a_sliding_window_cache_prefills_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling runs a batch's prompts as one group where the cache has sliding-window layers
+    (Gemma 3): the bench's arithmetic count pads them whole there."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from sublearn.backends import hf_decode
+    from sublearn.backends.hf_decode import groups_prefill, padded_tokens
+
+    monkeypatch.setattr(hf_decode, "PREFILL_TOKENS", 150)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert groups_prefill(LlamaConfig(**small))
+    assert not groups_prefill(Gemma3TextConfig(**small, head_dim=8, sliding_window=16,
+                                               layer_types=["sliding_attention",
+                                                            "full_attention"]))
+    lens = [5, 100, 7, 90, 6, 95]
+    assert padded_tokens(lens, grouped=False) == 600
+    assert padded_tokens(lens) == 392  # in groups, as above
+
+
 def test_unknown_stage_is_an_error(tiny_model: str, tmp_path: Path) -> None:
     assert main(["bench", "--out", str(tmp_path / "x"), "--stages", "nope"]) == 2
 

@@ -83,9 +83,21 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def padded_tokens(lengths: list[int]) -> int:
-    """Tokens the prefill runs for rows of these lengths: each group padded to its longest."""
-    return sum(len(g) * max(lengths[i] for i in g) for g in prefill_groups(lengths))
+def padded_tokens(lengths: list[int], grouped: bool = True) -> int:
+    """Tokens the prefill runs for rows of these lengths: each group padded to its longest
+    (not grouped: all padded to the longest)."""
+    groups = prefill_groups(lengths) if grouped else [list(range(len(lengths)))]
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def groups_prefill(config: Any) -> bool:
+    """Whether `sample` runs a batch's prefill in groups for a model of this config: only when
+    every layer of its cache takes a group's slots (sliding-window layers do not)."""
+    return _groupable(_static_cache(config, 1))
+
+
+def _groupable(cache: Any) -> bool:
+    return all(hasattr(layer, "group") for layer in cache.layers)
 
 
 def _static_cache(config: Any, max_len: int) -> Any:
@@ -260,8 +272,7 @@ def _prefill(body: Any, cache: Any, kw: dict[str, Any], ids: torch.Tensor, mask:
     last slots of the batch's cache window (the slots before are masked for its rows); a
     cache with sliding-window layers runs as one group."""
     n, width = ids.shape
-    grouped = all(hasattr(layer, "group") for layer in cache.layers)
-    groups = prefill_groups(lengths) if grouped and n > 1 else [list(range(n))]
+    groups = prefill_groups(lengths) if _groupable(cache) and n > 1 else [list(range(n))]
     if len(groups) == 1:
         return body(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                     position_ids=pos[:, n_pre:].to(dev), **kw).last_hidden_state[:, -1]

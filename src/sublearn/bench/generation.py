@@ -94,10 +94,11 @@ def hf_generate(model: Any, tok: Any, texts: list[str], *, seed: int, batch: int
 
 
 def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
-              cols: int | None) -> tuple[int, int, int | None]:
+              cols: int | None, grouped: bool = True) -> tuple[int, int, int | None]:
     """(tokens through the body, LM-head rows, head columns) of `hf_decode.sample`: the
-    shared prefix runs once per batch, the rest in its prefill groups, each padded to its
-    longest; rows leave when their answer ends."""
+    shared prefix runs once per batch, the rest in its prefill groups (`grouped`, as
+    `hf_decode.groups_prefill` says of the model), each padded to its longest; rows leave when
+    their answer ends."""
     from sublearn.backends.hf_decode import padded_tokens
     from sublearn.models.kv import shared_prefix
 
@@ -107,7 +108,7 @@ def loop_work(tok: Any, texts: list[str], comps: list[Any], batch: int,
         chunk = comps[s : s + batch]
         n_pre = shared_prefix(ids)
         steps = [c.n_tokens + (c.finish_reason == "stop") for c in chunk]
-        tokens += n_pre + padded_tokens([len(i) - n_pre for i in ids])
+        tokens += n_pre + padded_tokens([len(i) - n_pre for i in ids], grouped)
         tokens += sum(steps) - len(steps)
         rows += sum(steps)
     return tokens, rows, cols
@@ -144,6 +145,7 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
                      dtype: str, levers: bool) -> dict[str, Any]:
     from sublearn.backends.base import ChatRequest, SamplingParams
     from sublearn.backends.hf import HFBackend
+    from sublearn.backends.hf_decode import groups_prefill
     from sublearn.domains.numbers import answer_grammar, make_prompts
 
     tok, arch = lm.tokenizer, Arch.of(lm.model)
@@ -188,7 +190,8 @@ def bench_generation(lm: Any, sizes: Sizes, peak: dict[str, Any], device: torch.
             # and once more the full vocabulary for the share the grammar allowed
             sub = backend(main)._subsets.get(grammar) if constrained else None
             cols = len(sub.ids) + arch.vocab if sub is not None else None
-            work = loop_work(tok, texts[:n], comps, sizes.batch, cols)
+            work = loop_work(tok, texts[:n], comps, sizes.batch, cols,
+                             groups_prefill(backend(main).model.config))
         else:
             work = generation_work(tok, texts[:n], comps, sizes.batch, sizes.max_new_tokens)
         return _gen_summary(comps, s, cpu, work, arch, peak)
