@@ -280,8 +280,9 @@ def _prefill(body: Any, cache: Any, kw: dict[str, Any], ids: torch.Tensor, mask:
     for g in groups:
         w = max(lengths[i] for i in g)
         first = n_pre + width - w  # the group's first slot
+        group = (torch.tensor(g, device=dev), first, n, n_pre)
         for layer in cache.layers:
-            layer.group = (torch.tensor(g, device=dev), first, n, n_pre)
+            layer.group = group
         cols = torch.cat([torch.arange(n_pre), torch.arange(first, n_pre + width)])
         outs.append(body(input_ids=ids[g, width - w:].to(dev),
                          attention_mask=mask[g][:, cols].to(dev),

@@ -39,11 +39,21 @@ def prefix_kv(model: Any, ids: list[int]) -> list[tuple[Any, Any]]:
     return [(layer.keys.to(layer.values.dtype), layer.values) for layer in cache.layers]
 
 
+def additive_mask(see: Any, dtype: Any = None) -> Any:
+    """A bool mask (True = may attend) as the additive one attention takes: 0 where a token
+    may attend, the dtype's most negative value elsewhere (float32 unless given)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(
+        ~see, torch.finfo(dtype).min)
+
+
 @contextlib.contextmanager
 def shared_prefix_attention(model: Any) -> Iterator[None]:
     """Within: `model` attends with `attention` below; its forward takes `shared_kv=` (from
     `prefix_kv`), position ids that start after the prefix, and an additive [B, 1, L, L] mask
-    over the rows' own tokens (0 where a token may attend, -inf elsewhere)."""
+    over the rows' own tokens (`additive_mask`)."""
     from sublearn.errors import SublearnError
 
     _register()
@@ -82,8 +92,7 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
     if window:  # a query at position q sees a key at position j iff q - j < window
         pos = kwargs["position_ids"].to(query.device)  # [B, L]
         seen = pos[:, None, :, None] - torch.arange(p, device=query.device) < window
-        pmask = torch.zeros(seen.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~seen, float("-inf")).expand(b, g, n, p).reshape(1, 1, b * g * n, p)
+        pmask = additive_mask(seen, query.dtype).expand(b, g, n, p).reshape(1, 1, b * g * n, p)
         blind = ~seen.any(-1)  # [B, 1, L]: queries past the window of every prefix key
         near = pos[:, None, :, None] - pos[:, None, None, :] < window
         attention_mask = attention_mask.masked_fill(~near, float("-inf"))

@@ -29,7 +29,7 @@ from sublearn.backends.base import Backend, ChatRequest, Completion, SamplingPar
 from sublearn.errors import SublearnError
 from sublearn.models.dtype import dtype_field, is_bf16, settle_dtype, warn_slow_bf16
 from sublearn.models.kv import shared_prefix
-from sublearn.models.prefix_attention import prefix_kv, shared_prefix_attention
+from sublearn.models.prefix_attention import additive_mask, prefix_kv, shared_prefix_attention
 from sublearn.protocol.questions import VARIANTS, load_candidates, load_questions
 
 
@@ -181,8 +181,7 @@ def score_candidates(
                     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
                     attn: Any = mask[:, None]
                     if eager or pre:  # both add the mask to the scores
-                        attn = torch.zeros(attn.shape, device=dev).masked_fill(
-                            ~attn, torch.finfo().min)
+                        attn = additive_mask(attn)
                     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                                    use_cache=False, logits_to_keep=len(blk.tokens) + 1,
                                    **pre).logits

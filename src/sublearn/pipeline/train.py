@@ -40,7 +40,7 @@ from sublearn.files import (
 )
 from sublearn.models import load_model
 from sublearn.models.dtype import is_bf16, recorded_dtype
-from sublearn.models.prefix_attention import shared_prefix_attention
+from sublearn.models.prefix_attention import additive_mask, shared_prefix_attention
 from sublearn.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from sublearn.pipeline.train_config import TrainConfig, result_config
 
@@ -166,7 +166,7 @@ def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
     if prefix is not None:
         kv, n = prefix
         see = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril() & mask.bool()[:, None]
-        mask = torch.zeros(see.shape).masked_fill(~see, -math.inf)[:, None]  # [B, 1, L, L]
+        mask = additive_mask(see)[:, None]  # [B, 1, L, L]
         kwargs = {"shared_kv": kv,
                   "position_ids": (n + torch.arange(ids.shape[1]))[None].expand_as(ids).to(dev)}
         attend = shared_prefix_attention(model)
