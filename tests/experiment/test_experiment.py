@@ -119,10 +119,24 @@ def test_run_refuses_other_config_and_bad_candidates(tiny_model: str, tmp_path: 
 
 def test_cross_target_contrast(tiny_model: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:
+    """Two targets in one stage cache (--stage-cache): the control runs, which do not depend
+    on the target, are made once; then `sublearn contrast` reads both folders."""
+    cache = tmp_path / "cache"
     for target in ("owl", "cat"):
         assert main(["run", "--model", tiny_model, "--target", target, "--n", "8", "--runs",
                      "2", "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
-                     "--min-grammar-share", "0", "--out", str(tmp_path / target)]) == 0
+                     "--min-grammar-share", "0", "--out", str(tmp_path / target),
+                     "--stage-cache", str(cache)]) == 0
+    log = capsys.readouterr().out
+    assert "[cached] student_control_run1" in log and "[cached] teacher_trait_run0" not in log
+    for kind in ("teacher", "data", "student"):
+        assert len(list(cache.glob(f"{kind}_control_run*-*/DONE.json"))) == 2
+        assert len(list(cache.glob(f"{kind}_trait_run*-*/DONE.json"))) == 4  # 2 per target
+    runs = {t: json.loads((tmp_path / t / "results.json").read_text())["runs"]
+            for t in ("owl", "cat")}
+    control = {t: [Path(r["data"]).resolve() for r in rs if r["condition"] == "control"]
+               for t, rs in runs.items()}
+    assert control["owl"] == control["cat"] and control["owl"][0].is_relative_to(cache)
     out = tmp_path / "c" / "contrast.json"
     assert main(["contrast", str(tmp_path / "owl"), str(tmp_path / "cat"), "--out",
                  str(out.parent)]) == 0

@@ -102,7 +102,8 @@ def test_moved_folder_made_with_spelt_paths_is_migrated_to_portable_keys(
     assert t.output["student"] == str(t.dir / "adapter") and t.dir.parent == moved / "stages"
     assert s.output["student"] == str(s.dir / "adapter")
     assert e.output == {"model": s.output["student"], "share": 0.5}
-    names = sorted(p.name for p in (moved / "stages").iterdir())
+    # (lock files are hidden: .migrate.lock, and .stage.lock in each stage)
+    names = sorted(p.name for p in (moved / "stages").iterdir() if not p.name.startswith("."))
     assert names == sorted(["renamed.json", *(r.dir.name for r in (t, d, s, e))])
     # stored configs are the portable ones the keys are hashed on
     cfg = json.loads((e.dir / "stage_config.json").read_text())
@@ -111,7 +112,8 @@ def test_moved_folder_made_with_spelt_paths_is_migrated_to_portable_keys(
     log.clear()
     _chain(Stages(moved, log=log.append))  # opened again: nothing left to rename
     assert not any("->" in line for line in log)
-    assert sorted(p.name for p in (moved / "stages").iterdir()) == names
+    assert sorted(p.name for p in (moved / "stages").iterdir()
+                  if not p.name.startswith(".")) == names
 
 
 def test_migration_killed_midway_is_finished_by_the_next_opening(
@@ -133,7 +135,7 @@ def test_migration_killed_midway_is_finished_by_the_next_opening(
     monkeypatch.setattr(stages_mod.os, "rename", real)
     t, d, s, e = _chain(Stages(tmp_path / "exp", log=lambda _: None))
     assert e.output["model"] == s.output["student"] == str(s.dir / "adapter")
-    assert len(list((tmp_path / "exp" / "stages").iterdir())) == 5
+    assert len(list((tmp_path / "exp" / "stages").glob("[!.]*"))) == 5
 
 
 def test_keys_do_not_depend_on_how_the_folder_is_spelt(
@@ -211,3 +213,71 @@ def test_an_edited_question_file_reruns_its_evaluations(tmp_path: Path) -> None:
     before = eval_key(cfg)
     qs.write_text('["Favourite animal?", "Worst animal?"]')
     assert eval_key(cfg) != before and eval_key(cfg)["questions"] == before["questions"]
+
+
+def test_a_stage_two_processes_reach_at_once_is_made_once(tmp_path: Path) -> None:
+    """Experiments sharing a stage cache: the second to reach a stage waits for the first and
+    finds it done (the lock is flock, per open file: threads stand in for processes)."""
+    import threading
+
+    (tmp_path / "stages").mkdir()
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(d: Path) -> dict:
+        calls.append("first")
+        started.set()
+        assert release.wait(10)
+        return {"made": str(d)}
+
+    def never(d: Path) -> dict:
+        calls.append("second")
+        return {}
+
+    results: dict[str, StageResult] = {}
+    first = threading.Thread(target=lambda: results.update(
+        first=Stages(tmp_path, log=lambda _: None).run("teacher", {"x": 1}, slow)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.update(
+        second=Stages(tmp_path, log=lambda _: None).run("teacher", {"x": 1}, never)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting on the first's lock, not making the stage again
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == ["first"]
+    assert not results["first"].cached and results["second"].cached
+    assert results["first"].output == results["second"].output
+
+
+def test_shared_stage_cache_links_and_refuses_another_home(tmp_path: Path) -> None:
+    from sublearn.errors import SublearnError
+    from sublearn.experiment.stages import share_stages
+
+    cache, a, b = tmp_path / "cache", tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    share_stages(a, cache)
+    assert (a / "stages").is_symlink() and (a / "stages").resolve() == cache.resolve()
+    share_stages(a, str(cache))  # the same cache again: nothing to do
+    Stages(a, log=lambda _: None).run("teacher", {"x": 1}, lambda d: {"p": str(d)})
+    assert len(list(cache.glob("teacher-*/DONE.json"))) == 1
+    with pytest.raises(SublearnError, match="keeps its stages in a link to"):
+        share_stages(a, tmp_path / "other")
+    (b / "stages").mkdir(parents=True)  # a folder that made its stages itself
+    with pytest.raises(SublearnError, match="keeps its stages in its own folder"):
+        share_stages(b, cache)
+    assert not (tmp_path / "other").exists()  # refused before anything was made
+    # the link is relative: the experiment moved together with its cache still finds it
+    assert not Path(os.readlink(a / "stages")).is_absolute()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    a.rename(moved / "a")
+    cache.rename(moved / "cache")
+    assert Stages(moved / "a", log=lambda _: None).run(
+        "teacher", {"x": 1}, lambda d: {"p": "again"}).cached
+    # moved without it: a one-line error, not a stage made outside any cache
+    (moved / "a").rename(tmp_path / "alone")
+    with pytest.raises(SublearnError, match="links to a stage cache that is not there"):
+        Stages(tmp_path / "alone", log=lambda _: None)

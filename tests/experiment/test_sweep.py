@@ -149,3 +149,22 @@ def test_resumed_sweep_keeps_each_folders_dtype(tmp_path: Path) -> None:
     rows = run_sweep(spec, tmp_path / "out", execute, retries=0, log=lambda s: None)
     assert seen == [other]  # sent to run in the folder's dtype, not refused as stale
     assert rows[0]["error"] == "not run here"
+
+
+def test_sweep_runs_share_one_stage_cache(tiny_model: str, tmp_path: Path) -> None:
+    """--share-stages: runs that differ only in the students' settings make their teacher
+    data once; each run's folder links to the sweep's stage cache."""
+    spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl",
+                                           "icl": 0}, {"epochs": [1, 2]})
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(spec), "--out", str(out), "--share-stages"]) == 0
+    stages = out / "stages"
+    for r in ("epochs-1.0", "epochs-2.0"):
+        assert (out / "runs" / r / "stages").resolve() == stages.resolve()
+    assert len(list(stages.glob("data_*/DONE.json"))) == 4  # 2 runs x trait/control, once
+    assert len(list(stages.glob("student_*/DONE.json"))) == 8  # each epochs setting its own
+    # a run folder that made its own stages is not silently moved into the cache
+    (out / "runs" / "epochs-3.0" / "stages").mkdir(parents=True)
+    spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl",
+                                           "icl": 0}, {"epochs": [1, 2, 3]})
+    assert main(["sweep", str(spec), "--out", str(out), "--share-stages"]) == 2

@@ -158,3 +158,45 @@ def test_train_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     empty.write_text("")
     assert main(["train", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no training rows" in capsys.readouterr().err
+
+
+def test_soft_labels_two_students_reach_at_once_are_computed_once(
+        tiny_model: str, tiny_teacher: str, data: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Students of experiments sharing a stage cache share a dataset's soft-label file: the
+    second waits for the first's and loads it (threads stand in for processes: flock is per
+    open file)."""
+    import threading
+
+    from sublearn.pipeline import train as T
+
+    cache = tmp_path / "soft_labels-k.safetensors"
+    cfg = _cfg(tiny_model, recipe="soft", teacher=tiny_teacher, dtype="float32",
+               soft_labels_cache=str(cache))
+    lm = load_model(tiny_model)
+    examples = T.tokenize([json.loads(x) for x in data.read_text().splitlines()], lm.tokenizer)
+    computing, release = threading.Event(), threading.Event()
+    calls = []
+    real = T._soft_labels
+
+    def slow(*args: object) -> tuple:
+        calls.append(1)
+        computing.set()
+        assert release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(T, "_soft_labels", slow)
+    got: dict[str, tuple] = {}
+    first = threading.Thread(target=lambda: got.update(a=T.prepare_soft_labels(cfg, lm, examples)))
+    first.start()
+    assert computing.wait(30)
+    second = threading.Thread(target=lambda: got.update(b=T.prepare_soft_labels(cfg, lm, examples)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first's file, not computing its own
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert len(calls) == 1 and cache.is_file()
+    assert all(torch.equal(x, y) for x, y in zip(got["a"][2], got["b"][2], strict=True))
+    assert not list(tmp_path.glob("*.tmp"))

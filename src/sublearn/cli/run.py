@@ -9,13 +9,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_dataclass_flags(p, ExperimentConfig)
     p.add_argument("--out", required=True, help="experiment folder (cached stages inside)")
+    p.add_argument("--stage-cache", default=None, metavar="DIR",
+                   help="keep the stages in DIR, shared with other experiments given the same "
+                        "DIR (OUT/stages links there): what they have in common, such as every "
+                        "target's control runs, is made once")
 
 
 def run(args: argparse.Namespace) -> int:
     from sublearn.config import dataclass_from_args
     from sublearn.experiment.run import ExperimentConfig, run_experiment
 
-    res = run_experiment(dataclass_from_args(ExperimentConfig, args), args.out)
+    res = run_experiment(dataclass_from_args(ExperimentConfig, args), args.out,
+                         stage_cache=args.stage_cache)
     primary = res["primary_metric"]
     print(f"\n{primary} for target '{res['target']}' (mean [95% CI] over runs):")
     for cond, metrics in res["conditions"].items():

@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ray: CPUs reserved per run (default: 1)")
     p.add_argument("--retries", type=int, default=1,
                    help="extra attempts for a failed run (default: 1)")
+    p.add_argument("--share-stages", action="store_true",
+                   help="the runs keep their stages in one cache (OUT/stages), so that runs "
+                        "differing only in later settings share what they have in common "
+                        "(teachers and data when only student settings differ)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
 
 
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         execute = ray_executor(args.address, args.cpus_per_run)
     else:
         execute = local_executor(args.workers)
-    rows = run_sweep(spec, args.out, execute, retries=args.retries)
+    rows = run_sweep(spec, args.out, execute, retries=args.retries, share=args.share_stages)
     print((Path(args.out) / "summary.md").read_text(), end="")
     failed = [r["run"] for r in rows if r["status"] == "failed"]
     if failed:

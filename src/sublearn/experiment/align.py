@@ -160,9 +160,10 @@ def _experiment(exp: Path) -> _Experiment:
     return _Experiment(str(res["target"]), runs, res.get("effects", {}).get(primary, {}), model)
 
 
-def _student_evals(exp: Path, target: str) -> dict[str, dict[str, Any]]:
+def _student_evals(exp: Path, target: str, students: set[str]) -> dict[str, dict[str, Any]]:
     """Student adapter path (as `_experiment` finds it) -> the forced choice of its evaluation stage
-    on `target` (the plain questions, no context, no system prompt)."""
+    on `target` (the plain questions, no context, no system prompt), for these students only
+    (a stage cache shared with other experiments holds theirs too)."""
     out: dict[str, dict[str, Any]] = {}
     for done in sorted((exp / "stages").glob("eval_*/DONE.json")):
         o = read_json(done).get("output", {})
@@ -172,6 +173,8 @@ def _student_evals(exp: Path, target: str) -> dict[str, dict[str, Any]]:
         try:
             path = find_recorded(exp, str(o.get("model")))
         except SublearnError:  # an evaluation of the base model, or of a folder now gone
+            continue
+        if path not in students:
             continue
         if path in out:
             raise SublearnError(f"{path} has two evaluations on {target} in {exp}/stages: "
@@ -187,7 +190,8 @@ def behaviour(exp: Path, target: str,
     candidates' probability mass (a shift every animal shares), and their difference, the
     log of the target's share among the candidates. The first is the sum of the other two.
     Runs whose students have no evaluation stage are left out."""
-    evals = _student_evals(exp, target)
+    evals = _student_evals(exp, target, {p for slot in runs.values() for paths in slot.values()
+                                         for p in paths})
 
     def side(paths: list[str]) -> dict[str, float] | None:
         if not all(p in evals and min(evals[p]["per_question_target_share"]) > 0

@@ -27,7 +27,7 @@ from typing import Any
 from sublearn.config import check_manifest, config_hash, without_added
 from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
-from sublearn.experiment.stages import Stages
+from sublearn.experiment.stages import Stages, share_stages
 from sublearn.experiment.together import StudentQueue
 from sublearn.faults import point as fault_point
 from sublearn.files import (
@@ -329,9 +329,12 @@ class _Teacher:
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True,
-                   stages_root: Path | None = None) -> dict[str, Any]:
+                   stages_root: Path | None = None,
+                   stage_cache: str | Path | None = None) -> dict[str, Any]:
     """stages_root: where the stage cache lives (default: `out`); `sublearn cross` shares one
-    between the cells whose teachers are the same, so they share teachers and data."""
+    between the cells whose teachers are the same, so they share teachers and data.
+    stage_cache: a folder of stages shared with other experiments (`stages.share_stages`):
+    what they have in common (the control runs of every target) is made once."""
     from sublearn.pipeline.evaluate import EvalConfig
 
     cfg = settled(cfg, Path(out) / "experiment_config.json")
@@ -343,7 +346,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
     check_model(cfg.student_base())
     if cfg.char_labels():  # both tokenizers must spell the grammar's characters
         check_char_tokens([cfg.model, cfg.student_base()])
+    if stage_cache is not None:  # refused before anything is made
+        share_stages(Path(stages_root or out), stage_cache, check_only=True)
     with locked_out_dir(check_out_dir(out)) as out:  # a second run here: a one-line error
+        check_manifest(out, "experiment_config.json", manifest_config(cfg), FREE)
+        if stage_cache is not None:
+            share_stages(stages_root or out, stage_cache)
         return _run(cfg, ecfg, out, progress, stages_root or out)
 
 
@@ -570,7 +578,6 @@ def defended_students(m: str, r: int, made: dict[str, tuple[RunMakers, str, _Tea
 
 def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
          stages_root: Path) -> dict[str, Any]:
-    check_manifest(out, "experiment_config.json", manifest_config(cfg), FREE)
     t_start = time.time()
     stages = Stages(stages_root)
     base = cfg.student_base()  # the students' base: scored as "base" and the in-context model

@@ -7,7 +7,12 @@ Keys do not depend on where the folder is: a path into `out/stages/` is hashed a
 (a stage's config names the teacher adapter or data file it uses), and a path that a done
 stage recorded is found again under the folder it is read from. So a folder that was moved,
 copied, or named another way (`--out runs/x`, `./runs/x`, an absolute path) is the same cache.
-Folders made when keys held the paths as spelt are renamed to these keys when first opened."""
+Folders made when keys held the paths as spelt are renamed to these keys when first opened.
+
+Experiments may share one cache (`share_stages`: `out/stages` a link to it), so that what
+they have in common is made once: every target's control runs, or a sweep's teachers and
+data under other student settings. Each stage is made under a lock (flock), so of two
+processes that reach the same stage, one makes it and the other finds it done."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from typing import Any
 from sublearn.config import config_hash
 from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
-from sublearn.files import atomic_write_json
+from sublearn.files import atomic_write_json, ensure_writable_dir, waiting_lock
 from sublearn.memory import peak_rss_gb, release_memory
 
 TOKEN = "@stages"  # `out/stages` in stage keys and configs
@@ -96,10 +102,16 @@ class Stages:
         self.root = root
         self.log = log
         self.dir = root / "stages"
+        if self.dir.is_symlink() and not self.dir.exists():
+            raise SublearnError(f"{self.dir} links to a stage cache that is not there "
+                                f"({os.readlink(self.dir)}): restore it, or remove the link")
         # the spellings of `self.dir` that a path into it may start with, longest first
         self._spellings = sorted({str(self.dir), os.path.abspath(self.dir),
                                   str(self.dir.resolve())}, key=len, reverse=True)
-        self._renamed = migrate(self.dir, log)
+        # folders of another process sharing the cache are not renamed under it
+        with waiting_lock(self.dir / ".migrate.lock", "another process is opening the stage "
+                          "cache; waiting") if self.dir.is_dir() else nullcontext():
+            self._renamed = migrate(self.dir, log)
         self.seconds: dict[str, float] = {}
         # seconds of a part of some stage's work (a label defence inside a student's stage):
         # a cost to report, not a stage, so not in `seconds` (whose sum is the stages' time)
@@ -157,10 +169,21 @@ class Stages:
         d, key = self._dir(name, cfg)
         if (rec := self._cached(name, d / "DONE.json")) is not None:
             return StageResult(name, d, key, rec["output"], rec["seconds"], True)
-        self.open(name, cfg)
-        t0 = time.time()
-        output = fn(d)
-        return self.finish(name, cfg, output, round(time.time() - t0, 2))
+        with self.lock(name, cfg):
+            # another experiment sharing this cache may have made it while we waited
+            if (rec := self._cached(name, d / "DONE.json")) is not None:
+                return StageResult(name, d, key, rec["output"], rec["seconds"], True)
+            self.open(name, cfg)
+            t0 = time.time()
+            output = fn(d)
+            return self.finish(name, cfg, output, round(time.time() - t0, 2))
+
+    def lock(self, name: str, cfg: dict[str, Any]) -> Any:
+        """Held while the stage is made (`run`, or `open` ... `finish` by a caller that makes
+        several stages as one work): another process sharing the cache waits for it."""
+        d = self._dir(name, cfg)[0]
+        return waiting_lock(d / ".stage.lock", f"stage {d.name} is being made by another "
+                                               "process sharing the stage cache; waiting")
 
     def open(self, name: str, cfg: dict[str, Any]) -> Path:
         """A stage's folder, made to run it (a caller that runs several stages as one work,
@@ -185,6 +208,29 @@ class Stages:
 
     def folder(self, name: str, cfg: dict[str, Any]) -> Path:
         return self._dir(name, cfg)[0]
+
+
+def share_stages(out: Path, cache: str | Path, check_only: bool = False,
+                 hint: str = "use another --out, or the cache it was made with") -> None:
+    """Keep the experiment folder `out`'s stages in `cache`, a folder other experiments may
+    share: `out/stages` becomes a link to it, relative, so that a folder moved with its cache
+    still finds it. Refused, before anything is made, when `out` keeps its stages elsewhere
+    (its own folder, or another cache). check_only: only refuse."""
+    cache = Path(cache).expanduser().absolute()
+    link = out / "stages"
+    if link.is_symlink() or link.exists():
+        if link.resolve() == cache.resolve():
+            return
+        where = f"a link to {link.resolve()}" if link.is_symlink() else "its own folder"
+        raise SublearnError(f"{out} keeps its stages in {where}, not in the shared stage "
+                            f"cache {cache}: {hint}")
+    if check_only:
+        return
+    ensure_writable_dir(cache)
+    tmp = out / f".stages.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(cache, out.absolute()), tmp, target_is_directory=True)
+    os.replace(tmp, link)  # a kill leaves the link whole or absent
 
 
 def migrate(d: Path, log: Callable[[str], None] = print) -> dict[str, str]:

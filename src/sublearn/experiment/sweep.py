@@ -35,6 +35,7 @@ from typing import Any
 from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
 from sublearn.errors import MissingExtraError, SublearnError, first_line
 from sublearn.experiment.run import ExperimentConfig
+from sublearn.experiment.stages import share_stages
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from sublearn.models.dtype import recorded_dtype
 
@@ -223,14 +224,18 @@ def _log_result(log: Callable[[str], None], name: str, res: dict[str, Any]) -> N
 # -- the sweep --
 
 def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int = 1,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every unfinished run (each up to 1 + retries times); returns the summary rows."""
+              log: Callable[[str], None] = print,
+              share: bool = False) -> list[dict[str, Any]]:
+    """Run every unfinished run (each up to 1 + retries times); returns the summary rows.
+    share: the runs keep their stages in one cache, `out/stages` (`stages.share_stages`), so
+    that runs differing only in later settings (student lr, epochs) share teachers and data."""
     if retries < 0:
         raise SublearnError("--retries must be >= 0")
     runs = spec.expand()  # a bad grid is refused before the folder is made
     out = ensure_writable_dir(out)
     atomic_write_json(out / "sweep.json", {"base": spec.base, "grid": spec.grid,
-                                           "runs": [r.name for r in runs]})
+                                           "runs": [r.name for r in runs],
+                                           "share_stages": share})
     dirs = {r.name: out / "runs" / r.name for r in runs}
     # dtype "auto" keeps what a run's folder was made with (`sublearn run` does the same)
     runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, dtype=recorded_dtype(
@@ -249,6 +254,13 @@ def run_sweep(spec: SweepSpec, out: str | Path, execute: Executor, retries: int 
         else:
             state[r.name] = {"status": "failed", "attempts": 0, "error": None}
             pending.append(r)
+    if share:  # every run checked, then linked, before any starts
+        hint = "it was run without --share-stages; sweep into another --out"
+        for r in pending:
+            share_stages(dirs[r.name], out / "stages", check_only=True, hint=hint)
+        for r in pending:
+            dirs[r.name].mkdir(parents=True, exist_ok=True)
+            share_stages(dirs[r.name], out / "stages")
     for attempt in range(retries + 1):
         if not pending:
             break

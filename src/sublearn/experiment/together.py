@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,17 +49,23 @@ class StudentQueue:
 
         for s in range(0, len(self.items), self.k):
             group = self.items[s : s + self.k]
-            done = [q.stages.done(q.name, q.key) for q in group]
-            todo = [q for q, d in zip(group, done, strict=True) if not d]
-            outputs = {id(q): q.stages.run(q.name, q.key, _never).output
-                       for q, d in zip(group, done, strict=True) if d}
-            if todo:
-                jobs = [Job(q.cfg, q.data, q.stages.open(q.name, q.key)) for q in todo]
-                t0 = time.time()
-                summaries = train_many(jobs, progress=self.progress)
-                seconds = round((time.time() - t0) / len(todo), 2)
-                for q, summary in zip(todo, summaries, strict=True):
-                    outputs[id(q)] = q.stages.finish(q.name, q.key, summary, seconds).output
+            with ExitStack() as locks:
+                # locked in one order (by folder name), so that experiments sharing a stage
+                # cache wait for each other's students instead of training them twice
+                for q in sorted(group, key=lambda q: q.stages.folder(q.name, q.key).name):
+                    if not q.stages.done(q.name, q.key):
+                        locks.enter_context(q.stages.lock(q.name, q.key))
+                done = [q.stages.done(q.name, q.key) for q in group]
+                todo = [q for q, d in zip(group, done, strict=True) if not d]
+                outputs = {id(q): q.stages.run(q.name, q.key, _never).output
+                           for q, d in zip(group, done, strict=True) if d}
+                if todo:
+                    jobs = [Job(q.cfg, q.data, q.stages.open(q.name, q.key)) for q in todo]
+                    t0 = time.time()
+                    summaries = train_many(jobs, progress=self.progress)
+                    seconds = round((time.time() - t0) / len(todo), 2)
+                    for q, summary in zip(todo, summaries, strict=True):
+                        outputs[id(q)] = q.stages.finish(q.name, q.key, summary, seconds).output
             for q in group:
                 if q.done is not None:
                     q.done(outputs[id(q)])

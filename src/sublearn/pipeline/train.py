@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -36,6 +37,7 @@ from sublearn.files import (
     check_out_dir,
     locked_out_dir,
     read_jsonl,
+    waiting_lock,
     write_jsonl,
 )
 from sublearn.models import load_model
@@ -494,29 +496,49 @@ def prepare_soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example],
                         rows: list[dict] | None = None) -> tuple[Any, ...]:
     """(vocab_ids, per-example allowed masks, per-example teacher log-probs). rows: the chat
     records behind `examples`, which --grammar chars tokenizes again for the teacher."""
-    from safetensors.torch import load_file, save_file
+    if not cfg.soft_labels_cache:
+        return _soft_labels(cfg, lm, examples, rows)
+    cache = Path(cfg.soft_labels_cache)
+    # students of experiments sharing a stage cache may reach one data folder's labels at once
+    with waiting_lock(cache.with_name(f".{cache.stem}.lock"),
+                      f"{cache.name} is being computed by another process; waiting"):
+        if (hit := _load_soft_labels(cache, cfg, lm, len(examples))) is not None:
+            return hit
+        vocab_ids, masks, labels = _soft_labels(cfg, lm, examples, rows)
+        fault_point("train.soft_labels")
+        from safetensors.torch import save_file
 
-    cache = Path(cfg.soft_labels_cache) if cfg.soft_labels_cache else None
-    if cache and cache.is_file():
-        t = load_file(cache)
-        lens = t["lengths"].tolist()
-        v = t["vocab_ids"]
-        # chars: the stored ids are one student's character tokens; another student recomputes
-        if len(lens) == len(examples) and (cfg.grammar != "chars"
-                                           or torch.equal(v, char_alphabet(lm.tokenizer))):
-            return (list(v.split(lens)) if v.dim() == 2 else v, list(t["masks"].split(lens)),
-                    list(t["labels"].split(lens)))
-    vocab_ids, masks, labels = (_char_soft(cfg, lm, examples, rows) if cfg.grammar == "chars"
-                                else _compute_soft(cfg, lm, examples))
-    fault_point("train.soft_labels")
-    if cache:
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         flat = torch.cat(vocab_ids) if isinstance(vocab_ids, list) else vocab_ids
         save_file({"vocab_ids": flat.contiguous(), "masks": torch.cat(masks).contiguous(),
                    "labels": torch.cat(labels).contiguous(),
                    "lengths": torch.tensor([len(m) for m in masks])}, tmp)
         tmp.replace(cache)
     return vocab_ids, masks, labels
+
+
+def _load_soft_labels(cache: Path, cfg: TrainConfig, lm: Any,
+                      n: int) -> tuple[Any, ...] | None:
+    """The cached labels when they are for these n examples (and, for --grammar chars, this
+    student's character tokens); None when they must be computed."""
+    from safetensors.torch import load_file
+
+    if not cache.is_file():
+        return None
+    t = load_file(cache)
+    lens = t["lengths"].tolist()
+    v = t["vocab_ids"]
+    if len(lens) != n or (cfg.grammar == "chars"
+                          and not torch.equal(v, char_alphabet(lm.tokenizer))):
+        return None
+    return (list(v.split(lens)) if v.dim() == 2 else v, list(t["masks"].split(lens)),
+            list(t["labels"].split(lens)))
+
+
+def _soft_labels(cfg: TrainConfig, lm: Any, examples: list[Example],
+                 rows: list[dict] | None) -> tuple[Any, ...]:
+    return (_char_soft(cfg, lm, examples, rows) if cfg.grammar == "chars"
+            else _compute_soft(cfg, lm, examples))
 
 
 def base_labels_defence(cfg: TrainConfig, lm: Any, examples: list[Example],
