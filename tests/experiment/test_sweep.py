@@ -153,16 +153,21 @@ def test_resumed_sweep_keeps_each_folders_dtype(tmp_path: Path) -> None:
 
 def test_sweep_runs_share_one_stage_cache(tiny_model: str, tmp_path: Path) -> None:
     """--share-stages: runs that differ only in the students' settings make their teacher
-    data once; each run's folder links to the sweep's stage cache."""
+    data once; each run's folder links to the sweep's stage cache. Two worker processes
+    reach the same data stages at once: each stage is made by one and found by the other."""
     spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl",
                                            "icl": 0}, {"epochs": [1, 2]})
     out = tmp_path / "sweep"
-    assert main(["sweep", str(spec), "--out", str(out), "--share-stages"]) == 0
+    assert main(["sweep", str(spec), "--out", str(out), "--share-stages", "--workers", "2"]) == 0
     stages = out / "stages"
+    logs = ""
     for r in ("epochs-1.0", "epochs-2.0"):
         assert (out / "runs" / r / "stages").resolve() == stages.resolve()
+        logs += (out / "runs" / r / "log.txt").read_text()
     assert len(list(stages.glob("data_*/DONE.json"))) == 4  # 2 runs x trait/control, once
     assert len(list(stages.glob("student_*/DONE.json"))) == 8  # each epochs setting its own
+    for stage in ("data_trait_run0", "data_control_run1"):
+        assert logs.count(f"[stage] {stage} ") == 1 and logs.count(f"[cached] {stage}\n") == 1
     # a run folder that made its own stages is not silently moved into the cache
     (out / "runs" / "epochs-3.0" / "stages").mkdir(parents=True)
     spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl",
