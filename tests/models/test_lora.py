@@ -162,3 +162,26 @@ def test_wrapping_and_loading_an_adapter_warn_nothing(tiny_model: str, tmp_path:
         add_lora(lm.model, 4, 8).save_pretrained(tmp_path / "adapter")
         lm.tokenizer.save_pretrained(tmp_path / "adapter")
         load_model(str(tmp_path / "adapter"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_equals_peft_merge_byte_for_byte(tiny_model: str, tmp_path: Path,
+                                               dtype: str) -> None:
+    """load_model merges an adapter out of place (faster on a file-mapped base): the merged
+    weights must be PEFT's `merge_and_unload`'s exactly, so cached evaluations stay valid."""
+    from peft import AutoPeftModelForCausalLM
+
+    ours, _, _ = _students(tiny_model)
+    ours.save_pretrained(tmp_path / "adapter")
+    load_model(tiny_model).tokenizer.save_pretrained(tmp_path / "adapter")
+    merged = load_model(str(tmp_path / "adapter"), dtype=dtype).model
+    stock = AutoPeftModelForCausalLM.from_pretrained(
+        tmp_path / "adapter", dtype=getattr(torch, dtype)).merge_and_unload()
+    want, got = stock.state_dict(), merged.state_dict()
+    assert want.keys() == got.keys() and not any("lora" in k for k in got)
+    changed = 0
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        changed += not torch.equal(v, load_model(tiny_model, dtype=dtype).model.state_dict()[k]) \
+            if "proj" in k else 0
+    assert changed > 0  # the adapter moved the weights it targets

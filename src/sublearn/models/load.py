@@ -90,13 +90,13 @@ def _load_adapter(path: str, torch_dtype: Any) -> Any:
     """A PEFT adapter folder (a LoRA student or teacher): load its base, merge for speed."""
     from peft import AutoPeftModelForCausalLM, PeftConfig
 
-    from sublearn.models.lora import quiet_peft
+    from sublearn.models.lora import merge_and_unload, quiet_peft
 
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     resolve_model_path(base)  # make sure an embedded base is converted before PEFT reads it
     with quiet_peft():
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.merge_and_unload()
+    return merge_and_unload(model)
 
 
 def check_model(model_id: str | None) -> None:

@@ -172,3 +172,26 @@ def add_loras(model: Any, r: int, alpha: int, seeds: list[int], *,
     if bf16_base:
         _bf16_base(peft_model)
     return peft_model
+
+
+def merge_and_unload(peft_model: Any) -> Any:
+    """PEFT's `merge_and_unload`, the same sums (W + its `get_delta_weight`), written into new
+    tensors instead of in place. The base weights map the checkpoint file, and PEFT's in-place
+    add first copies every page it writes: measured 1.1-1.5 s of a 1.4-1.7 s merge for SmolLM2,
+    against 0.2-0.3 s out of place. Layers other than plain LoRA linears merge as PEFT merges."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for m in peft_model.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        plain = (isinstance(m, PeftLoraLinear) and not m.lora_variant
+                 and not any(m.lora_bias.values()) and not m.merged)
+        if not plain:
+            m.merge()
+            continue
+        w = m.get_base_layer().weight
+        for name in m.active_adapters:
+            if name in m.lora_A:
+                w.data = (w.data + m.get_delta_weight(name)).to(w.dtype)  # += rounds so
+    return peft_model.unload()
+
