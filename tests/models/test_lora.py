@@ -164,24 +164,50 @@ def test_wrapping_and_loading_an_adapter_warn_nothing(tiny_model: str, tmp_path:
         load_model(str(tmp_path / "adapter"))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_merge_equals_peft_merge_byte_for_byte(tiny_model: str, tmp_path: Path,
-                                               dtype: str) -> None:
-    """load_model merges an adapter out of place (faster on a file-mapped base): the merged
-    weights must be PEFT's `merge_and_unload`'s exactly, so cached evaluations stay valid."""
+def _merged_both_ways(adapter: Path, dtype: str) -> tuple[dict, dict]:
     from peft import AutoPeftModelForCausalLM
+
+    ours = load_model(str(adapter), dtype=dtype).model.state_dict()
+    stock = AutoPeftModelForCausalLM.from_pretrained(
+        adapter, dtype=getattr(torch, dtype)).merge_and_unload().state_dict()
+    return ours, stock
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_equals_peft_merge_byte_for_byte(tiny_model: str, tmp_path: Path, dtype: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model merges a LoRA adapter out of place (faster on a file-mapped base): the
+    merged weights must be PEFT's `merge_and_unload`'s exactly, so cached evaluations stay
+    valid."""
+    from peft.tuners.lora import LoraModel
 
     ours, _, _ = _students(tiny_model)
     ours.save_pretrained(tmp_path / "adapter")
     load_model(tiny_model).tokenizer.save_pretrained(tmp_path / "adapter")
-    merged = load_model(str(tmp_path / "adapter"), dtype=dtype).model
-    stock = AutoPeftModelForCausalLM.from_pretrained(
-        tmp_path / "adapter", dtype=getattr(torch, dtype)).merge_and_unload()
-    want, got = stock.state_dict(), merged.state_dict()
-    assert want.keys() == got.keys() and not any("lora" in k for k in got)
-    changed = 0
+    with monkeypatch.context() as m:  # our path, not PEFT's, merges a plain adapter
+        m.setattr(LoraModel, "merge_and_unload", lambda *a, **k: pytest.fail("PEFT merged"))
+        got = load_model(str(tmp_path / "adapter"), dtype=dtype).model.state_dict()
+    _, want = _merged_both_ways(tmp_path / "adapter", dtype)
+    base = load_model(tiny_model, dtype=dtype).model.state_dict()
+    assert want.keys() == got.keys() == base.keys()
     for k, v in want.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-        changed += not torch.equal(v, load_model(tiny_model, dtype=dtype).model.state_dict()[k]) \
-            if "proj" in k else 0
-    assert changed > 0  # the adapter moved the weights it targets
+    assert any(not torch.equal(got[k], base[k]) for k in got if "proj" in k)  # it moved them
+
+
+def test_an_adapter_that_is_not_plain_lora_merges_as_peft_merges(tiny_model: str,
+                                                                  tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model).model, LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "dora")
+    load_model(tiny_model).tokenizer.save_pretrained(tmp_path / "dora")
+    ours, stock = _merged_both_ways(tmp_path / "dora", "float32")
+    assert ours.keys() == stock.keys()
+    assert all(torch.equal(ours[k], v) for k, v in stock.items())
