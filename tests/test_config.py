@@ -31,6 +31,17 @@ def test_manifest_refuses_other_settings_and_accepts_a_new_default(tmp_path: Pat
         check_manifest(tmp_path, "m.json", Cfg(icl=0))
 
 
+def test_a_refused_folder_names_the_flags_it_was_made_with(tmp_path: Path) -> None:
+    """A default that changed since a folder was made (student epochs 2 -> 1): the error says
+    which flags reuse the folder, with the folder's values (a setting the manifest lacks at
+    its default)."""
+    (tmp_path / "m.json").write_text(json.dumps({"lr": 1e-3}))
+    with pytest.raises(SublearnError) as e:
+        check_manifest(tmp_path, "m.json", Cfg(lr=2e-3, icl=0))
+    msg = str(e.value)
+    assert "differs in: icl, lr" in msg and "made with --icl 32 --lr 0.001: give that" in msg
+
+
 def test_free_settings_may_grow_and_are_recorded(tmp_path: Path) -> None:
     """More runs add stages to a folder; every other setting still has to match, also inside
     a nested manifest (`sublearn cross` keeps the experiment's settings under a key)."""

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shlex
 import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -84,6 +85,18 @@ def _differing(have: Any, want: Any, where: str = "") -> list[str]:
     return out
 
 
+def _made_with(path: Path, cfg: Any, diff: list[str]) -> str:
+    """What the folder was made with, as the flags that reuse it, when the settings that
+    differ are flags (a default that changed since: `--epochs 2.0`); else nothing."""
+    if not dataclasses.is_dataclass(cfg) or any("." in d for d in diff):
+        return ""
+    have = _fill(json.loads(path.read_text()), config_dict(cfg), field_defaults(cfg))
+    flags = " ".join(f"--{d.replace('_', '-')} {shlex.quote(str(have[d]))}" for d in diff
+                     if isinstance(have.get(d), (int, float, str))
+                     and not isinstance(have[d], bool))
+    return f"it was made with {flags}: give that to reuse it, or " if flags else ""
+
+
 def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = (),
                    defaults: dict[str, Any] | None = None) -> None:
     """Refuse to reuse a folder made with a different config; write the manifest if new.
@@ -98,7 +111,7 @@ def check_manifest(out: Path, name: str, cfg: Any, free: tuple[str, ...] = (),
         if diff:
             raise SublearnError(
                 f"{out} holds results of a different config (differs in: {', '.join(diff)}); "
-                "use another --out or delete the folder"
+                f"{_made_with(path, cfg, diff)}use another --out or delete the folder"
             )
         if not free or json.loads(path.read_text()) == want:
             return
