@@ -164,13 +164,12 @@ def test_wrapping_and_loading_an_adapter_warn_nothing(tiny_model: str, tmp_path:
         load_model(str(tmp_path / "adapter"))
 
 
-def _merged_both_ways(adapter: Path, dtype: str) -> tuple[dict, dict]:
+def _peft_merged(adapter: Path, dtype: str) -> dict:
+    """The adapter merged by stock PEFT, as a user would merge it."""
     from peft import AutoPeftModelForCausalLM
 
-    ours = load_model(str(adapter), dtype=dtype).model.state_dict()
-    stock = AutoPeftModelForCausalLM.from_pretrained(
+    return AutoPeftModelForCausalLM.from_pretrained(
         adapter, dtype=getattr(torch, dtype)).merge_and_unload().state_dict()
-    return ours, stock
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -187,7 +186,7 @@ def test_merge_equals_peft_merge_byte_for_byte(tiny_model: str, tmp_path: Path, 
     with monkeypatch.context() as m:  # our path, not PEFT's, merges a plain adapter
         m.setattr(LoraModel, "merge_and_unload", lambda *a, **k: pytest.fail("PEFT merged"))
         got = load_model(str(tmp_path / "adapter"), dtype=dtype).model.state_dict()
-    _, want = _merged_both_ways(tmp_path / "adapter", dtype)
+    want = _peft_merged(tmp_path / "adapter", dtype)
     base = load_model(tiny_model, dtype=dtype).model.state_dict()
     assert want.keys() == got.keys() == base.keys()
     for k, v in want.items():
@@ -208,6 +207,7 @@ def test_an_adapter_that_is_not_plain_lora_merges_as_peft_merges(tiny_model: str
                 p.copy_(torch.randn_like(p) * 0.1)
     model.save_pretrained(tmp_path / "dora")
     load_model(tiny_model).tokenizer.save_pretrained(tmp_path / "dora")
-    ours, stock = _merged_both_ways(tmp_path / "dora", "float32")
+    ours = load_model(str(tmp_path / "dora")).model.state_dict()
+    stock = _peft_merged(tmp_path / "dora", "float32")
     assert ours.keys() == stock.keys()
     assert all(torch.equal(ours[k], v) for k, v in stock.items())
