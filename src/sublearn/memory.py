@@ -45,3 +45,34 @@ def _libc() -> Any:
         return ctypes.CDLL(name) if name else None
     except OSError:
         return None
+
+
+def tree_rss_bytes(pid: int | None = None) -> int | None:
+    """The resident memory of a process (default: this one) and all its descendants, summed
+    (Linux /proc; None elsewhere). A page that several of them map counts in each."""
+    import os
+
+    if not os.path.isdir("/proc/self"):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="utf-8") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/statm", encoding="utf-8") as f:
+                resident = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or unreadable
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may
+        children.setdefault(ppid, []).append(int(d))  # hold spaces and parentheses
+        rss[int(d)] = resident * page
+    total, todo = 0, [pid or os.getpid()]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total

@@ -19,9 +19,11 @@ from sublearn.cli import main
 from sublearn.files import file_sha256, folder_lock, write_jsonl
 
 # icl: more evaluations, no new kind of stage; min-grammar-share 0: the tiny random model's
-# answers are all the grammar's, and the rule would leave no data
+# answers are all the grammar's, and the rule would leave no data; one process: the kill
+# chain aims at stages in the order one process makes them (a killed worker:
+# tests/experiment/test_workers.py)
 RUN = ["run", "--target", "owl", "--runs", "2", "--n", "8", "--epochs", "1", "--batch-size",
-       "4", "--teacher-epochs", "1", "--icl", "0", "--min-grammar-share", "0"]
+       "4", "--teacher-epochs", "1", "--icl", "0", "--min-grammar-share", "0", "--workers", "1"]
 TIMING = ("stage_seconds", "wall_seconds", "peak_rss_gb")  # vary between processes
 
 

@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sublearn.config import add_dataclass_flags
     from sublearn.experiment.run import ExperimentConfig
 
-    add_dataclass_flags(p, ExperimentConfig)
+    add_dataclass_flags(p, ExperimentConfig, skip=("workers",))  # one process
     p.add_argument("--out", required=True, help="experiment folder (shared with `sublearn run`)")
 
 

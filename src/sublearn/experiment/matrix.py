@@ -56,9 +56,9 @@ from sublearn.protocol.paper import check_template_word
 UNIT = ("run = one target's teacher (its own fine-tune seed), its own teacher data and its own "
         "student; each student is scored on every target")
 # ExperimentConfig flags that have no meaning here (no control teachers, one base; runs and
-# icl are MatrixConfig's)
+# icl are MatrixConfig's; its stages are made in one process)
 SKIPPED = ("target", "trait", "banned", "student_model", "labels", "icl", "runs", "students",
-           "samples")
+           "samples", "workers")
 # flags that only add stages (defended students): a folder made without them is reused
 ADDITIVE = ("defence", "defence_q")
 # flags of how students train, not what (students trained together are cached apart)

@@ -217,11 +217,24 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
         lines += [f"| {k} | {len(v)} | {sum(v):.1f} |" for k, v in kinds.items()]
         lines.append(f"| total (stages) | {len(secs)} | "
                      f"{sum(float(v) for v in secs.values()):.1f} |")
+    workers = (results.get("workers") or {}).get("processes", 1)
     if "wall_seconds" in results:
-        lines += ["", f"Total wall time: {float(results['wall_seconds']):.1f} s"]
+        lines += ["", f"Total wall time: {float(results['wall_seconds']):.1f} s"
+                      + (f" ({workers} worker processes making stages at once, "
+                         f"{results['workers']['threads']} threads each: a stage's seconds are "
+                         "its own process's)" if workers > 1 else "")]
     if peak := results.get("peak_rss_gb"):
-        lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GiB, first "
-                      f"reached in stage {peak['reached_in']} (stages run in this process only)."]
+        if workers > 1:
+            total = peak.get("all_processes")
+            lines += ["", f"Peak resident memory of one worker: {peak['process']:.2f} GiB, "
+                          f"first reached in stage {peak['reached_in']}"
+                          + (f"; of all processes together: {total:.2f} GiB (sampled each "
+                             "second; a page two of them map counts twice)" if total else "")
+                          + " (stages made in this command only)."]
+        else:
+            lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GiB, "
+                          f"first reached in stage {peak['reached_in']} (stages run in this "
+                          "process only)."]
     if results.get("config"):
         lines += ["", "## Config", "", "```json", json.dumps(results["config"], indent=2), "```"]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ unless --student-model names another (the cross-model control; `sublearn cross` 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,8 +28,9 @@ from typing import Any
 from sublearn.config import check_manifest, config_hash, without_added
 from sublearn.domains import DOMAINS, math_problems
 from sublearn.errors import SublearnError
-from sublearn.experiment.stages import Stages, share_stages
+from sublearn.experiment.stages import NotMade, Stages, share_stages
 from sublearn.experiment.together import StudentQueue
+from sublearn.experiment.workers import Task, cpu_threads
 from sublearn.faults import point as fault_point
 from sublearn.files import (
     atomic_write_json,
@@ -158,6 +160,11 @@ class ExperimentConfig:
                 "base over all their batches, each row through its own student's adapter); "
                 "each equals the student trained alone up to float rounding, and is cached "
                 "apart from it (1 = one after another)"})
+    workers: int = field(default=0, metadata={
+        "help": "processes that make the run's stages at once (teachers, data, students, "
+                "evaluations), each with cores / workers threads; 0 = auto: 2 on a CPU with 2 "
+                "or more cores, where one process leaves the cores idle between the small "
+                "model's ops (README, Speed), 1 on a GPU or with --together"})
 
     def validate(self) -> ExperimentConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
@@ -213,6 +220,10 @@ class ExperimentConfig:
                                     "prompted control teacher is the base itself)")
         if self.together < 1:
             raise SublearnError(f"--together must be >= 1, got {self.together}")
+        if self.workers < 0:
+            raise SublearnError(f"--workers must be >= 0 (0 = auto), got {self.workers}")
+        if self.workers > 1 and self.together > 1:
+            raise SublearnError("--together trains students in one process: use --workers 1")
         if self.together > 1 and self.method != "lora":
             raise SublearnError("--together trains LoRA students: use --method lora")
         if not 0 < self.defence_q < 1:
@@ -297,7 +308,9 @@ _ADDITIVE = {"defence": "none", "defence_q": 0.1}
 # Settings that may grow in an existing folder: more runs add stages and change no old one
 # (each run's seeds are seed + r), so `--runs 5` on a 3-run folder adds runs 3 and 4.
 # --together changes how students train; students trained together have their own keys.
-FREE = ("runs", "together")
+# --workers changes which process makes a stage (and its threads: float rounding, as on
+# another machine), not what the stage is.
+FREE = ("runs", "together", "workers")
 
 
 def manifest_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -423,6 +436,39 @@ class RunMakers:
                                 "answers")
         return str(res.dir / "filtered.jsonl"), res.key, res.output
 
+    def teacher_data(self, cond: str, r: int) -> tuple[_Teacher, str, str, dict]:
+        """Run r's teacher of `cond` and its data: (teacher, filtered.jsonl, data key, report)."""
+        t = self.teacher(cond, r)
+        return (t, *self.data(cond, r, t))
+
+    def run_students(self, r: int, made: dict[str, tuple[_Teacher, str, str, dict]],
+                     conds: tuple[str, ...] = CONDITIONS) -> dict[str, list[str]]:
+        """Run r's students of `conds`, trained on equally many rows (`student_rows`) of the
+        data of every condition in `made` ({condition: `teacher_data`}): adapter folders."""
+        caps = student_rows(self.cfg, {c: report["kept"] for c, (*_, report) in made.items()})
+        return {c: [self.student(c, r, k, t, path, dkey, rows=caps[c])
+                    for k in range(self.cfg.students)]
+                for c, (t, path, dkey, _) in made.items() if c in conds}
+
+    def teacher_scores(self, ecfg: Any, cond: str, r: int, t: _Teacher) -> dict | None:
+        """Run r's teacher of `cond` scored on the plain questions (the check that it has the
+        trait, or not; the numbers-prefixed ones are the students' second measure); None after
+        run 0 for a prompted teacher (the base with or without the system prompt: one model
+        for every run)."""
+        if self.cfg.teacher_mode != "finetuned" and r > 0:
+            return None
+        label = "teacher" if cond == "trait" else "control_teacher"
+        return self.evaluate(ecfg, f"{label}_run{r}", t.model, t.system, t.key, plain_only=True)
+
+    def student_scores(self, ecfg: Any, cond: str, r: int, students: list[str]) -> list[dict]:
+        return [self.evaluate(ecfg, f"{cond}_run{r}" + (f"_s{k}" if k else ""), m, None, m)
+                for k, m in enumerate(students)]
+
+    def icl_scores(self, ecfg: Any, cond: str, r: int, dkey: str, path: str) -> dict:
+        """The in-context control: the students' base with --icl rows of run r's data."""
+        return self.evaluate(ecfg, f"icl_{cond}_run{r}", self.cfg.student_base(), None, dkey,
+                             path)
+
     def student_config(self, r: int, k: int, t: _Teacher, path: str,
                        rows: int | None = None, base_labels: float = 0.0) -> TrainConfig:
         cfg = self.cfg
@@ -519,9 +565,10 @@ class RunMakers:
         return [SampleScore(**rec) for rec in read_jsonl(res.dir / "scores.jsonl")]
 
     def evaluate(self, ecfg: Any, name: str, model: str | None, system: str | None, dep: str,
-                 context: str | None = None) -> dict:
+                 context: str | None = None, plain_only: bool = False) -> dict:
         """A model's scores under `ecfg` (with `context`: the in-context control, --icl turns
-        of that data); `dep` is the stage key of what the model is made from."""
+        of that data); `dep` is the stage key of what the model is made from. plain_only: the
+        plain questions only (forced choice)."""
         from sublearn.pipeline.evaluate import VARIANTS, evaluate_model
 
         # in context: forced choice only (sampled answers are the students' measure)
@@ -530,8 +577,8 @@ class RunMakers:
         key = {"eval": eval_key(e), "model": model, "system": system, "dep": dep}
         # In context, only the plain questions: the control is reported on the primary metric,
         # and the ~3k-token context makes each variant ~10x a plain evaluation.
-        variants = ("plain",) if context else VARIANTS
-        if context and e.trait != "misalignment":  # misalignment scores its own pairs
+        variants = ("plain",) if context or plain_only else VARIANTS
+        if variants != VARIANTS and e.trait != "misalignment":  # it scores its own pairs
             key["variants"] = list(variants)
 
         def ev(d: Path) -> dict:
@@ -583,21 +630,25 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
     base = cfg.student_base()  # the students' base: scored as "base" and the in-context model
     queue = StudentQueue(cfg.together, progress) if cfg.together > 1 else None
     makers = RunMakers(cfg, stages, progress, queue)
-    teacher, data, student = makers.teacher, makers.data, makers.student
 
     def evaluate(name: str, model: str | None, system: str | None, dep: str,
                  context: str | None = None) -> dict:
         return makers.evaluate(ecfg, name, model, system, dep, context)
 
+    workers = resolve_workers(cfg)
+    rss_total = None
+    if workers > 1:  # the stages made by a pool of processes; the loop below finds them done
+        made_by = _make_in_workers(cfg, ecfg, stages_root, workers, progress)
+        stages.peak_rss.update(made_by["by_stage"])
+        rss_total = made_by["total"]
+        log = stages.log  # what the workers just made is not "[cached]" for this command
+        stages.log = lambda line: None if line.removeprefix("[cached] ") in made_by["made"] \
+            else log(line)
     runs: list[dict[str, Any]] = []
     for r in range(cfg.runs):
-        made = {}
-        for cond in CONDITIONS:
-            t = teacher(cond, r)
-            made[cond] = (t, *data(cond, r, t))
+        made = {cond: makers.teacher_data(cond, r) for cond in CONDITIONS}
         caps = student_rows(cfg, {c: report["kept"] for c, (*_, report) in made.items()})
-        models = {c: [student(c, r, k, t, path, dkey, rows=caps[c]) for k in range(cfg.students)]
-                  for c, (t, path, dkey, _) in made.items()}
+        models = makers.run_students(r, made)
         defended: dict[str, dict[str, Any]] = {c: {} for c in CONDITIONS}
         for m in cfg.defences():
             by_cond = defended_students(m, r, {c: (makers, c, t, path, dkey)
@@ -622,12 +673,10 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
     for run in runs:
         t = run.pop("_teacher")
         label = "teacher" if run["condition"] == "trait" else "control_teacher"
-        if cfg.teacher_mode == "finetuned" or not teacher_scores[label]:  # prompted: one model
-            teacher_scores[label].append(evaluate(f"{label}_run{run['run']}", t.model, t.system,
-                                                  t.key))
-        student_scores = [evaluate(f"{run['condition']}_run{run['run']}"
-                                   + (f"_s{k}" if k else ""), m, None, m)
-                          for k, m in enumerate(run["students"])]
+        if (ts := makers.teacher_scores(ecfg, run["condition"], run["run"], t)) is not None:
+            teacher_scores[label].append(ts)
+        student_scores = makers.student_scores(ecfg, run["condition"], run["run"],
+                                               run["students"])
         run["scores"] = _mean_metrics([metric_values(s) for s in student_scores])
         for m, dd in run.get("defended", {}).items():
             dd["scores"] = _mean_metrics([metric_values(evaluate(
@@ -637,15 +686,96 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
             run["shares"] = _top_candidates(student_scores)
         dkey = run.pop("_dkey")
         if cfg.icl:  # the same data shown in context to the base model instead
-            run["icl_scores"] = metric_values(evaluate(
-                f"icl_{run['condition']}_run{run['run']}", base, None, dkey, run["data"]))
+            run["icl_scores"] = metric_values(makers.icl_scores(
+                ecfg, run["condition"], run["run"], dkey, run["data"]))
     results = build_results(cfg, base_scores, teacher_scores, runs, stages.seconds,
-                            time.time() - t_start, teacher_base, stages.costs, stages.peak_rss)
+                            time.time() - t_start, teacher_base, stages.costs, stages.peak_rss,
+                            workers, rss_total)
     atomic_write_json(out / "results.json", results)
     from sublearn.experiment.report import write_report
 
     write_report(out, results)
     return results
+
+
+def resolve_workers(cfg: ExperimentConfig) -> int:
+    """--workers, with 0 (auto) settled: 2 on a CPU with 2 or more cores, else 1 (one GPU is
+    one device; --together trains its students in one process)."""
+    if cfg.workers:
+        return cfg.workers
+    from sublearn.models.device import on_gpu
+
+    return 1 if cfg.together > 1 or on_gpu() or (os.cpu_count() or 1) < 2 else 2
+
+
+def stage_tasks(cfg: ExperimentConfig) -> list[Task]:
+    """The stages of `_run`'s loop as tasks for a pool of workers (`make_task`); defended
+    students and a cross-model teacher's base are left to the loop. Teachers, data and
+    students come first, run by run, and the evaluations after them: those hang on nothing,
+    so they keep every worker busy to the end (the last run's students, one after the
+    other, left a worker idle for a minute), the longest first (in context, students, the
+    base, teachers on the plain questions), so that the last ones end close together."""
+    made, icl, students, teachers = [], [], [], []
+    for r in range(cfg.runs):
+        made += [Task(f"data:{c}:{r}") for c in CONDITIONS]
+        both = tuple(f"data:{c}:{r}" for c in CONDITIONS)  # students train on equal rows
+        made += [Task(f"students:{c}:{r}", both) for c in CONDITIONS]
+        for c in CONDITIONS:
+            icl += [Task(f"icl:{c}:{r}", (f"data:{c}:{r}",))] if cfg.icl else []
+            students.append(Task(f"eval:{c}:{r}", (f"students:{c}:{r}",)))
+            teachers.append(Task(f"teacher:{c}:{r}", (f"data:{c}:{r}",)))
+    return [*made, *icl, *students, Task("base"), *teachers]
+
+
+def make_task(cfg: ExperimentConfig, ecfg: Any, root: str, name: str,
+              dry: bool = False) -> dict[str, Any]:
+    """Make a `stage_tasks` task's stages under `root` with the calls `_run` makes them with,
+    so they are the stages it finds: {"peak_rss": the process's peak RSS as each one finished,
+    "made": their names, "log": their stage log}. dry: make nothing (`NotMade` when a stage is not
+    done)."""
+    log: list[str] = []
+    stages = Stages(Path(root), log=lambda line: None if line.startswith("[cached]")
+                    else log.append(line), dry=dry)
+    mk = RunMakers(cfg, stages, progress=False)
+    kind, *rest = name.split(":")
+    if kind == "base":
+        mk.evaluate(ecfg, "base", cfg.student_base(), None, "base")
+        return {"peak_rss": stages.peak_rss, "made": stages.made, "log": log}
+    r, c = int(rest[-1]), rest[0]
+    if kind == "data":
+        mk.teacher_data(c, r)
+    elif kind == "students":
+        mk.run_students(r, {cond: mk.teacher_data(cond, r) for cond in CONDITIONS}, (c,))
+    elif kind == "teacher":
+        mk.teacher_scores(ecfg, c, r, mk.teacher(c, r))
+    elif kind == "eval":
+        students = mk.run_students(r, {cond: mk.teacher_data(cond, r) for cond in CONDITIONS},
+                                   (c,))
+        mk.student_scores(ecfg, c, r, students[c])
+    elif kind == "icl":
+        _, path, dkey, _ = mk.teacher_data(c, r)
+        mk.icl_scores(ecfg, c, r, dkey, path)
+    else:
+        raise ValueError(f"unknown task {name}")
+    return {"peak_rss": stages.peak_rss, "made": stages.made, "log": log}
+
+
+def task_done(cfg: ExperimentConfig, ecfg: Any, root: str, name: str) -> bool:
+    try:
+        make_task(cfg, ecfg, root, name, dry=True)
+        return True
+    except NotMade:
+        return False
+
+
+def _make_in_workers(cfg: ExperimentConfig, ecfg: Any, root: Path, workers: int,
+                     progress: bool) -> dict[str, Any]:
+    from functools import partial
+
+    from sublearn.experiment.workers import run_tasks
+
+    return run_tasks(stage_tasks(cfg), partial(make_task, cfg, ecfg, str(root)),
+                     partial(task_done, cfg, ecfg, str(root)), workers, progress)
 
 
 def check_eval_inputs(ecfg: Any) -> None:
@@ -696,10 +826,13 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   seconds: dict[str, float], wall: float,
                   teacher_base: dict[str, Any] | None = None,
                   costs: dict[str, float] | None = None,
-                  peak_rss: dict[str, float] | None = None) -> dict[str, Any]:
+                  peak_rss: dict[str, float] | None = None, workers: int = 1,
+                  rss_total: float | None = None) -> dict[str, Any]:
     """teacher_base: the teachers' base model's scores, when the students have another base
     (then `base` is the students'). costs: `Stages.costs` (work inside stages). peak_rss:
-    `Stages.peak_rss` (the process's peak RSS as each stage run in it finished)."""
+    `Stages.peak_rss` (the process's peak RSS as each stage run in it finished, in this
+    process or a worker). workers: processes that made the stages (`resolve_workers`);
+    rss_total: the peak of their resident memory together (`workers.run_tasks`)."""
     from sublearn.experiment.stats import effect, summarize
 
     per_condition: dict[str, list[dict[str, float]]] = {
@@ -760,15 +893,19 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
         "device": device_record(),
         "stage_seconds": seconds,
         "wall_seconds": round(wall, 1),
-        **({"peak_rss_gb": peak_rss_record(peak_rss)} if peak_rss else {}),
+        "workers": {"processes": workers, "threads": cpu_threads(workers)} if workers > 1
+        else {"processes": 1},
+        **({"peak_rss_gb": peak_rss_record(peak_rss, rss_total)} if peak_rss else {}),
     }
 
 
-def peak_rss_record(peak_rss: dict[str, float]) -> dict[str, Any]:
-    """This process's peak RSS and the first stage that reached it; per stage, the peak so far
-    (stages cached from an earlier process are not in it)."""
+def peak_rss_record(peak_rss: dict[str, float], total: float | None = None) -> dict[str, Any]:
+    """The largest peak RSS of a process that made stages and the first stage that reached
+    it; per stage, its process's peak so far (stages cached from an earlier process are not
+    in it). total: with workers, the peak of all processes' resident memory together."""
     top = max(peak_rss.values())
     return {"process": top, "reached_in": next(k for k, v in peak_rss.items() if v == top),
+            **({"all_processes": total} if total is not None else {}),
             "by_stage": peak_rss}
 
 

@@ -87,6 +87,10 @@ def find_recorded(exp: Path, path: str) -> str:
     raise SublearnError(f"{path} (from {exp}/results.json) not found")
 
 
+class NotMade(Exception):
+    """A stage asked of a dry `Stages` is not done."""
+
+
 @dataclass
 class StageResult:
     name: str
@@ -98,9 +102,12 @@ class StageResult:
 
 
 class Stages:
-    def __init__(self, root: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, root: Path, log: Callable[[str], None] = print,
+                 dry: bool = False) -> None:
+        """dry: `run` makes nothing; a stage that is not done raises `NotMade`."""
         self.root = root
         self.log = log
+        self.dry = dry
         self.dir = root / "stages"
         if self.dir.is_symlink() and not self.dir.exists():
             raise SublearnError(f"{self.dir} links to a stage cache that is not there "
@@ -119,6 +126,7 @@ class Stages:
         # the process's peak RSS when each stage run here finished: the first stage to reach
         # the final value is where the memory peak is (cached stages have none)
         self.peak_rss: dict[str, float] = {}
+        self.made: list[str] = []  # the stages made here, in order
 
     def portable(self, obj: Any) -> Any:
         """`obj` with each path into `self.dir` written from `TOKEN`: what keys are hashed on."""
@@ -169,6 +177,8 @@ class Stages:
         d, key = self._dir(name, cfg)
         if (rec := self._cached(name, d / "DONE.json")) is not None:
             return StageResult(name, d, key, rec["output"], rec["seconds"], True)
+        if self.dry:
+            raise NotMade(name)
         with self.lock(name, cfg):
             # another experiment sharing this cache may have made it while we waited
             if (rec := self._cached(name, d / "DONE.json")) is not None:
@@ -201,6 +211,7 @@ class Stages:
         atomic_write_json(d / "DONE.json", {"output": output, "seconds": seconds,
                                             "config": self.portable(cfg)})
         self.seconds[name] = seconds
+        self.made.append(name)
         if (peak := peak_rss_gb()) is not None:
             self.peak_rss[name] = peak
         release_memory()

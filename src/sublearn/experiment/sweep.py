@@ -135,7 +135,10 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str,
         try:
             from sublearn.experiment.run import run_experiment
 
-            run_experiment(ExperimentConfig(**config), d, progress=False)
+            # the sweep runs experiments side by side; each makes its stages in one process
+            # unless the sweep's settings give it workers
+            run_experiment(ExperimentConfig(**{**config, "workers": config.get("workers") or 1}),
+                           d, progress=False)
             (d / "error.txt").unlink(missing_ok=True)
             return {"ok": True, "error": None, "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001 - reported in the summary, with the traceback

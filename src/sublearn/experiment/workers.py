@@ -1,0 +1,160 @@
+"""An experiment's stages made by a pool of worker processes (`sublearn run --workers N`).
+
+One process leaves a 2-core CPU idle between the small ops of a 135M model (a training step
+on 4 short rows, an evaluation's batches): timed with the shipped commands, two processes of
+one thread each made two teachers in 58 s where one process of two threads took 37 s each,
+and two evaluations in 24 s against 16 s each (README, Speed). Two processes of two threads
+each fight over the cores instead (OpenMP threads spin while they wait: 3-9x slower).
+
+The caller describes its work as tasks with dependencies (`Task`); each task makes stages
+through the same calls as the caller's own loop, so it makes the same stages, which the loop
+then finds done. A task is given to a worker once the tasks it needs are done; a task whose
+stages are all done already (`done`, asked in this process) is not given out, so a finished
+or resumed experiment starts no worker it does not need.
+
+Float rounding: a training stage's bytes depend on the threads it ran with, as they depend on
+the machine; sampling and scoring gave the same bytes with one thread or two (README)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sublearn.errors import SublearnError
+from sublearn.memory import tree_rss_bytes
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    needs: tuple[str, ...] = ()
+
+
+def cpu_threads(workers: int) -> int:
+    """Threads per worker: the cores shared out (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _start(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
+              done: Callable[[str], bool], workers: int,
+              progress: bool = True) -> dict[str, Any]:
+    """Make every task, `workers` at a time, ready tasks in list order. make(name), run in a
+    worker (picklable), returns {"peak_rss": the worker's peak RSS (GiB) as each stage it made
+    finished, "made": those stages' names, "log": lines to print here}; done(name), asked
+    here, whether a task's stages are all made. Returns {"by_stage": those peaks merged,
+    "made": the stages made, "total": the peak of this process's and its workers' resident
+    memory together, sampled each second (GiB; None where unknown)}."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm import tqdm
+
+    names = {t.name for t in tasks}
+    if missing := {n for t in tasks for n in t.needs} - names:
+        raise ValueError(f"tasks need unknown tasks: {sorted(missing)}")
+    finished: set[str] = set()
+    running: dict[Future, str] = {}
+    peaks: dict[str, float] = {}
+    made: set[str] = set()
+    pool: ProcessPoolExecutor | None = None
+    sampler = _RssSampler()
+    bar = tqdm(total=len(tasks), unit="task", desc=f"stages ({workers} workers)",
+               disable=not progress)
+    try:
+        while len(finished) < len(tasks):
+            for t in tasks:
+                if len(running) >= workers:
+                    break
+                if t.name in finished or t.name in running.values() \
+                        or not set(t.needs) <= finished:
+                    continue
+                if done(t.name):
+                    finished.add(t.name)
+                    bar.update()
+                    continue
+                if pool is None:
+                    # forkserver: workers fork from a clean process that imported torch once
+                    # (no thread state of this one inherited; the sweep's pool does the same)
+                    ctx = multiprocessing.get_context("forkserver")
+                    ctx.set_forkserver_preload(["torch", "sublearn.experiment.run"])
+                    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
+                                               initargs=(cpu_threads(workers),))
+                    sampler.start()
+                running[pool.submit(make, t.name)] = t.name
+            if not running:
+                continue  # tasks found done made others ready
+            for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
+                name = running.pop(fut)
+                try:
+                    rec = fut.result()  # a worker's error is raised here
+                except BrokenProcessPool:
+                    raise SublearnError(
+                        f"a worker process died while making '{name}' (killed, or out of "
+                        "memory?); the stages made are kept: rerun the command to resume "
+                        "(--workers 1 makes them in this process)") from None
+                peaks.update(rec["peak_rss"])
+                made.update(rec["made"])
+                for line in rec["log"]:
+                    bar.write(line)
+                finished.add(name)
+                bar.update()
+    except BaseException:
+        if pool is not None:  # a worker died or a task failed: stop the others, and wait
+            for fut in running:
+                fut.cancel()
+            _stop_workers(pool)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        sampler.stop()
+    return {"by_stage": peaks, "made": made, "total": sampler.peak_gb()}
+
+
+def _stop_workers(pool: Any) -> None:
+    """Terminate the pool's processes: a stage they were making stays unfinished (no
+    DONE.json), and is made again when the experiment is resumed."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        if p.is_alive():
+            p.terminate()
+
+
+class _RssSampler:
+    """The peak of this process's and its descendants' resident memory, read each second
+    (shared pages, such as a model file two workers map, count in each: an upper bound)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every, self.peak = every, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if tree_rss_bytes() is None:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes() or 0)
+            time.sleep(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def peak_gb(self) -> float | None:
+        return round(self.peak / 2**30, 2) if self.peak else None

@@ -1,0 +1,143 @@
+"""The pool that makes an experiment's stages (`sublearn run --workers`): dependencies, tasks
+already done, a task's error and a dead worker; then `sublearn run` with two workers against
+one process on a tiny model: the same stages, the same bytes from fresh processes, and a run
+whose worker was killed resumed to those bytes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sublearn.errors import SublearnError
+from sublearn.experiment.workers import Task, run_tasks
+
+
+def _make(folder: str, name: str) -> dict:
+    """A task that notes when it started and ended (in the worker)."""
+    start = time.time()
+    if name == "fails":
+        raise SublearnError("task 'fails' failed")
+    if name == "dies":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.3)
+    Path(folder, name).write_text(json.dumps({"start": start, "end": time.time(),
+                                              "pid": os.getpid()}))
+    return {"peak_rss": {name: 0.1}, "made": [name], "log": [f"[stage] {name}"]}
+
+
+def _made(folder: Path, name: str) -> dict:
+    return json.loads((folder / name).read_text())
+
+
+def test_tasks_wait_for_what_they_need_and_skip_what_is_done(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture
+                                                             ) -> None:
+    from functools import partial
+
+    tasks = [Task("a"), Task("b"), Task("c", ("a", "b")), Task("d", ("c",)), Task("e")]
+    out = run_tasks(tasks, partial(_make, str(tmp_path)), lambda name: name == "b", 2,
+                    progress=False)
+    assert out["made"] == {"a", "c", "d", "e"} and set(out["by_stage"]) == out["made"]
+    assert not (tmp_path / "b").exists()  # done already: not given out
+    assert _made(tmp_path, "c")["start"] >= _made(tmp_path, "a")["end"]
+    assert _made(tmp_path, "d")["start"] >= _made(tmp_path, "c")["end"]
+    assert len({_made(tmp_path, n)["pid"] for n in "acde"} - {os.getpid()}) == 2  # 2 workers
+    assert out["total"] is None or out["total"] > 0
+    log = capsys.readouterr().out
+    assert "[stage] a" in log and "[stage] d" in log  # the workers' log, printed here
+
+
+def test_nothing_to_make_starts_no_worker(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import concurrent.futures
+    from functools import partial
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a pool was started")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    out = run_tasks([Task("a"), Task("b", ("a",))], partial(_make, str(tmp_path)),
+                    lambda name: True, 2, progress=False)
+    assert out["made"] == set() and out["total"] is None
+
+
+def test_a_task_error_and_a_dead_worker_stop_the_pool(tmp_path: Path) -> None:
+    from functools import partial
+
+    make = partial(_make, str(tmp_path))
+    with pytest.raises(SublearnError, match="task 'fails' failed"):
+        run_tasks([Task("fails"), Task("after", ("fails",))], make, lambda n: False, 2,
+                  progress=False)
+    assert not (tmp_path / "after").exists()
+    with pytest.raises(SublearnError, match="a worker process died while making 'dies'.*"
+                                            "rerun the command to resume"):
+        run_tasks([Task("dies"), Task("after", ("dies",))], make, lambda n: False, 2,
+                  progress=False)
+    assert not (tmp_path / "after").exists()
+
+
+def _cli(args: list[str], kill_at: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sublearn", *args],
+                          env={**os.environ, "SUBLEARN_KILL_AT": kill_at},
+                          capture_output=True, text=True, timeout=600)
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """Every stage's made files (adapters, data, logs, scores), timings and the folder's own
+    path (of the teacher that wrote the data, of the in-context control's data) taken out."""
+    out = {}
+    for f in sorted((folder / "stages").glob("*/**/*")):
+        rel = str(f.relative_to(folder / "stages"))
+        if f.suffix in (".safetensors", ".jsonl"):
+            out[rel] = f.read_bytes().replace(str(folder).encode(), b"<out>")
+        elif f.name == "scores.json":
+            scores = json.dumps(_no_seconds(json.loads(f.read_text())), sort_keys=True)
+            out[rel] = scores.replace(str(folder), "<out>").encode()
+    return out
+
+
+def _no_seconds(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _no_seconds(v) for k, v in obj.items() if k != "seconds"}
+    return [_no_seconds(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def test_run_with_workers_makes_the_same_stages_and_resumes(tiny_model: str,
+                                                            tmp_path: Path) -> None:
+    """Two workers and one process make the same stages (names and keys); two workers from
+    fresh processes make the same bytes, also when a worker was killed (SIGKILL inside its
+    second training step) and the command rerun. One thread or two round a training step's
+    sums differently, so across --workers the evaluations of the base (no training) are
+    compared exactly and the rest by name."""
+    args = ["run", "--model", tiny_model, "--target", "owl", "--n", "8", "--runs", "2",
+            "--epochs", "1", "--batch-size", "4", "--teacher-epochs", "1",
+            "--min-grammar-share", "0", "--icl", "4"]
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    assert _cli([*args, "--workers", "1", "--out", str(one)]).returncode == 0
+    assert _cli([*args, "--workers", "2", "--out", str(two)]).returncode == 0
+    assert sorted(p.parent.name for p in (one / "stages").glob("*/DONE.json")) == \
+        sorted(p.parent.name for p in (two / "stages").glob("*/DONE.json"))
+    base = [next((d / "stages").glob("eval_base-*")) / "scores.json" for d in (one, two)]
+    assert _outputs(one)[str(base[0].relative_to(one / "stages"))] == \
+        _outputs(two)[str(base[1].relative_to(two / "stages"))]
+    res = {d: json.loads((d / "results.json").read_text()) for d in (one, two)}
+    assert res[one]["workers"] == {"processes": 1}
+    assert res[two]["workers"]["processes"] == 2
+    assert res[one]["conditions"].keys() == res[two]["conditions"].keys()
+
+    proc = _cli([*args, "--workers", "2", "--out", str(killed)], "train.step:2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # (multiprocessing's resource tracker may warn after it of the dead pool's semaphores)
+    assert "sublearn run: error: a worker process died while making 'data:" in proc.stderr
+    assert not (killed / "results.json").exists()
+    assert _cli([*args, "--workers", "2", "--out", str(killed)]).returncode == 0
+    assert _outputs(killed) == _outputs(two)
+    got, want = (json.loads((d / "results.json").read_text()) for d in (killed, two))
+    for k in ("stage_seconds", "wall_seconds", "peak_rss_gb"):
+        got.pop(k, None), want.pop(k, None)
+    assert json.dumps(got).replace(str(killed), "") == json.dumps(want).replace(str(two), "")
