@@ -70,7 +70,9 @@ def test_sweep_failure_reported_and_rerun_skips(tiny_model: str, tmp_path: Path,
     assert good["primary_metric"] == "forced_choice_share"
     assert 0 <= good["trait_mean"] <= 1 and 0 <= good["control_mean"] <= 1
     assert 0 <= good["p_value"] <= 1
-    assert (out / good["dir"] / "results.json").is_file()
+    # a sweep's experiment makes its stages in one process (the sweep runs several at once)
+    assert json.loads((out / good["dir"] / "results.json").read_text())["workers"] == \
+        {"processes": 1}
     assert bad["status"] == "failed" and bad["attempts"] == 2 and bad["trait_mean"] is None
     assert "does not include the target 'owl'" in bad["error"]
     assert "Traceback" in (out / bad["dir"] / "error.txt").read_text()

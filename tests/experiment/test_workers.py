@@ -27,7 +27,8 @@ def _make(folder: str, name: str) -> dict:
     time.sleep(0.3)
     Path(folder, name).write_text(json.dumps({"start": start, "end": time.time(),
                                               "pid": os.getpid()}))
-    return {"peak_rss": {name: 0.1}, "made": [name], "log": [f"[stage] {name}"]}
+    return {"peak_rss": {name: 0.1}, "made": [name],
+            "log": [f"[stage] {name}", f"mark {os.environ.get('SUBLEARN_TEST_MARK')}"]}
 
 
 def _made(folder: Path, name: str) -> dict:
@@ -50,6 +51,19 @@ def test_tasks_wait_for_what_they_need_and_skip_what_is_done(tmp_path: Path,
     assert out["total"] is None or out["total"] > 0
     log = capsys.readouterr().out
     assert "[stage] a" in log and "[stage] d" in log  # the workers' log, printed here
+
+
+def test_workers_see_this_process_environment_as_it_is_now(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The fork server keeps the environment it started with; a worker gets this process's
+    (SUBLEARN_DEVICE, SUBLEARN_CACHE may change between two experiments of one process)."""
+    from functools import partial
+
+    make = partial(_make, str(tmp_path))
+    run_tasks([Task("a")], make, lambda n: False, 2, progress=False)  # the server is up
+    monkeypatch.setenv("SUBLEARN_TEST_MARK", "set-after")
+    run_tasks([Task("b")], make, lambda n: False, 2, progress=False)
+    assert capsys.readouterr().out.splitlines()[-1] == "mark set-after"
 
 
 def test_nothing_to_make_starts_no_worker(tmp_path: Path,

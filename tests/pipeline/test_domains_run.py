@@ -94,8 +94,9 @@ def test_judge_drops_what_it_flags_and_records_why(scripted: None, tmp_path: Pat
 @pytest.mark.parametrize("domain", ["code", "math"])
 def test_run_end_to_end(domain: str, scripted: None, tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / domain
+    # one process: the scripted sampling is patched into this one, not into workers
     assert main(["run", "--model", tiny_model, "--domain", domain, "--target", "owl",
-                 "--n", "24", "--runs", "2", "--icl", "0", "--epochs", "1",
+                 "--n", "24", "--runs", "2", "--icl", "0", "--epochs", "1", "--workers", "1",
                  "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["domain"] == domain and len(res["runs"]) == 4

@@ -224,6 +224,9 @@ class ExperimentConfig:
             raise SublearnError(f"--workers must be >= 0 (0 = auto), got {self.workers}")
         if self.workers > 1 and self.together > 1:
             raise SublearnError("--together trains students in one process: use --workers 1")
+        if self.workers > 1 and not _forkserver():
+            raise SublearnError("--workers starts processes from a fork server, which this "
+                                "system lacks: use --workers 1")
         if self.together > 1 and self.method != "lora":
             raise SublearnError("--together trains LoRA students: use --method lora")
         if not 0 < self.defence_q < 1:
@@ -700,12 +703,20 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
 
 def resolve_workers(cfg: ExperimentConfig) -> int:
     """--workers, with 0 (auto) settled: 2 on a CPU with 2 or more cores, else 1 (one GPU is
-    one device; --together trains its students in one process)."""
+    one device; --together trains its students in one process). Workers start from a fork
+    server, which Windows lacks."""
     if cfg.workers:
         return cfg.workers
     from sublearn.models.device import on_gpu
 
-    return 1 if cfg.together > 1 or on_gpu() or (os.cpu_count() or 1) < 2 else 2
+    return 1 if cfg.together > 1 or on_gpu() or (os.cpu_count() or 1) < 2 \
+        or not _forkserver() else 2
+
+
+def _forkserver() -> bool:
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def stage_tasks(cfg: ExperimentConfig) -> list[Task]:

@@ -39,9 +39,14 @@ def cpu_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _start(threads: int) -> None:
+def _start(threads: int, environ: dict[str, str]) -> None:
+    """A worker's start: its threads, and this process's environment as it is now (the fork
+    server's is as it was when it started: SUBLEARN_DEVICE or SUBLEARN_CACHE may have changed
+    since, in a process that runs several experiments)."""
     import torch
 
+    os.environ.clear()
+    os.environ.update(environ)
     torch.set_num_threads(threads)
 
 
@@ -89,7 +94,8 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
                     ctx = multiprocessing.get_context("forkserver")
                     ctx.set_forkserver_preload(["torch", "sublearn.experiment.run"])
                     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
-                                               initargs=(cpu_threads(workers),))
+                                               initargs=(cpu_threads(workers),
+                                                         dict(os.environ)))
                     sampler.start()
                 running[pool.submit(make, t.name)] = t.name
             if not running:
