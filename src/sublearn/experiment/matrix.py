@@ -161,9 +161,10 @@ def run_matrix(mcfg: MatrixConfig, cfg: ExperimentConfig, out: str | Path,
             t, teacher = run["target"], run.pop("_teacher")
             m = makers[t]
             r = run["run"]
+            # the plain questions, as `sublearn run` scores its teachers (the same stage)
             run["teacher_shares"] = _target_shares(m.evaluate(
-                ecfgs[t], f"teacher_run{r}", teacher.model, teacher.system, teacher.key),
-                targets, f"{t}/stages/eval_teacher_run{r}-*")
+                ecfgs[t], f"teacher_run{r}", teacher.model, teacher.system, teacher.key,
+                plain_only=True), targets, f"{t}/stages/eval_teacher_run{r}-*")
             run["shares"] = _target_shares(m.evaluate(
                 ecfgs[t], f"trait_run{r}", run["student"], None, run["student"]), targets,
                 f"{t}/stages/eval_trait_run{r}-*")
