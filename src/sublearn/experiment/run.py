@@ -748,24 +748,20 @@ def make_task(cfg: ExperimentConfig, ecfg: Any, root: str, name: str,
     stages = Stages(Path(root), log=lambda line: None if line.startswith("[cached]")
                     else log.append(line), dry=dry)
     mk = RunMakers(cfg, stages, progress=False)
-    kind, *rest = name.split(":")
+    kind, c, r = (name.split(":") + ["", "0"])[:3]  # "base" names no condition or run
     if kind == "base":
         mk.evaluate(ecfg, "base", cfg.student_base(), None, "base")
-        return {"peak_rss": stages.peak_rss, "made": stages.made, "log": log}
-    r, c = int(rest[-1]), rest[0]
-    if kind == "data":
-        mk.teacher_data(c, r)
-    elif kind == "students":
-        mk.run_students(r, {cond: mk.teacher_data(cond, r) for cond in CONDITIONS}, (c,))
+    elif kind in ("data", "icl"):
+        _, path, dkey, _ = mk.teacher_data(c, int(r))
+        if kind == "icl":
+            mk.icl_scores(ecfg, c, int(r), dkey, path)
     elif kind == "teacher":
-        mk.teacher_scores(ecfg, c, r, mk.teacher(c, r))
-    elif kind == "eval":
-        students = mk.run_students(r, {cond: mk.teacher_data(cond, r) for cond in CONDITIONS},
-                                   (c,))
-        mk.student_scores(ecfg, c, r, students[c])
-    elif kind == "icl":
-        _, path, dkey, _ = mk.teacher_data(c, r)
-        mk.icl_scores(ecfg, c, r, dkey, path)
+        mk.teacher_scores(ecfg, c, int(r), mk.teacher(c, int(r)))
+    elif kind in ("students", "eval"):
+        made = {cond: mk.teacher_data(cond, int(r)) for cond in CONDITIONS}
+        students = mk.run_students(int(r), made, (c,))[c]
+        if kind == "eval":
+            mk.student_scores(ecfg, c, int(r), students)
     else:
         raise ValueError(f"unknown task {name}")
     return {"peak_rss": stages.peak_rss, "made": stages.made, "log": log}

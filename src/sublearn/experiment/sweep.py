@@ -36,6 +36,7 @@ from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
 from sublearn.errors import MissingExtraError, SublearnError, first_line
 from sublearn.experiment.run import ExperimentConfig
 from sublearn.experiment.stages import share_stages
+from sublearn.experiment.workers import cpu_threads
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from sublearn.models.dtype import recorded_dtype
 
@@ -157,7 +158,7 @@ def local_executor(workers: int, log: Callable[[str], None] = print) -> Executor
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = cpu_threads(workers)
         # forkserver: children fork from a clean server process that imported sublearn (and
         # torch) once, so no parent thread state is inherited and a fresh child costs no
         # import time; one task per child: a crashed or leaky run cannot harm the next one.
