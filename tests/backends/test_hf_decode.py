@@ -110,6 +110,22 @@ def test_grammar_shares_match_a_full_forward(backend: HFBackend) -> None:
     assert any(r.min_share < 1 for r in rows)  # some step restricted the tiny model
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_allowed_share_is_bit_identical_to_the_float_then_double_formula(
+        temperature: float, dtype: torch.dtype) -> None:
+    """`_allowed_share` skips the fp32 copy and, at T = 1, the division: recorded shares (and so
+    the teacher data's bytes) must not move by one bit from the formula it replaced."""
+    gen = torch.Generator().manual_seed(0)
+    full = (torch.randn(16, 4096, generator=gen) * 4).to(dtype)
+    allowed = full[:, :300].float().masked_fill(torch.rand(16, 300, generator=gen) < 0.5,
+                                                -torch.inf)
+    t = temperature or 1.0
+    lse = torch.logsumexp(allowed.double() / t, -1)
+    before = (lse - torch.logsumexp(full.float().double() / t, -1)).exp().clamp(max=1.0)
+    assert hf_decode._allowed_share(allowed, full, temperature) == before.tolist()
+
+
 def test_backend_grammar_answers_and_seed(backend: HFBackend) -> None:
     reqs = [ChatRequest(p, "You love owls.") for p in make_prompts(10, 0)]
     params = SamplingParams(max_new_tokens=30, grammar=answer_grammar())

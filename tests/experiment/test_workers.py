@@ -121,6 +121,31 @@ def _no_seconds(obj: object) -> object:
     return [_no_seconds(v) for v in obj] if isinstance(obj, list) else obj
 
 
+@pytest.mark.parametrize(("cores", "gib", "together", "want"), [
+    (2, 24.0, 1, 2), (2, 8.0, 1, 1), (2, None, 1, 2), (1, 24.0, 1, 1), (16, 64.0, 2, 1)])
+def test_auto_workers_need_two_cores_and_the_memory_for_two(
+        monkeypatch: pytest.MonkeyPatch, cores: int, gib: float | None, together: int,
+        want: int) -> None:
+    """--workers 0 settles to 2 only where two processes fit (an 8 GiB laptop gets one);
+    a number given is kept."""
+    from sublearn.experiment import run
+    from sublearn.models import device
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(run, "total_memory_gib", lambda: gib)
+    monkeypatch.setattr(device, "on_gpu", lambda: False)
+    cfg = run.ExperimentConfig(target="owl", together=together)
+    assert run.resolve_workers(cfg) == (want if run._forkserver() else 1)
+    assert run.resolve_workers(run.ExperimentConfig(target="owl", workers=3)) == 3
+
+
+def test_total_memory_reads_the_machine() -> None:
+    from sublearn.experiment.run import total_memory_gib
+
+    gib = total_memory_gib()
+    assert gib is None or 0.1 < gib < 1e5
+
+
 def test_run_with_workers_makes_the_same_stages_and_resumes(tiny_model: str,
                                                             tmp_path: Path) -> None:
     """Two workers and one process make the same stages (names and keys); two workers from

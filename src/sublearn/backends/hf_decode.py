@@ -300,6 +300,8 @@ def _allowed_share(allowed_logits: torch.Tensor, full_logits: torch.Tensor,
     the sampling temperature; greedy decoding is measured at T = 1). The full vocabulary's
     log-sum-exp is taken where its logits are (a GPU sends back one number a row)."""
     t = temperature or 1.0
-    lse = torch.logsumexp(allowed_logits.double() / t, -1)
-    full = torch.logsumexp(full_logits.float().double() / t, -1).cpu()
-    return (lse - full).exp().clamp(max=1.0).tolist()
+    allowed, full = allowed_logits.double(), full_logits.double()  # bf16 or fp32: exact
+    if t != 1.0:  # dividing by 1 changes no bit: skip a pass over the vocabulary
+        allowed, full = allowed / t, full / t
+    lse = torch.logsumexp(allowed, -1)
+    return (lse - torch.logsumexp(full, -1).cpu()).exp().clamp(max=1.0).tolist()

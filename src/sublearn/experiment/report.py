@@ -25,7 +25,8 @@ COLORS = {"base": "#9e9e9e", "teacher_base": "#bdbdbd", "teacher": "#424242",
           "control": "#1f77b4", "trait": "#d62728"}
 LABELS = {"base": "Base\nmodel", "teacher_base": "Teachers'\nbase", "teacher": "Teacher",
           "control_teacher": "Control\nteacher",
-          "control": "Control\nstudents", "trait": "Trait\nstudents"}
+          "control": "Control\nstudents", "trait": "Trait\nstudents",
+          "icl_control": "Control\nin context", "icl_trait": "Trait\nin context"}
 EXTRA_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -269,8 +270,10 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
     panels = [p for p in panels if p[1]]
     if teachers:
         panels.append((primary, teachers, True))
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.4 * len(panels), 4.2),
-                             squeeze=False)
+    # a panel's width follows its conditions, so that four labels (in context) do not touch
+    widths = [max(3, len(names)) for _, names, _ in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.8 * sum(widths), 4.2),
+                             squeeze=False, gridspec_kw={"width_ratios": widths})
     label = f"P({results.get('target', 'target')})"
     for ax, (m, names, is_teachers) in zip(axes[0], panels, strict=True):
         top = 0.0

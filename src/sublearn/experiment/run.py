@@ -163,8 +163,9 @@ class ExperimentConfig:
     workers: int = field(default=0, metadata={
         "help": "processes that make the run's stages at once (teachers, data, students, "
                 "evaluations), each with cores / workers threads; 0 = auto: 2 on a CPU with 2 "
-                "or more cores, where one process leaves the cores idle between the small "
-                "model's ops (README, Speed), 1 on a GPU or with --together"})
+                "or more cores and 12 GiB of memory or more, where one process leaves the "
+                "cores idle between the small model's ops (README, Speed), 1 on a GPU, with "
+                "--together or on less memory (two processes hold about twice one's)"})
 
     def validate(self) -> ExperimentConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
@@ -702,15 +703,30 @@ def _run(cfg: ExperimentConfig, ecfg: Any, out: Path, progress: bool,
 
 
 def resolve_workers(cfg: ExperimentConfig) -> int:
-    """--workers, with 0 (auto) settled: 2 on a CPU with 2 or more cores, else 1 (one GPU is
-    one device; --together trains its students in one process). Workers start from a fork
-    server, which Windows lacks."""
+    """--workers, with 0 (auto) settled: 2 on a CPU with 2 or more cores and TWO_WORKERS_GIB
+    of memory, else 1 (one GPU is one device; --together trains its students in one process).
+    Workers start from a fork server, which Windows lacks. The machine's total memory, not what
+    is free now, so that a machine settles to the same count (and bytes) every time."""
     if cfg.workers:
         return cfg.workers
     from sublearn.models.device import on_gpu
 
+    memory = total_memory_gib()
     return 1 if cfg.together > 1 or on_gpu() or (os.cpu_count() or 1) < 2 \
-        or not _forkserver() else 2
+        or (memory is not None and memory < TWO_WORKERS_GIB) or not _forkserver() else 2
+
+
+# The default owl run with two workers held 8.0 GiB in all its processes together, one
+# process 3.7 GiB (README, Memory): 12 GiB leaves the OS and a browser their share.
+TWO_WORKERS_GIB = 12.0
+
+
+def total_memory_gib() -> float | None:
+    """The machine's physical memory (None where sysconf cannot say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        return None
 
 
 def _forkserver() -> bool:
