@@ -139,11 +139,20 @@ def test_auto_workers_need_two_cores_and_the_memory_for_two(
     assert run.resolve_workers(run.ExperimentConfig(target="owl", workers=3)) == 3
 
 
-def test_total_memory_reads_the_machine() -> None:
+def test_total_memory_reads_the_machine_and_a_container_limit(tmp_path: Path) -> None:
     from sublearn.experiment.run import total_memory_gib
 
     gib = total_memory_gib()
     assert gib is None or 0.1 < gib < 1e5
+    machine = total_memory_gib(str(tmp_path / "none")) or float("inf")  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2 without a limit
+    assert total_memory_gib(str(tmp_path)) == machine
+    (tmp_path / "memory.max").write_text(f"{8 * 2**30}\n")  # an 8 GiB container
+    assert total_memory_gib(str(tmp_path)) == min(8.0, machine)
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{6 * 2**30}\n")  # v1
+    assert total_memory_gib(str(tmp_path)) == min(6.0, machine)
 
 
 def test_run_with_workers_makes_the_same_stages_and_resumes(tiny_model: str,

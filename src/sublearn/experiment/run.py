@@ -163,7 +163,8 @@ class ExperimentConfig:
     workers: int = field(default=0, metadata={
         "help": "processes that make the run's stages at once (teachers, data, students, "
                 "evaluations), each with cores / workers threads; 0 = auto: 2 on a CPU with 2 "
-                "or more cores and 12 GiB of memory or more, where one process leaves the "
+                "or more cores and 12 GiB of memory or more (the machine's, or its "
+                "container's limit), where one process leaves the "
                 "cores idle between the small model's ops (README, Speed), 1 on a GPU, with "
                 "--together or on less memory (two processes hold about twice one's)"})
 
@@ -721,12 +722,21 @@ def resolve_workers(cfg: ExperimentConfig) -> int:
 TWO_WORKERS_GIB = 12.0
 
 
-def total_memory_gib() -> float | None:
-    """The machine's physical memory (None where sysconf cannot say)."""
+def total_memory_gib(cgroup: str = "/sys/fs/cgroup") -> float | None:
+    """The memory this process may use: the machine's physical memory, or its container's
+    (Docker, Slurm) cgroup limit where that is lower. None where neither can be read."""
+    limits = []
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
-        return None
+        pass
+    for f in ("memory.max", "memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            with open(os.path.join(cgroup, f), encoding="utf-8") as fh:
+                limits.append(int(fh.read().strip()))  # "max" (no limit) fails here
+        except (OSError, ValueError):
+            continue
+    return min(limits) / 2**30 if limits else None
 
 
 def _forkserver() -> bool:
