@@ -1,5 +1,6 @@
 """The process's memory: its peak resident size, and handing freed heap back to the OS
-(`Stages` does both after each stage; the bench reports the peak)."""
+(`Stages` does both after each stage; the bench reports the peak); the memory of a process
+tree, and what the machine (or its container) has."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 import sys
 from typing import Any
 
@@ -50,8 +52,6 @@ def _libc() -> Any:
 def tree_rss_bytes(pid: int | None = None) -> int | None:
     """The resident memory of a process (default: this one) and all its descendants, summed
     (Linux /proc; None elsewhere). A page that several of them map counts in each."""
-    import os
-
     if not os.path.isdir("/proc/self"):
         return None
     page = os.sysconf("SC_PAGE_SIZE")
@@ -76,3 +76,20 @@ def tree_rss_bytes(pid: int | None = None) -> int | None:
         total += rss.get(p, 0)
         todo += children.get(p, [])
     return total
+
+
+def total_memory_gib(cgroup: str = "/sys/fs/cgroup") -> float | None:
+    """The memory this process may use: the machine's physical memory, or its container's
+    (Docker, Slurm) cgroup limit where that is lower. None where neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        pass
+    for f in ("memory.max", "memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            with open(os.path.join(cgroup, f), encoding="utf-8") as fh:
+                limits.append(int(fh.read().strip()))  # "max" (no limit) fails here
+        except (OSError, ValueError):
+            continue
+    return min(limits) / 2**30 if limits else None

@@ -140,7 +140,7 @@ def test_auto_workers_need_two_cores_and_the_memory_for_two(
 
 
 def test_total_memory_reads_the_machine_and_a_container_limit(tmp_path: Path) -> None:
-    from sublearn.experiment.run import total_memory_gib
+    from sublearn.memory import total_memory_gib
 
     gib = total_memory_gib()
     assert gib is None or 0.1 < gib < 1e5

@@ -40,6 +40,7 @@ from sublearn.files import (
     read_jsonl,
     write_jsonl,
 )
+from sublearn.memory import total_memory_gib
 from sublearn.models.device import device_record
 from sublearn.models.dtype import (
     LEGACY_DTYPE,
@@ -722,23 +723,6 @@ def resolve_workers(cfg: ExperimentConfig) -> int:
 TWO_WORKERS_GIB = 12.0
 
 
-def total_memory_gib(cgroup: str = "/sys/fs/cgroup") -> float | None:
-    """The memory this process may use: the machine's physical memory, or its container's
-    (Docker, Slurm) cgroup limit where that is lower. None where neither can be read."""
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
-        pass
-    for f in ("memory.max", "memory/memory.limit_in_bytes"):  # cgroup v2, v1
-        try:
-            with open(os.path.join(cgroup, f), encoding="utf-8") as fh:
-                limits.append(int(fh.read().strip()))  # "max" (no limit) fails here
-        except (OSError, ValueError):
-            continue
-    return min(limits) / 2**30 if limits else None
-
-
 def _forkserver() -> bool:
     import multiprocessing
 
@@ -774,20 +758,21 @@ def make_task(cfg: ExperimentConfig, ecfg: Any, root: str, name: str,
     stages = Stages(Path(root), log=lambda line: None if line.startswith("[cached]")
                     else log.append(line), dry=dry)
     mk = RunMakers(cfg, stages, progress=False)
-    kind, c, r = (name.split(":") + ["", "0"])[:3]  # "base" names no condition or run
+    kind, c, run = (name.split(":") + ["", "0"])[:3]  # "base" names no condition or run
+    r = int(run)
     if kind == "base":
         mk.evaluate(ecfg, "base", cfg.student_base(), None, "base")
     elif kind in ("data", "icl"):
-        _, path, dkey, _ = mk.teacher_data(c, int(r))
+        _, path, dkey, _ = mk.teacher_data(c, r)
         if kind == "icl":
-            mk.icl_scores(ecfg, c, int(r), dkey, path)
+            mk.icl_scores(ecfg, c, r, dkey, path)
     elif kind == "teacher":
-        mk.teacher_scores(ecfg, c, int(r), mk.teacher(c, int(r)))
+        mk.teacher_scores(ecfg, c, r, mk.teacher(c, r))
     elif kind in ("students", "eval"):
-        made = {cond: mk.teacher_data(cond, int(r)) for cond in CONDITIONS}
-        students = mk.run_students(int(r), made, (c,))[c]
+        made = {cond: mk.teacher_data(cond, r) for cond in CONDITIONS}
+        students = mk.run_students(r, made, (c,))[c]
         if kind == "eval":
-            mk.student_scores(ecfg, c, int(r), students)
+            mk.student_scores(ecfg, c, r, students)
     else:
         raise ValueError(f"unknown task {name}")
     return {"peak_rss": stages.peak_rss, "made": stages.made, "log": log}
