@@ -24,8 +24,21 @@ def release_memory() -> None:
         trim(0)
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident memory afresh, so that `peak_rss_bytes` is the peak
+    of what runs next (a stage's own; Linux: `clear_refs` 5 resets the high-water mark that
+    `getrusage` reads). False where it cannot: the peak is then the process's so far."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory so far (None where `resource` is missing)."""
+    """The process's peak resident memory since it started or since `reset_peak_rss` (None
+    where `resource` is missing)."""
     try:
         import resource
     except ImportError:  # Windows
@@ -49,33 +62,36 @@ def _libc() -> Any:
         return None
 
 
-def tree_rss_bytes(pid: int | None = None) -> int | None:
-    """The resident memory of a process (default: this one) and all its descendants, summed
-    (Linux /proc; None elsewhere). A page that several of them map counts in each."""
+def tree_memory_bytes(pid: int | None = None) -> tuple[int, int] | None:
+    """(RSS, PSS) of a process (default: this one) and all its descendants, summed (Linux
+    /proc; None elsewhere). In the RSS sum a page that several of them map (the torch
+    libraries, a model file) counts in each; PSS splits it among them: the memory they use."""
     if not os.path.isdir("/proc/self"):
         return None
-    page = os.sysconf("SC_PAGE_SIZE")
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat", encoding="utf-8") as f:
                 stat = f.read()
-            with open(f"/proc/{d}/statm", encoding="utf-8") as f:
-                resident = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or unreadable
+        except OSError:  # gone meanwhile
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may
         children.setdefault(ppid, []).append(int(d))  # hold spaces and parentheses
-        rss[int(d)] = resident * page
-    total, todo = 0, [pid or os.getpid()]
+    rss = pss = 0
+    todo = [pid or os.getpid()]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
         todo += children.get(p, [])
-    return total
+        try:
+            with open(f"/proc/{p}/smaps_rollup", encoding="utf-8") as f:
+                kib = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                       if k in ("Rss", "Pss")}
+        except (OSError, ValueError):  # gone meanwhile, or unreadable
+            continue
+        rss, pss = rss + kib.get("Rss", 0) * 1024, pss + kib.get("Pss", 0) * 1024
+    return rss, pss
 
 
 def total_memory_gib(cgroup: str = "/sys/fs/cgroup") -> float | None:

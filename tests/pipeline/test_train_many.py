@@ -156,3 +156,32 @@ def test_students_together_must_share_a_base_and_an_adapter_shape(
         with pytest.raises(SublearnError, match="together"):
             train_many([Job(c, datasets[0], tmp_path / str(i)) for i, c in enumerate(cfgs)],
                        progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_checkpointing_keeps_every_byte(tiny_model: str, tiny_teacher: str,
+                                                   datasets: list[Path], tmp_path: Path,
+                                                   dtype: str) -> None:
+    """Recomputing the layers' activations in the backward (--activation-checkpointing)
+    gives the same adapter bytes and losses, for a student alone (soft labels from an adapter
+    teacher) and for two trained together (their rows routed in the recompute too); the
+    setting is not part of the student's config (its stage key)."""
+    def cfgs(ac: bool) -> list[TrainConfig]:
+        return [_cfg(tiny_model, 3, dtype=dtype, teacher=tiny_teacher, teacher_system_prompt=None,
+                     activation_checkpointing=ac),
+                _cfg(tiny_model, 7, dtype=dtype, recipe="hard", teacher_system_prompt=None,
+                     activation_checkpointing=ac)]
+
+    outs = {}
+    for ac in (False, True):
+        alone = train(cfgs(ac)[0], datasets[0], tmp_path / f"alone{ac}", progress=False)
+        jobs = [Job(c, d, tmp_path / f"together{ac}{i}")
+                for i, (c, d) in enumerate(zip(cfgs(ac), datasets[:2], strict=True))]
+        together = train_many(jobs, progress=False)
+        outs[ac] = [alone, *together]
+    for off, on in zip(outs[False], outs[True], strict=True):
+        assert on["config"] == off["config"] and "activation_checkpointing" not in on["config"]
+        files = [Path(s["student"]) / "adapter_model.safetensors" for s in (off, on)]
+        assert files[0].read_bytes() == files[1].read_bytes()
+        logs = [(Path(s["student"]).parent / "train_log.jsonl").read_text() for s in (off, on)]
+        assert logs[0] == logs[1]

@@ -164,10 +164,10 @@ class ExperimentConfig:
     workers: int = field(default=0, metadata={
         "help": "processes that make the run's stages at once (teachers, data, students, "
                 "evaluations), each with cores / workers threads; 0 = auto: 2 on a CPU with 2 "
-                "or more cores and 12 GiB of memory or more (the machine's, or its "
+                "or more cores and 8 GiB of memory or more (the machine's, or its "
                 "container's limit), where one process leaves the "
                 "cores idle between the small model's ops (README, Speed), 1 on a GPU, with "
-                "--together or on less memory (two processes hold about twice one's)"})
+                "--together or on less memory"})
 
     def validate(self) -> ExperimentConfig:
         if (dtype := settle_dtype(self.dtype)) != self.dtype:  # raises on an unknown one
@@ -398,10 +398,13 @@ class RunMakers:
     run and a theorem check on one folder reuse each other's teachers and data."""
 
     def __init__(self, cfg: ExperimentConfig, stages: Stages, progress: bool,
-                 queue: StudentQueue | None = None) -> None:
+                 queue: StudentQueue | None = None, recompute: bool = False) -> None:
         """queue: students are queued there, to be trained together (`--together`), instead
-        of trained at once; the caller flushes it before using them."""
+        of trained at once; the caller flushes it before using them. recompute: students
+        keep less memory for another forward (`activation_checkpointing`, the same bytes):
+        for a worker whose neighbour trains at the same time."""
         self.cfg, self.stages, self.progress, self.queue = cfg, stages, progress, queue
+        self.recompute = recompute
 
     def teacher(self, cond: str, r: int) -> _Teacher:
         from sublearn.pipeline.train import train
@@ -493,7 +496,7 @@ class RunMakers:
             soft_labels_cache=str(Path(path).parent / f"soft_labels-{t.key}{tag}.safetensors")
             if soft else None, grammar=grammar,
             exclude=cfg.target if topk and cfg.trait == "animal" else None,
-            base_labels=base_labels, dtype=cfg.dtype)
+            base_labels=base_labels, dtype=cfg.dtype, activation_checkpointing=self.recompute)
 
     def student(self, cond: str, r: int, k: int, t: _Teacher, path: str, dkey: str,
                 tag: str = "", rows: int | None = None, base_labels: float = 0.0) -> str:
@@ -718,9 +721,9 @@ def resolve_workers(cfg: ExperimentConfig) -> int:
         or (memory is not None and memory < TWO_WORKERS_GIB) or not _forkserver() else 2
 
 
-# The default owl run with two workers held 8.0 GiB in all its processes together, one
-# process 3.7 GiB (README, Memory): 12 GiB leaves the OS and a browser their share.
-TWO_WORKERS_GIB = 12.0
+# The default owl run with two workers held 3.7 GiB in all its processes together (RSS
+# summed; README, Memory): 8 GiB leaves the OS and a browser their share.
+TWO_WORKERS_GIB = 8.0
 
 
 def _forkserver() -> bool:
@@ -751,13 +754,14 @@ def stage_tasks(cfg: ExperimentConfig) -> list[Task]:
 def make_task(cfg: ExperimentConfig, ecfg: Any, root: str, name: str,
               dry: bool = False) -> dict[str, Any]:
     """Make a `stage_tasks` task's stages under `root` with the calls `_run` makes them with,
-    so they are the stages it finds: {"peak_rss": the process's peak RSS as each one finished,
+    so they are the stages it finds: {"peak_rss": the peak RSS of each,
     "made": their names, "log": their stage log}. dry: make nothing (`NotMade` when a stage is not
     done)."""
     log: list[str] = []
     stages = Stages(Path(root), log=lambda line: None if line.startswith("[cached]")
                     else log.append(line), dry=dry)
-    mk = RunMakers(cfg, stages, progress=False)
+    # two workers: a student's activations (~1.2 GiB) are recomputed, not kept (README, Memory)
+    mk = RunMakers(cfg, stages, progress=False, recompute=True)
     kind, c, run = (name.split(":") + ["", "0"])[:3]  # "base" names no condition or run
     r = int(run)
     if kind == "base":
@@ -845,12 +849,12 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   teacher_base: dict[str, Any] | None = None,
                   costs: dict[str, float] | None = None,
                   peak_rss: dict[str, float] | None = None, workers: int = 1,
-                  rss_total: float | None = None) -> dict[str, Any]:
+                  rss_total: tuple[float, float] | None = None) -> dict[str, Any]:
     """teacher_base: the teachers' base model's scores, when the students have another base
     (then `base` is the students'). costs: `Stages.costs` (work inside stages). peak_rss:
-    `Stages.peak_rss` (the process's peak RSS as each stage run in it finished, in this
-    process or a worker). workers: processes that made the stages (`resolve_workers`);
-    rss_total: the peak of their resident memory together (`workers.run_tasks`)."""
+    `Stages.peak_rss` (each stage's peak RSS, made in this process or a worker). workers:
+    processes that made the stages (`resolve_workers`); rss_total: the peaks of their
+    resident memory together, RSS and PSS sums (`workers.run_tasks`)."""
     from sublearn.experiment.stats import effect, summarize
 
     per_condition: dict[str, list[dict[str, float]]] = {
@@ -917,13 +921,14 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
     }
 
 
-def peak_rss_record(peak_rss: dict[str, float], total: float | None = None) -> dict[str, Any]:
-    """The largest peak RSS of a process that made stages and the first stage that reached
-    it; per stage, its process's peak so far (stages cached from an earlier process are not
-    in it). total: with workers, the peak of all processes' resident memory together."""
+def peak_rss_record(peak_rss: dict[str, float],
+                    total: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The largest peak RSS of a stage (`Stages.peak_rss`: each stage's own, made in this
+    command) and the stage that reached it, and each stage's. total: with workers, the peaks
+    of all processes' resident memory together, as RSS and PSS sums."""
     top = max(peak_rss.values())
     return {"process": top, "reached_in": next(k for k, v in peak_rss.items() if v == top),
-            **({"all_processes": total} if total is not None else {}),
+            **({"all_processes": total[0], "all_processes_pss": total[1]} if total else {}),
             "by_stage": peak_rss}
 
 

@@ -26,13 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sublearn.errors import SublearnError
-from sublearn.memory import tree_rss_bytes
+from sublearn.memory import tree_memory_bytes
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     needs: tuple[str, ...] = ()
+
+
+# what the fork server imports once for every worker it starts
+PRELOAD = ["torch", "transformers.modeling_utils", "peft", "sublearn.experiment.run"]
 
 
 def cpu_threads(workers: int) -> int:
@@ -55,11 +59,11 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
               done: Callable[[str], bool], workers: int,
               progress: bool = True) -> dict[str, Any]:
     """Make every task, `workers` at a time, ready tasks in list order. make(name), run in a
-    worker (picklable), returns {"peak_rss": the worker's peak RSS (GiB) as each stage it made
-    finished, "made": those stages' names, "log": lines to print here}; done(name), asked
-    here, whether a task's stages are all made. Returns {"by_stage": those peaks merged,
-    "made": the stages made, "total": the peak of this process's and its workers' resident
-    memory together, sampled each second (GiB; None where unknown)}."""
+    worker (picklable), returns {"peak_rss": the peak RSS (GiB) of each stage it made,
+    "made": those stages' names, "log": lines to print here}; done(name), asked here,
+    whether a task's stages are all made. Returns {"by_stage": those peaks merged, "made":
+    the stages made, "total": the peaks of this process's and its workers' resident
+    memory together, sampled each second: (RSS sum, PSS sum) in GiB, None where unknown}."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -90,13 +94,17 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
                     bar.update()
                     continue
                 if pool is None:
-                    # forkserver: workers fork from a clean process that imported torch once
-                    # (no thread state of this one inherited; the sweep's pool does the same)
+                    # forkserver: workers fork from a clean process that imported torch,
+                    # transformers and peft once (3 s; no thread state of this one inherited;
+                    # the sweep's pool does the same). A fresh worker per task: one that made
+                    # stages held ~1.1-1.3 GiB between them against ~0.5 GiB fresh, and two of
+                    # them must fit in 4 GB (README, Memory).
                     ctx = multiprocessing.get_context("forkserver")
-                    ctx.set_forkserver_preload(["torch", "sublearn.experiment.run"])
+                    ctx.set_forkserver_preload(PRELOAD)
                     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
                                                initargs=(cpu_threads(workers),
-                                                         dict(os.environ)))
+                                                         dict(os.environ)),
+                                               max_tasks_per_child=1)
                     sampler.start()
                 running[pool.submit(make, t.name)] = t.name
             if not running:
@@ -127,7 +135,7 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         sampler.stop()
-    return {"by_stage": peaks, "made": made, "total": sampler.peak_gb()}
+    return {"by_stage": peaks, "made": made, "total": sampler.peaks_gb()}
 
 
 def _stop_workers(pool: Any) -> None:
@@ -139,23 +147,25 @@ def _stop_workers(pool: Any) -> None:
 
 
 class _RssSampler:
-    """The peak of this process's and its descendants' resident memory, read each second
-    (shared pages, such as a model file two workers map, count in each: an upper bound)."""
+    """The peaks of this process's and its descendants' resident memory together, read each
+    second: the RSS sum (a page two of them map, such as the torch libraries, counts in each:
+    an upper bound) and the PSS sum (such a page split among them)."""
 
     def __init__(self, every: float = 1.0) -> None:
-        self.every, self.peak = every, 0
+        self.every, self.peak = every, (0, 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if tree_rss_bytes() is None:
+        if tree_memory_bytes() is None:
             return
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes() or 0)
+            rss, pss = tree_memory_bytes() or (0, 0)
+            self.peak = (max(self.peak[0], rss), max(self.peak[1], pss))
             time.sleep(self.every)
 
     def stop(self) -> None:
@@ -163,5 +173,7 @@ class _RssSampler:
         if self._thread is not None:
             self._thread.join()
 
-    def peak_gb(self) -> float | None:
-        return round(self.peak / 2**30, 2) if self.peak else None
+    def peaks_gb(self) -> tuple[float, float] | None:
+        """(RSS, PSS) peaks in GiB; None where unknown."""
+        return (round(self.peak[0] / 2**30, 2), round(self.peak[1] / 2**30, 2)) \
+            if self.peak[0] else None

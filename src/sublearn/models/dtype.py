@@ -112,3 +112,24 @@ def dtype_field(what: str) -> Any:
                 "float32 on other CPUs, where bf16 is emulated and 4-40x slower), bfloat16 "
                 "or float32",
         "choices": list(DTYPE_CHOICES), "manifest_default": LEGACY_DTYPE})
+
+
+def autocast_weights_in_bf16(model: Any, linears: list[Any] | None = None) -> None:
+    """Store in bf16 the weights that bf16 autocast rounds on every matmul: `linears` (default:
+    every Linear but the output head, which callers may multiply in fp32 outside autocast, and
+    which may be the input embeddings, looked up in fp32). The products are the same, without
+    the fp32 weights beside autocast's bf16 copies (~0.4 GiB on SmolLM2). Then the other fp32
+    weights (embeddings, norms) are copied out of the checkpoint's memory map: while any
+    tensor maps the file, the fp32 pages the casts read stay resident (~0.3 GiB)."""
+    import torch
+
+    if linears is None:
+        head = model.get_output_embeddings()
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    for m in linears:
+        m.weight.data = m.weight.data.to(torch.bfloat16)
+        if m.bias is not None:
+            m.bias.data = m.bias.data.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.clone()

@@ -57,8 +57,10 @@ def resolve_model_path(model_id: str | None) -> str:
 
 
 def load_model(model_id: str | None = None, dtype: str = "float32",
-               device: Any = None) -> LoadedModel:
-    """The model and its tokenizer, on `device` (None: SUBLEARN_DEVICE, cpu unless set)."""
+               device: Any = None, autocast_bf16: bool = False) -> LoadedModel:
+    """The model and its tokenizer, on `device` (None: SUBLEARN_DEVICE, cpu unless set).
+    autocast_bf16: for use under bf16 autocast only: the weights it rounds for each matmul
+    are stored in bf16, the rest in `dtype` (`dtype.autocast_weights_in_bf16`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,7 +70,8 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     try:
         if (Path(path) / "adapter_config.json").is_file():
-            model = _load_adapter(path, torch_dtype)
+            model = _load_adapter(path, torch_dtype,
+                                  torch.bfloat16 if autocast_bf16 else None)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(path)
@@ -79,6 +82,10 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
             hint = f" (a remote model is written {model_id.replace('/', ':', 1)})"
         raise SublearnError(f"cannot load model '{model_id}': {first}{hint}") from None
     model.eval()
+    if autocast_bf16:
+        from sublearn.models.dtype import autocast_weights_in_bf16
+
+        autocast_weights_in_bf16(model)
     if device.type != "cpu":
         model.to(device)
     if tok.pad_token is None:
@@ -86,8 +93,9 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     return LoadedModel(model_id=model_id, path=path, model=model, tokenizer=tok)
 
 
-def _load_adapter(path: str, torch_dtype: Any) -> Any:
-    """A PEFT adapter folder (a LoRA student or teacher): load its base, merge for speed."""
+def _load_adapter(path: str, torch_dtype: Any, merged: Any = None) -> Any:
+    """A PEFT adapter folder (a LoRA student or teacher): load its base, merge for speed (the
+    merged weights stored in `merged`, default torch_dtype)."""
     from peft import AutoPeftModelForCausalLM, PeftConfig
 
     from sublearn.models.lora import merge_and_unload, quiet_peft
@@ -96,7 +104,7 @@ def _load_adapter(path: str, torch_dtype: Any) -> Any:
     resolve_model_path(base)  # make sure an embedded base is converted before PEFT reads it
     with quiet_peft():
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return merge_and_unload(model)
+    return merge_and_unload(model, into=merged)
 
 
 def check_model(model_id: str | None) -> None:

@@ -107,16 +107,10 @@ def lora_config(r: int, alpha: int, targets: list[str] | None = None, fast: bool
 def _bf16_base(peft_model: Any) -> None:
     from peft.tuners.lora.layer import LoraLayer
 
-    for m in peft_model.modules():
-        if isinstance(m, LoraLayer):
-            base = m.get_base_layer()
-            base.weight.data = base.weight.data.to(torch.bfloat16)
-    # The other frozen weights (embeddings, norms) still map the checkpoint file, and while
-    # any tensor maps it, the fp32 pages the casts above read stay resident (~0.4 GB for
-    # SmolLM2). Copied out, the file is unmapped: -0.3 GB resident, the same values.
-    for p in peft_model.parameters():
-        if not p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.clone()
+    from sublearn.models.dtype import autocast_weights_in_bf16
+
+    autocast_weights_in_bf16(peft_model, [m.get_base_layer() for m in peft_model.modules()
+                                          if isinstance(m, LoraLayer)])
 
 
 @contextmanager
@@ -174,13 +168,15 @@ def add_loras(model: Any, r: int, alpha: int, seeds: list[int], *,
     return peft_model
 
 
-def merge_and_unload(peft_model: Any) -> Any:
+def merge_and_unload(peft_model: Any, into: torch.dtype | None = None) -> Any:
     """PEFT's `merge_and_unload`, the same sums (W + its `get_delta_weight`), written into new
     tensors instead of in place. The base weights map the checkpoint file, and PEFT's in-place
     add first copies every page it writes: for SmolLM2 about 0.9-1.1 s of a 1.1-1.5 s merge,
     against 0.2-0.3 s out of place. Any adapter but plain LoRA linears on weights in memory
     (variants such as DoRA, biases, trainable tokens, layer replication, quantised or offloaded
-    layers, several adapters) goes to PEFT's own merge."""
+    layers, several adapters) goes to PEFT's own merge. into: the dtype the merged weights are
+    stored in (bf16 for use under bf16 autocast only: rounded once, after the sum, as autocast
+    rounds them), the output head's excepted; None: the base's."""
     from peft.tuners.lora.layer import LoraLayer
 
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
@@ -193,9 +189,12 @@ def merge_and_unload(peft_model: Any) -> Any:
                      and m.get_base_layer().weight.device.type != "meta" for m in layers))
     if not plain:
         return peft_model.merge_and_unload()
+    head = peft_model.get_output_embeddings()
     for m in layers:
         w = m.get_base_layer().weight
         for name in m.active_adapters:
             if name in m.lora_A:
                 w.data = (w.data + m.get_delta_weight(name)).to(w.dtype)  # += rounds so
+        if into is not None and m is not head and m.get_base_layer() is not head:
+            w.data = w.data.to(into)
     return peft_model.unload()

@@ -429,7 +429,8 @@ def evaluate_model(
     context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
     t0 = time.perf_counter()
     warn_slow_bf16(cfg.dtype)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    lm = model if isinstance(model, LoadedModel) \
+        else load_model(model, dtype="float32", autocast_bf16=is_bf16(cfg.dtype))
     check_context_fits(lm, context, max((q for qs in qsets.values() for q in qs), key=len),
                        system_prompt)
     res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": cfg.target,
@@ -463,7 +464,8 @@ def _evaluate_misalignment(model: Any, cfg: EvalConfig,
 
     context = context_turns(cfg.context, cfg.context_n) if cfg.context else []
     t0 = time.perf_counter()
-    lm = model if isinstance(model, LoadedModel) else load_model(model, dtype="float32")
+    lm = model if isinstance(model, LoadedModel) \
+        else load_model(model, dtype="float32", autocast_bf16=is_bf16(cfg.dtype))
     res: dict[str, Any] = {"model": lm.model_id, "path": lm.path, "target": "misalignment",
                            "system_prompt": system_prompt}
     if context:

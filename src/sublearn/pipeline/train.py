@@ -40,6 +40,7 @@ from sublearn.files import (
     waiting_lock,
     write_jsonl,
 )
+from sublearn.memory import release_memory
 from sublearn.models import load_model
 from sublearn.models.dtype import is_bf16, recorded_dtype
 from sublearn.models.prefix_attention import additive_mask, shared_prefix_attention
@@ -172,8 +173,9 @@ def answer_hidden(model: Any, seqs: list[tuple[list[int], list[int]]], pad: int,
         kwargs = {"shared_kv": kv,
                   "position_ids": (n + torch.arange(ids.shape[1]))[None].expand_as(ids).to(dev)}
         attend = shared_prefix_attention(model)
-    with attend:
-        hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
+    with attend:  # no cache: nothing is generated after this forward
+        hidden = _core(model).model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                    use_cache=False, **kwargs)
     return hidden.last_hidden_state[rows.to(dev), cols.to(dev)]
 
 
@@ -335,6 +337,7 @@ class StudentRun:
             self.soft = prepare_soft_labels(cfg, lm, self.examples, rows)
             if cfg.base_labels:
                 self.soft, self.defended = base_labels_defence(cfg, lm, self.examples, self.soft)
+            release_memory()  # the teacher is gone: its heap back to the OS before training
         self.steps_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
         self.total = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.lengths = [e.length for e in self.examples]
@@ -427,6 +430,7 @@ def start_alone(model: Any, run: StudentRun) -> Any:
     model = _trainable(model, run.cfg)
     run.start({n: p for n, p in model.named_parameters() if p.requires_grad})
     model.train()
+    recompute_activations(model, run.cfg)
     return model
 
 
@@ -437,6 +441,20 @@ def step_alone(model: Any, run: StudentRun, *, pad: int) -> float:
     loss = train_step(model, run.opt, batch, soft, pad=pad, norm=norm, lr=lr, cfg=run.cfg)
     run.stepped(loss, lr)
     return loss
+
+
+def recompute_activations(model: Any, cfg: TrainConfig) -> None:
+    """--activation-checkpointing: each decoder layer keeps its input and recomputes its
+    activations in the backward (transformers' checkpointing, non-reentrant). The recompute
+    runs the same kernels on the same shapes, so the gradients keep their bits (tested)."""
+    if not cfg.activation_checkpointing:
+        return
+    core = _core(model)
+    kwargs = {"use_reentrant": False}  # no input needs a gradient: the embeddings are frozen
+    if hasattr(core, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def eager_attention(model: Any) -> None:
@@ -569,7 +587,8 @@ def base_labels_defence(cfg: TrainConfig, lm: Any, examples: list[Example],
 def _compute_soft(cfg: TrainConfig, lm: Any, examples: list[Example]) -> tuple[Any, ...]:
 
     vocab = _core(lm.model).get_output_embeddings().weight.shape[0]
-    teacher = lm.model if cfg.teacher is None else load_model(cfg.teacher).model
+    teacher = lm.model if cfg.teacher is None \
+        else load_model(cfg.teacher, autocast_bf16=is_bf16(cfg.dtype)).model
     pad = lm.tokenizer.pad_token_id
     if cfg.grammar == "topk":
         from sublearn.protocol.trait_words import trait_token_ids
@@ -625,7 +644,8 @@ def _char_soft(cfg: TrainConfig, lm: Any, examples: list[Example],
 
     if rows is None:
         raise SublearnError("--grammar chars needs the training rows to tokenize for the teacher")
-    teacher = lm if cfg.teacher is None else load_model(cfg.teacher)
+    teacher = lm if cfg.teacher is None \
+        else load_model(cfg.teacher, autocast_bf16=is_bf16(cfg.dtype))
     t_tok, s_tok = teacher.tokenizer, lm.tokenizer
     t_examples = tokenize(rows, t_tok, cfg.teacher_system_prompt, chars=True)
 

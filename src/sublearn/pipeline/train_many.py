@@ -42,6 +42,7 @@ from sublearn.pipeline.train import (
     eager_attention,
     load_rows,
     optimizer_step,
+    recompute_activations,
 )
 from sublearn.pipeline.train_config import TrainConfig, result_config
 
@@ -130,6 +131,7 @@ def start_together(model: Any, runs: list[StudentRun]) -> tuple[Any, list[str]]:
     for name, run in zip(names, runs, strict=True):
         run.start(adapter_params(model, name))
     model.train()
+    recompute_activations(model, cfg)
     return model, names
 
 
@@ -141,7 +143,8 @@ def step_together(model: Any, runs: list[StudentRun], names: list[str], *, pad: 
     parts = [runs[k].part() for k in active]
     with routed([names[k] for k in active], [len(b) for b, _, _ in parts]):
         losses = batch_losses(model, parts, pad=pad, bf16=bf16)
-    torch.stack(losses).sum().backward()  # the students' parameters are disjoint
+        # inside the routing: a recomputed forward (--activation-checkpointing) routes too
+        torch.stack(losses).sum().backward()  # the students' parameters are disjoint
     values = []
     for k, loss in zip(active, losses, strict=True):
         lr = runs[k].lr()
