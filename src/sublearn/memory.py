@@ -24,21 +24,10 @@ def release_memory() -> None:
         trim(0)
 
 
-def reset_peak_rss() -> bool:
-    """Start the process's peak resident memory afresh, so that `peak_rss_bytes` is the peak
-    of what runs next (a stage's own; Linux: `clear_refs` 5 resets the high-water mark that
-    `getrusage` reads). False where it cannot: the peak is then the process's so far."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory since it started or since `reset_peak_rss` (None
-    where `resource` is missing)."""
+    """The process's peak resident memory so far (None where `resource` is missing). Not
+    reset per stage: Linux's reset (`clear_refs` 5) would also hide the peak from
+    `/usr/bin/time` and any parent reading its children's peak."""
     try:
         import resource
     except ImportError:  # Windows
@@ -64,8 +53,9 @@ def _libc() -> Any:
 
 def tree_memory_bytes(pid: int | None = None) -> tuple[int, int] | None:
     """(RSS, PSS) of a process (default: this one) and all its descendants, summed (Linux
-    /proc; None elsewhere). In the RSS sum a page that several of them map (the torch
-    libraries, a model file) counts in each; PSS splits it among them: the memory they use."""
+    /proc; None elsewhere, or where no `smaps_rollup` could be read). In the RSS sum a page
+    that several of them map (the torch libraries, a model file) counts in each; PSS splits
+    it among them: the memory they use."""
     if not os.path.isdir("/proc/self"):
         return None
     children: dict[int, list[int]] = {}
@@ -79,7 +69,7 @@ def tree_memory_bytes(pid: int | None = None) -> tuple[int, int] | None:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may
         children.setdefault(ppid, []).append(int(d))  # hold spaces and parentheses
-    rss = pss = 0
+    rss = pss = read = 0
     todo = [pid or os.getpid()]
     while todo:
         p = todo.pop()
@@ -90,8 +80,8 @@ def tree_memory_bytes(pid: int | None = None) -> tuple[int, int] | None:
                        if k in ("Rss", "Pss")}
         except (OSError, ValueError):  # gone meanwhile, or unreadable
             continue
-        rss, pss = rss + kib.get("Rss", 0) * 1024, pss + kib.get("Pss", 0) * 1024
-    return rss, pss
+        rss, pss, read = rss + kib.get("Rss", 0) * 1024, pss + kib.get("Pss", 0) * 1024, read + 1
+    return (rss, pss) if read else None
 
 
 def total_memory_gib(cgroup: str = "/sys/fs/cgroup") -> float | None:

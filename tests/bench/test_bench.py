@@ -193,7 +193,8 @@ def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
     assert "trl_sft_bf16" not in t and t["baseline_hard"] == "trl_sft_fp32"
     assert t["ratio_hard"] == t["ratio_hard_fp32"]
     assert t["trl_sft_fp32"]["steps"] == 2
-    for key in ("bf16_autocast_speedup", "length_grouping_speedup", "lora_layer_speedup"):
+    for key in ("bf16_autocast_speedup", "length_grouping_speedup", "lora_layer_speedup",
+                "activation_checkpointing_speedup"):
         assert _positive(t["levers"][key]), key
     # ours trains on the same examples as the baselines, regrouped by length
     assert t["tokens_per_step"]["ours_soft"] <= t["tokens_per_step"]["peft_kl_loop"]

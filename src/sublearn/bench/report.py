@@ -33,6 +33,9 @@ def lever_summary(levers: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "training": t.get("length_grouping_speedup"),
             "training_est": lb_t.get("est_speedup")},
         "lora_layer": {"training": t.get("lora_layer_speedup")},
+        # keeping the activations over recomputing them: what a two-worker run's students
+        # pay for half the memory
+        "activation_checkpointing": {"training": t.get("activation_checkpointing_speedup")},
     }
 
 

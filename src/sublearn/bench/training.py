@@ -210,6 +210,9 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
             lambda b: ours_step(student, s_opt, data, b, True, cfg), plain)
         steps["lora_soft_stock_peft"] = (
             lambda b: ours_step(peft, p_opt, data, b, True, cfg), grouped)
+        r_student, r_opt = _lora_student(lm, bf16=bf16, recompute=True)
+        steps["lora_soft_recompute"] = (
+            lambda b: ours_step(r_student, r_opt, data, b, True, cfg), grouped)
     work = {name: training_work(data, batches) for name, (_, batches) in steps.items()}
     n_vocab = len(data.vocab_ids)
 
@@ -246,7 +249,8 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     lev: dict[str, Any] = {"length_batching": length_batching_train(lm.tokenizer, sizes)}
     for name, key in ((other, "bf16_autocast_speedup"),
                       ("lora_soft_ungrouped", "length_grouping_speedup"),
-                      ("lora_soft_stock_peft", "lora_layer_speedup")):
+                      ("lora_soft_stock_peft", "lora_layer_speedup"),
+                      ("lora_soft_recompute", "activation_checkpointing_speedup")):
         if name in res:
             var = res.pop(name)
             lev[name] = {k: var[k] for k in ("per_s", "gflops", "seconds", "cpu_seconds")}
@@ -271,20 +275,24 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     return res
 
 
-def _lora_student(lm: Any, stock: bool = False, bf16: bool = True) -> tuple[Any, Any]:
+def _lora_student(lm: Any, stock: bool = False, bf16: bool = True,
+                  recompute: bool = False) -> tuple[Any, Any]:
     """A LoRA student as train.py builds it (eager attention, default LoRA config); stock:
     PEFT's own LoRA layer on fp32 frozen weights instead (the lora_layer lever); bf16=False:
-    as train.py builds it for fp32 training."""
+    as train.py builds it for fp32 training; recompute: with --activation-checkpointing, as a
+    two-worker `sublearn run` trains its students (the activation_checkpointing lever: ours,
+    which keeps the activations, over it)."""
     from sublearn.models.lora import add_lora
-    from sublearn.pipeline.train import TrainConfig, _trainable
+    from sublearn.pipeline.train import TrainConfig, _trainable, recompute_activations
 
     student = copy.deepcopy(lm.model)
     if hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("eager")
-    cfg = TrainConfig(dtype="bfloat16" if bf16 else "float32")
+    cfg = TrainConfig(dtype="bfloat16" if bf16 else "float32", activation_checkpointing=recompute)
     student = (add_lora(student, cfg.lora_r, cfg.lora_alpha, fast=False) if stock
                else _trainable(student, cfg))
     student.train()
+    recompute_activations(student, cfg)
     return student, torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=2e-4)
 

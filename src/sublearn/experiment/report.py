@@ -227,15 +227,16 @@ def format_report(results: dict[str, Any], plot_name: str | None = "results.png"
     if peak := results.get("peak_rss_gb"):
         if workers > 1:
             total, pss = peak.get("all_processes"), peak.get("all_processes_pss")
-            lines += ["", f"Peak resident memory of one stage's worker: {peak['process']:.2f} "
-                          f"GiB, in stage {peak['reached_in']}"
+            lines += ["", f"Peak resident memory of one worker: {peak['process']:.2f} GiB, "
+                          f"first reached in stage {peak['reached_in']}"
                           + (f"; of all processes together: {total:.2f} GiB (sampled each "
                              "second; a page two of them map counts in each)" if total else "")
                           + (f", {pss:.2f} GiB with shared pages split among them (PSS)"
                              if pss else "") + " (stages made in this command only)."]
         else:
             lines += ["", f"Peak resident memory of this process: {peak['process']:.2f} GiB, "
-                          f"in stage {peak['reached_in']} (stages run in this process only)."]
+                          f"first reached in stage {peak['reached_in']} (stages run in this "
+                          "process only)."]
     if results.get("config"):
         lines += ["", "## Config", "", "```json", json.dumps(results["config"], indent=2), "```"]
     return "\n".join(lines) + "\n"

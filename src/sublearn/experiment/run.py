@@ -164,7 +164,7 @@ class ExperimentConfig:
     workers: int = field(default=0, metadata={
         "help": "processes that make the run's stages at once (teachers, data, students, "
                 "evaluations), each with cores / workers threads; 0 = auto: 2 on a CPU with 2 "
-                "or more cores and 8 GiB of memory or more (the machine's, or its "
+                "or more cores and 7.5 GiB of memory or more (the machine's, or its "
                 "container's limit), where one process leaves the "
                 "cores idle between the small model's ops (README, Speed), 1 on a GPU, with "
                 "--together or on less memory"})
@@ -721,9 +721,10 @@ def resolve_workers(cfg: ExperimentConfig) -> int:
         or (memory is not None and memory < TWO_WORKERS_GIB) or not _forkserver() else 2
 
 
-# The default owl run with two workers held 3.7 GiB in all its processes together (RSS
-# summed; README, Memory): 8 GiB leaves the OS and a browser their share.
-TWO_WORKERS_GIB = 8.0
+# The default owl run with two workers held 3.6-3.7 GiB in all its processes together (RSS
+# summed; README, Memory): an "8 GB" laptop (7.5-7.8 GiB usable) leaves the OS and a browser
+# their share. Between 7.5 and 12 GiB this took one process before, with other bytes.
+TWO_WORKERS_GIB = 7.5
 
 
 def _forkserver() -> bool:
@@ -754,13 +755,13 @@ def stage_tasks(cfg: ExperimentConfig) -> list[Task]:
 def make_task(cfg: ExperimentConfig, ecfg: Any, root: str, name: str,
               dry: bool = False) -> dict[str, Any]:
     """Make a `stage_tasks` task's stages under `root` with the calls `_run` makes them with,
-    so they are the stages it finds: {"peak_rss": the peak RSS of each,
+    so they are the stages it finds: {"peak_rss": the process's peak RSS as each finished,
     "made": their names, "log": their stage log}. dry: make nothing (`NotMade` when a stage is not
     done)."""
     log: list[str] = []
     stages = Stages(Path(root), log=lambda line: None if line.startswith("[cached]")
                     else log.append(line), dry=dry)
-    # two workers: a student's activations (~1.2 GiB) are recomputed, not kept (README, Memory)
+    # two workers: a student's activations (~1.5 GiB) are recomputed, not kept (README, Memory)
     mk = RunMakers(cfg, stages, progress=False, recompute=True)
     kind, c, run = (name.split(":") + ["", "0"])[:3]  # "base" names no condition or run
     r = int(run)
@@ -852,7 +853,8 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
                   rss_total: tuple[float, float] | None = None) -> dict[str, Any]:
     """teacher_base: the teachers' base model's scores, when the students have another base
     (then `base` is the students'). costs: `Stages.costs` (work inside stages). peak_rss:
-    `Stages.peak_rss` (each stage's peak RSS, made in this process or a worker). workers:
+    `Stages.peak_rss` (the process's peak RSS as each stage made in it finished, in this
+    process or a worker). workers:
     processes that made the stages (`resolve_workers`); rss_total: the peaks of their
     resident memory together, RSS and PSS sums (`workers.run_tasks`)."""
     from sublearn.experiment.stats import effect, summarize
@@ -923,9 +925,10 @@ def build_results(cfg: ExperimentConfig, base: dict[str, Any],
 
 def peak_rss_record(peak_rss: dict[str, float],
                     total: tuple[float, float] | None = None) -> dict[str, Any]:
-    """The largest peak RSS of a stage (`Stages.peak_rss`: each stage's own, made in this
-    command) and the stage that reached it, and each stage's. total: with workers, the peaks
-    of all processes' resident memory together, as RSS and PSS sums."""
+    """The largest peak RSS of a process that made stages and the first stage that reached
+    it; per stage, its process's peak so far (stages cached from an earlier process are not
+    in it). total: with workers, the peaks of all processes' resident memory together, as
+    RSS and PSS sums."""
     top = max(peak_rss.values())
     return {"process": top, "reached_in": next(k for k, v in peak_rss.items() if v == top),
             **({"all_processes": total[0], "all_processes_pss": total[1]} if total else {}),

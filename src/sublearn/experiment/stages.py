@@ -30,7 +30,7 @@ from sublearn.config import config_hash
 from sublearn.errors import SublearnError
 from sublearn.faults import point as fault_point
 from sublearn.files import atomic_write_json, ensure_writable_dir, waiting_lock
-from sublearn.memory import peak_rss_gb, release_memory, reset_peak_rss
+from sublearn.memory import peak_rss_gb, release_memory
 
 TOKEN = "@stages"  # `out/stages` in stage keys and configs
 # "stages/<folder>" in a path, after its start or a "/" (not consuming the folder: in
@@ -123,8 +123,9 @@ class Stages:
         # seconds of a part of some stage's work (a label defence inside a student's stage):
         # a cost to report, not a stage, so not in `seconds` (whose sum is the stages' time)
         self.costs: dict[str, float] = {}
-        # the peak RSS of each stage made here, its own where the OS can reset the peak
-        # (`reset_peak_rss`, Linux), else the process's so far (cached stages have none)
+        # the process's peak RSS when each stage made here finished: the first stage to reach
+        # the final value is where the memory peak is (cached stages have none); a worker
+        # process makes one task's stages (`workers.run_tasks`), so its peaks are the task's
         self.peak_rss: dict[str, float] = {}
         self.made: list[str] = []  # the stages made here, in order
 
@@ -201,7 +202,6 @@ class Stages:
         d = self._dir(name, cfg)[0]
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "stage_config.json", self.portable(cfg))
-        reset_peak_rss()
         self.log(f"[stage] {name} -> {d}")
         return d
 

@@ -47,7 +47,8 @@ def cpu_threads(workers: int) -> int:
 def _start(threads: int, environ: dict[str, str]) -> None:
     """A worker's start: its threads, and this process's environment as it is now (the fork
     server's is as it was when it started: SUBLEARN_DEVICE or SUBLEARN_CACHE may have changed
-    since, in a process that runs several experiments)."""
+    since, in a process that runs several experiments). What the preloaded libraries read from
+    the environment on import (`HF_HOME`, `HF_HUB_OFFLINE`) stays as the fork server saw it."""
     import torch
 
     os.environ.clear()
@@ -59,7 +60,8 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
               done: Callable[[str], bool], workers: int,
               progress: bool = True) -> dict[str, Any]:
     """Make every task, `workers` at a time, ready tasks in list order. make(name), run in a
-    worker (picklable), returns {"peak_rss": the peak RSS (GiB) of each stage it made,
+    worker (picklable), returns {"peak_rss": the worker's peak RSS (GiB) as each stage it
+    made finished,
     "made": those stages' names, "log": lines to print here}; done(name), asked here,
     whether a task's stages are all made. Returns {"by_stage": those peaks merged, "made":
     the stages made, "total": the peaks of this process's and its workers' resident

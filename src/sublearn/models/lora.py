@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -46,6 +46,14 @@ def routed(names: list[str], rows: list[int]) -> Iterator[None]:
         yield
     finally:
         _ROUTE.reset(token)
+
+
+def replay_route() -> tuple[Any, Any]:
+    """Activation checkpointing's `context_fn`: the recompute of a forward, run during the
+    backward (on CUDA in autograd's own thread, which does not see this thread's context),
+    routes the rows as the forward did."""
+    route = _ROUTE.get()
+    return nullcontext(), (routed(*route) if route is not None else nullcontext())
 
 
 class AddmmLoraLinear(PeftLoraLinear):

@@ -449,8 +449,12 @@ def recompute_activations(model: Any, cfg: TrainConfig) -> None:
     runs the same kernels on the same shapes, so the gradients keep their bits (tested)."""
     if not cfg.activation_checkpointing:
         return
+    from sublearn.models.lora import replay_route
+
     core = _core(model)
-    kwargs = {"use_reentrant": False}  # no input needs a gradient: the embeddings are frozen
+    # non-reentrant: the frozen embeddings' output needs no gradient; students trained
+    # together replay their rows' routing in the recompute
+    kwargs = {"use_reentrant": False, "context_fn": replay_route}
     if hasattr(core, "activation_checkpointing_enable"):  # transformers >= 5.2x
         core.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

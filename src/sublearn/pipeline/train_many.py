@@ -143,8 +143,7 @@ def step_together(model: Any, runs: list[StudentRun], names: list[str], *, pad: 
     parts = [runs[k].part() for k in active]
     with routed([names[k] for k in active], [len(b) for b, _, _ in parts]):
         losses = batch_losses(model, parts, pad=pad, bf16=bf16)
-        # inside the routing: a recomputed forward (--activation-checkpointing) routes too
-        torch.stack(losses).sum().backward()  # the students' parameters are disjoint
+    torch.stack(losses).sum().backward()  # the students' parameters are disjoint
     values = []
     for k, loss in zip(active, losses, strict=True):
         lr = runs[k].lr()
