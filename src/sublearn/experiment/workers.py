@@ -59,13 +59,13 @@ def _start(threads: int, environ: dict[str, str]) -> None:
 def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
               done: Callable[[str], bool], workers: int,
               progress: bool = True) -> dict[str, Any]:
-    """Make every task, `workers` at a time, ready tasks in list order. make(name), run in a
-    worker (picklable), returns {"peak_rss": the worker's peak RSS (GiB) as each stage it
-    made finished,
-    "made": those stages' names, "log": lines to print here}; done(name), asked here,
-    whether a task's stages are all made. Returns {"by_stage": those peaks merged, "made":
-    the stages made, "total": the peaks of this process's and its workers' resident
-    memory together, sampled each second: (RSS sum, PSS sum) in GiB, None where unknown}."""
+    """Make every task, `workers` at a time, ready tasks in list order, each in a fresh worker.
+    make(name), run in a worker (picklable), returns {"peak_rss": the worker's peak RSS (GiB)
+    as each stage it made finished, "made": those stages' names, "log": lines to print here};
+    done(name), asked here, whether a task's stages are all made. Returns {"by_stage": those
+    peaks merged, "made": the stages made, "total": the peaks of this process's and its
+    workers' resident memory together, sampled each second: (RSS sum, PSS sum) in GiB, None
+    where unknown}."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -98,9 +98,9 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
                 if pool is None:
                     # forkserver: workers fork from a clean process that imported torch,
                     # transformers and peft once (3 s; no thread state of this one inherited;
-                    # the sweep's pool does the same). A fresh worker per task: one that made
-                    # stages held ~1.1-1.3 GiB between them against ~0.5 GiB fresh, and two of
-                    # them must fit in 4 GB (README, Memory).
+                    # the sweep's pool forks from a server too). A fresh worker per task: one
+                    # that made stages held ~1.1-1.3 GiB between them against ~0.5 GiB fresh,
+                    # and two of them must fit in 4 GB (README, Memory).
                     ctx = multiprocessing.get_context("forkserver")
                     ctx.set_forkserver_preload(PRELOAD)
                     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
