@@ -41,8 +41,10 @@ def test_schema_and_ratios(result: dict[str, Any]) -> None:
     for key in ("ratio_hard", "ratio_hard_fp32", "ratio_soft", "ratio_cpu_hard",
                 "ratio_cpu_soft"):
         assert _positive(t[key]), key
-    # the TRL baselines timed every step but the warm-up
+    # the TRL baselines timed every step but the warm-up, with TRL's default recompute
     assert t["trl_sft_bf16"]["steps"] == t["trl_sft_fp32"]["steps"] == SIZES.steps
+    assert t["trl_sft_bf16"]["gradient_checkpointing"] is True
+    assert "trl_sft_no_checkpointing" not in t  # a costly lever's run: not at these sizes
     for o in (result["generation"]["ours"], result["generation"]["baseline"],
               result["generation"]["fp32_unconstrained"], t["ours_soft"], t["ours_hard"],
               t["trl_sft_bf16"], t["trl_sft_fp32"], t["peft_kl_loop"],
@@ -193,6 +195,13 @@ def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
     assert "trl_sft_bf16" not in t and t["baseline_hard"] == "trl_sft_fp32"
     assert t["ratio_hard"] == t["ratio_hard_fp32"]
     assert t["trl_sft_fp32"]["steps"] == 2
+    # like for like: TRL in the bench's dtype keeping its activations, as our step does
+    off = t["trl_sft_no_checkpointing"]
+    assert off["gradient_checkpointing"] is False and t["trl_sft_fp32"]["gradient_checkpointing"]
+    assert off["steps"] == 2 and off["items"] == t["trl_sft_fp32"]["items"]
+    assert t["ratio_hard_no_checkpointing"] == pytest.approx(
+        t["ours_hard"]["per_s"] / off["per_s"])
+    assert "gradient checkpointing off" in markdown(res, "sublearn bench")
     for key in ("bf16_autocast_speedup", "length_grouping_speedup", "lora_layer_speedup",
                 "activation_checkpointing_speedup"):
         assert _positive(t["levers"][key]), key
@@ -214,7 +223,7 @@ def test_float32_times_ours_and_baselines_in_float32(tiny_model: str) -> None:
     assert e["max_abs_logprob_diff_vs_batched"] < 1e-3
     table = markdown(res, "sublearn bench --dtype float32")
     assert "ours in fp32" in table and "same fp32 weights + grammar" in table
-    assert "TRL SFTTrainer + PEFT, bf16" not in table and table.count("\n| training") == 2
+    assert "TRL SFTTrainer + PEFT, bf16" not in table and table.count("\n| training") == 3
 
 
 def test_float32_leaves_out_what_only_bf16_needs(tiny_model: str) -> None:

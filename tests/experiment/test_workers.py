@@ -210,3 +210,62 @@ def test_the_tree_memory_splits_shared_pages() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+SIGTERM_MAIN = """
+import sys
+from functools import partial
+from sublearn.experiment.workers import Task, run_tasks
+import slow_task
+run_tasks([Task("a"), Task("b")], partial(slow_task.make, sys.argv[1]), lambda n: False, 2,
+          progress=False)
+"""
+
+SLOW_TASK = """
+import os, time
+from pathlib import Path
+
+def make(folder, name):
+    Path(folder, name + ".pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    Path(folder, name + ".done").write_text("made")
+    return {"peak_rss": {}, "made": [name], "log": []}
+"""
+
+
+def test_sigterm_to_the_main_process_stops_its_workers(tmp_path: Path) -> None:
+    """A SIGTERM (a scheduler's stop, `kill`) to `sublearn run` ends its workers too: before,
+    only the main process died and its workers went on making stages."""
+    (tmp_path / "slow_task.py").write_text(SLOW_TASK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    main = subprocess.Popen([sys.executable, "-c", SIGTERM_MAIN, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        deadline = time.time() + 120
+        while len(pids) < 2 and time.time() < deadline and main.poll() is None:
+            time.sleep(0.2)
+            pids = [int(f.read_text()) for f in tmp_path.glob("*.pid") if f.read_text()]
+        assert len(pids) == 2, main.stderr.read() if main.poll() is not None else "no workers"
+        main.send_signal(signal.SIGTERM)
+        assert main.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "a worker outlived the SIGTERM"
+        assert not list(tmp_path.glob("*.done"))
+    finally:
+        main.kill()
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie counts as gone: it makes nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

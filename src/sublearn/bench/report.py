@@ -89,6 +89,10 @@ def _section(res: dict[str, Any], dtype: str | None, head: str) -> str:
                          t["ours_hard"], t["trl_sft_bf16"], "per_s", "bf16"))
         rows.append(("training, hard labels (samples/s) vs TRL SFTTrainer + PEFT, fp32 defaults",
                      t["ours_hard"], t["trl_sft_fp32"], "per_s", "fp32"))
+        if "trl_sft_no_checkpointing" in t:  # TRL's default recomputes activations; ours not
+            rows.append((f"training, hard labels (samples/s) vs TRL SFTTrainer + PEFT, {dt}, "
+                         "gradient checkpointing off", t["ours_hard"],
+                         t["trl_sft_no_checkpointing"], "per_s", dt))
         rows.append((f"training, soft labels (samples/s, teacher inside) vs PEFT KL loop, {dt}",
                      t["ours_soft"], t["peft_kl_loop"], "per_s", dt))
     if e:

@@ -144,11 +144,23 @@ class _StepClock:
         self.last, self.cpu_last = now, cpu
 
 
+def _name(obj: Any, name: str) -> str:
+    """transformers 5.2x renamed gradient to activation checkpointing; whichever it has."""
+    return name if hasattr(obj, name) or name in getattr(obj, "__dataclass_fields__", {}) \
+        else name.replace("activation", "gradient")
+
+
+# TRL in the bench's dtype with gradient checkpointing off (with the costly levers)
+NO_RECOMPUTE = "trl_sft_no_checkpointing"
+
+
 def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, checkpointing: bool = True) -> dict[str, Any]:
     """Baseline, hard labels: TRL `SFTTrainer` with a PEFT LoRA config (r=8, alpha=8, every
     projection, no dropout), completion-only loss, otherwise TRL's defaults, on the same
-    examples; `bf16` sets SFTConfig(bf16=True) (autocast over fp32 weights)."""
+    examples; `bf16` sets SFTConfig(bf16=True) (autocast over fp32 weights). TRL's default
+    recomputes activations (gradient checkpointing); checkpointing=False keeps them, as our
+    headline step does."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -161,7 +173,8 @@ def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
             output_dir=tmp, per_device_train_batch_size=batch, max_steps=n_rows // batch,
             learning_rate=2e-4, bf16=bf16, completion_only_loss=True, report_to=[],
             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=SEED,
-            use_cpu=device.type == "cpu", dataloader_num_workers=0)
+            use_cpu=device.type == "cpu", dataloader_num_workers=0,
+            **{_name(SFTConfig, "activation_checkpointing"): checkpointing})
         trainer = SFTTrainer(
             model=copy.deepcopy(lm.model), args=args,
             train_dataset=Dataset.from_list(data.rows[:n_rows]),
@@ -170,8 +183,11 @@ def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
                                    target_modules=list(TARGETS), task_type="CAUSAL_LM"))
         clock.tick()
         trainer.train()
+        recomputed = bool(getattr(trainer.model,
+                                  _name(trainer.model, "is_activation_checkpointing")))
     # the first interval holds trainer start-up and the warm-up step
-    return {"wall": sum(clock.wall[1:]), "cpu": sum(clock.cpu[1:]), "steps": len(clock.wall) - 1}
+    return {"wall": sum(clock.wall[1:]), "cpu": sum(clock.cpu[1:]), "steps": len(clock.wall) - 1,
+            "gradient_checkpointing": recomputed}
 
 
 def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
@@ -233,6 +249,9 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
             for tag, half in (("trl_sft_fp32", False), ("trl_sft_bf16", True)):
                 if bf16 or not half:
                     trl[tag] = trl_sft(lm, data, len(pool) + bs, bs, half, device)
+            if levers:  # like for like: TRL in our dtype keeping its activations, as ours does
+                trl[NO_RECOMPUTE] = trl_sft(lm, data, len(pool) + bs, bs, bf16, device,
+                                            checkpointing=False)
         for name, (step, batches) in steps.items():
             loss[name], w, c = clocked(lambda st=step, bb=batches[k]: st(bb), device)
             wall[name] += w
@@ -245,7 +264,8 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
     for tag, r in trl.items():  # TRL: full-vocabulary logits at every position
         items = r["steps"] * bs
         res[tag] = {**throughput(items, r["wall"], arch.flops(4, tokens_plain, tokens_plain)
-                                 * items / n, peak, "samples", r["cpu"]), "steps": r["steps"]}
+                                 * items / n, peak, "samples", r["cpu"]), "steps": r["steps"],
+                    "gradient_checkpointing": r["gradient_checkpointing"]}
     lev: dict[str, Any] = {"length_batching": length_batching_train(lm.tokenizer, sizes)}
     for name, key in ((other, "bf16_autocast_speedup"),
                       ("lora_soft_ungrouped", "length_grouping_speedup"),
@@ -270,6 +290,8 @@ def bench_training(lm: Any, data: TrainData, sizes: Sizes, peak: dict[str, Any],
         ratio_cpu_hard=cpu_rate(res["ours_hard"]) / cpu_rate(res[same]),
         ratio_cpu_soft=cpu_rate(res["ours_soft"]) / cpu_rate(res["peft_kl_loop"]),
         steps=sizes.steps, batch=bs,
+        **({"ratio_hard_no_checkpointing": res["ours_hard"]["per_s"]
+            / res[NO_RECOMPUTE]["per_s"]} if NO_RECOMPUTE in res else {}),
         tokens_per_step={name: tokens / sizes.steps for name, (tokens, _) in work.items()},
         levers=lev)
     return res

@@ -36,7 +36,7 @@ from sublearn.config import check_setting, dataclass_settings, read_yaml_mapping
 from sublearn.errors import MissingExtraError, SublearnError, first_line
 from sublearn.experiment.run import ExperimentConfig
 from sublearn.experiment.stages import share_stages
-from sublearn.experiment.workers import cpu_threads
+from sublearn.experiment.workers import PRELOAD, cpu_threads, fresh_worker_pool
 from sublearn.files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from sublearn.models.dtype import recorded_dtype
 
@@ -155,18 +155,13 @@ Executor = Callable[[list[Job]], dict[str, dict[str, Any]]]
 
 def local_executor(workers: int, log: Callable[[str], None] = print) -> Executor:
     def execute(jobs: list[Job]) -> dict[str, dict[str, Any]]:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
         threads = cpu_threads(workers)
-        # forkserver: children fork from a clean server process that imported sublearn (and
-        # torch) once, so no parent thread state is inherited and a fresh child costs no
-        # import time; one task per child: a crashed or leaky run cannot harm the next one.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["sublearn.experiment.run", "sublearn.experiment.sweep"])
         out: dict[str, dict[str, Any]] = {}
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
-                                 max_tasks_per_child=1) as pool:
+        # a fresh process per run: a crashed or leaky run cannot harm the next one
+        with fresh_worker_pool(min(workers, len(jobs)),
+                               [*PRELOAD, "sublearn.experiment.sweep"]) as pool:
             futures = {pool.submit(run_one, dataclasses.asdict(r.config), str(d), threads): r
                        for r, d in jobs}
             for fut in as_completed(futures):

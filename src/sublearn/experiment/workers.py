@@ -19,9 +19,11 @@ the machine; an evaluation checked at one thread and at two scored the same to t
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +68,7 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
     peaks merged, "made": the stages made, "total": the peaks of this process's and its
     workers' resident memory together, sampled each second: (RSS sum, PSS sum) in GiB, None
     where unknown}."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
@@ -79,73 +80,99 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
     running: dict[Future, str] = {}
     peaks: dict[str, float] = {}
     made: set[str] = set()
-    pool: ProcessPoolExecutor | None = None
+    pool: Any = None
+    stack = ExitStack()
     sampler = _RssSampler()
     bar = tqdm(total=len(tasks), unit="task", desc=f"stages ({workers} workers)",
                disable=not progress)
     try:
-        while len(finished) < len(tasks):
-            for t in tasks:
-                if len(running) >= workers:
-                    break
-                if t.name in finished or t.name in running.values() \
-                        or not set(t.needs) <= finished:
-                    continue
-                if done(t.name):
-                    finished.add(t.name)
+        with stack:  # left by an error: the pool's exit stops the other workers
+            while len(finished) < len(tasks):
+                for t in tasks:
+                    if len(running) >= workers:
+                        break
+                    if t.name in finished or t.name in running.values() \
+                            or not set(t.needs) <= finished:
+                        continue
+                    if done(t.name):
+                        finished.add(t.name)
+                        bar.update()
+                        continue
+                    if pool is None:
+                        # a fresh worker per task: one that made stages held ~1.1-1.3 GiB between
+                        # them against ~0.5 GiB fresh, and two must fit in 4 GB (README, Memory)
+                        pool = stack.enter_context(fresh_worker_pool(
+                            workers, PRELOAD, _start, (cpu_threads(workers), dict(os.environ))))
+                        sampler.start()
+                    running[pool.submit(make, t.name)] = t.name
+                if not running:
+                    continue  # tasks found done made others ready
+                for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    name = running.pop(fut)
+                    try:
+                        rec = fut.result()  # a worker's error is raised here
+                    except BrokenProcessPool:
+                        raise SublearnError(
+                            f"a worker process died while making '{name}' (killed, or out of "
+                            "memory?); the stages made are kept: rerun the command to resume "
+                            "(--workers 1 makes them in this process)") from None
+                    peaks.update(rec["peak_rss"])
+                    made.update(rec["made"])
+                    for line in rec["log"]:
+                        bar.write(line)
+                    finished.add(name)
                     bar.update()
-                    continue
-                if pool is None:
-                    # forkserver: workers fork from a clean process that imported torch,
-                    # transformers and peft once (3 s; no thread state of this one inherited;
-                    # the sweep's pool forks from a server too). A fresh worker per task: one
-                    # that made stages held ~1.1-1.3 GiB between them against ~0.5 GiB fresh,
-                    # and two of them must fit in 4 GB (README, Memory).
-                    ctx = multiprocessing.get_context("forkserver")
-                    ctx.set_forkserver_preload(PRELOAD)
-                    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start,
-                                               initargs=(cpu_threads(workers),
-                                                         dict(os.environ)),
-                                               max_tasks_per_child=1)
-                    sampler.start()
-                running[pool.submit(make, t.name)] = t.name
-            if not running:
-                continue  # tasks found done made others ready
-            for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
-                name = running.pop(fut)
-                try:
-                    rec = fut.result()  # a worker's error is raised here
-                except BrokenProcessPool:
-                    raise SublearnError(
-                        f"a worker process died while making '{name}' (killed, or out of "
-                        "memory?); the stages made are kept: rerun the command to resume "
-                        "(--workers 1 makes them in this process)") from None
-                peaks.update(rec["peak_rss"])
-                made.update(rec["made"])
-                for line in rec["log"]:
-                    bar.write(line)
-                finished.add(name)
-                bar.update()
-    except BaseException:
-        if pool is not None:  # a worker died or a task failed: stop the others, and wait
-            for fut in running:
-                fut.cancel()
-            _stop_workers(pool)
-        raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         sampler.stop()
     return {"by_stage": peaks, "made": made, "total": sampler.peaks_gb()}
 
 
-def _stop_workers(pool: Any) -> None:
-    """Terminate the pool's processes: a stage they were making stays unfinished (no
-    DONE.json), and is made again when the experiment is resumed."""
-    for p in list(getattr(pool, "_processes", {}).values()):
-        if p.is_alive():
-            p.terminate()
+@contextmanager
+def fresh_worker_pool(workers: int, preload: list[str], initializer: Callable[..., Any] | None
+                      = None, initargs: tuple[Any, ...] = ()) -> Iterator[Any]:
+    """A ProcessPoolExecutor of `workers` processes, a fresh one per task, forked from a fork
+    server that imported `preload` once (3 s per worker otherwise; no thread state of this
+    process inherited). Left by an exception (a task's error, a dead worker, Ctrl-C, or a
+    SIGTERM to this process, turned into SystemExit meanwhile), it terminates the workers: a
+    stage they were making stays unfinished (no DONE.json) and is made again on resume.
+    Without this, a SIGTERM killed only this process and its workers went on making stages."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer,
+                               initargs=initargs, max_tasks_per_child=1)
+    try:
+        with _sigterm_exits():
+            yield pool
+    except BaseException:
+        for p in list(getattr(pool, "_processes", {}).values()):
+            if p.is_alive():
+                p.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) here, so that `finally` blocks run (Python's default
+    ends the process at once); only where the default is in place, on the main thread."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _RssSampler:
