@@ -64,6 +64,7 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    warm_math_kernels()
     device = torch.device(device) if device is not None else model_device()  # errs first
     model_id = model_id or DEFAULT_MODEL
     path = resolve_model_path(model_id)
@@ -91,6 +92,25 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model_id=model_id, path=path, model=model, tokenizer=tok)
+
+
+_warmed = False
+
+
+def warm_math_kernels() -> None:
+    """One cos on this thread alone, before the first parallel one. On the 2-core AMX VM, the
+    first cos of a process (the model's rotary embedding in its first forward: 2,432 values,
+    split between two OpenMP threads) came out with errors up to 1.5e-4 in the other thread's
+    half in about 1 process in 8 (`sublearn generate`, 25 of 187), always the same wrong
+    values, and every later call right: another `raw.jsonl` from the same seed. With this call
+    first, 80 of 80 processes made the same bytes. A first-use race in the vector math
+    library (MKL's VML, which torch's cos calls) is the likely cause; not proven."""
+    global _warmed
+    if not _warmed:
+        import torch
+
+        torch.ones(8).cos()  # below the kernel's parallel grain size: one thread
+        _warmed = True
 
 
 def _load_adapter(path: str, torch_dtype: Any, merged: Any = None) -> Any:
