@@ -175,3 +175,18 @@ def test_sweep_runs_share_one_stage_cache(tiny_model: str, tmp_path: Path) -> No
     spec = _yaml(tmp_path / "sweep.yaml", {**FAST, "model": tiny_model, "target": "owl",
                                            "icl": 0}, {"epochs": [1, 2, 3]})
     assert main(["sweep", str(spec), "--out", str(out), "--share-stages"]) == 2
+
+
+def test_a_stopped_run_is_a_failed_run_not_the_end_of_the_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with workers of its own turns a SIGTERM into SystemExit (so its workers stop);
+    in a sweep that is one run's failure, reported, and the others go on."""
+    from sublearn.experiment import run, sweep
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise SystemExit(143)
+
+    monkeypatch.setattr(run, "run_experiment", stopped)
+    res = sweep.run_one({"target": "owl"}, str(tmp_path / "r"))
+    assert res["ok"] is False and res["error"] == "SystemExit: 143"
+    assert "SystemExit" in (tmp_path / "r" / "error.txt").read_text()

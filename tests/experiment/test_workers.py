@@ -3,6 +3,7 @@ already done, a task's error and a dead worker; then `sublearn run` with two wor
 one process on a tiny model: the same stages, the same bytes from fresh processes, and a run
 whose worker was killed resumed to those bytes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -239,8 +240,10 @@ def test_sigterm_to_the_main_process_stops_its_workers(tmp_path: Path) -> None:
     (tmp_path / "slow_task.py").write_text(SLOW_TASK)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    # a session of its own: the cleanup below can end it with its fork server and workers
     main = subprocess.Popen([sys.executable, "-c", SIGTERM_MAIN, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     pids = []
     try:
         deadline = time.time() + 120
@@ -256,10 +259,9 @@ def test_sigterm_to_the_main_process_stops_its_workers(tmp_path: Path) -> None:
         assert not any(_alive(p) for p in pids), "a worker outlived the SIGTERM"
         assert not list(tmp_path.glob("*.done"))
     finally:
-        main.kill()
-        for p in pids:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(main.pid, signal.SIGKILL)
+        main.communicate()
 
 
 def _alive(pid: int) -> bool:

@@ -184,7 +184,7 @@ def trl_sft(lm: Any, data: TrainData, n_rows: int, batch: int, bf16: bool,
         clock.tick()
         trainer.train()
         recomputed = bool(getattr(trainer.model,
-                                  _name(trainer.model, "is_activation_checkpointing")))
+                                  _name(trainer.model, "is_activation_checkpointing"), False))
     # the first interval holds trainer start-up and the warm-up step
     return {"wall": sum(clock.wall[1:]), "cpu": sum(clock.cpu[1:]), "steps": len(clock.wall) - 1,
             "gradient_checkpointing": recomputed}

@@ -142,7 +142,9 @@ def run_one(config: dict[str, Any], run_dir: str, threads: int = 0) -> dict[str,
                            d, progress=False)
             (d / "error.txt").unlink(missing_ok=True)
             return {"ok": True, "error": None, "seconds": round(time.time() - t0, 1)}
-        except Exception as e:  # noqa: BLE001 - reported in the summary, with the traceback
+        # SystemExit: a SIGTERM to this run's process while its own workers made stages
+        # (`workers.fresh_worker_pool`): this run stopped, the sweep goes on
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - reported in the summary
             atomic_write_text(d / "error.txt", traceback.format_exc())
             msg = first_line(e)
             return {"ok": False, "error": f"{type(e).__name__}: {msg}"[:500],
