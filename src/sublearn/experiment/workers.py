@@ -81,12 +81,11 @@ def run_tasks(tasks: list[Task], make: Callable[[str], dict[str, float]],
     peaks: dict[str, float] = {}
     made: set[str] = set()
     pool: Any = None
-    stack = ExitStack()
     sampler = _RssSampler()
     bar = tqdm(total=len(tasks), unit="task", desc=f"stages ({workers} workers)",
                disable=not progress)
     try:
-        with stack:  # left by an error: the pool's exit stops the other workers
+        with ExitStack() as stack:  # left by an error: the pool's exit stops the workers
             while len(finished) < len(tasks):
                 for t in tasks:
                     if len(running) >= workers:

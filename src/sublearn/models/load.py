@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,7 @@ def load_model(model_id: str | None = None, dtype: str = "float32",
     return LoadedModel(model_id=model_id, path=path, model=model, tokenizer=tok)
 
 
-_warmed = False
-
-
+@functools.cache  # once per process
 def warm_math_kernels() -> None:
     """One cos on this thread alone, before the first parallel one. On the 2-core AMX VM, the
     first cos of a process (the model's rotary embedding in its first forward: 2,432 values,
@@ -105,12 +104,9 @@ def warm_math_kernels() -> None:
     values, and every later call right: another `raw.jsonl` from the same seed. With this call
     first, 80 of 80 processes made the same bytes. A first-use race in the vector math
     library (MKL's VML, which torch's cos calls) is the likely cause; not proven."""
-    global _warmed
-    if not _warmed:
-        import torch
+    import torch
 
-        torch.ones(8).cos()  # below the kernel's parallel grain size: one thread
-        _warmed = True
+    torch.ones(8).cos()  # below the kernel's parallel grain size: one thread
 
 
 def _load_adapter(path: str, torch_dtype: Any, merged: Any = None) -> Any:
