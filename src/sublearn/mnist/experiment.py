@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sublearn.errors import SublearnError, first_line
 from sublearn.experiment.stats import summarize
 from sublearn.files import atomic_savefig, atomic_write_json, check_out_dir, ensure_writable_dir
+from sublearn.models.load import warm_math_kernels
 
 if TYPE_CHECKING:
     import numpy as np
@@ -481,6 +482,7 @@ def run_mnist(cfg: MnistConfig, out_dir: str | Path) -> dict[str, Any]:
     prev_threads = torch.get_num_threads()
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
+    warm_math_kernels()  # the one torch path that loads no model: see load_model
     try:
         sizes = [data["x_train"].shape[1], cfg.hidden, cfg.hidden, N_CLASSES + cfg.aux_logits]
         ref = init_mlp(sizes, cfg.n_seeds, rng(cfg.seed, STREAM_REF_INIT))  # θ0
